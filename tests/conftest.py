@@ -1,0 +1,16 @@
+import jax
+import numpy as np
+import pytest
+
+
+def rel_err(x, ref) -> float:
+  """Relative-norm error ||x - ref|| / ||ref|| in float64."""
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  return float(np.linalg.norm((x - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-30))
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+gpu_only = pytest.mark.skipif(not on_gpu(), reason="needs an NVIDIA GPU (run on the device machine)")
