@@ -1,0 +1,434 @@
+"""Block-sparse flash attention for NVIDIA GPUs in Pallas (Triton lowering).
+
+One kernel family serves `full`, `sink_window` and `block_sparse`: each query tile loops only
+over the key tiles its `BlockLayout` lists, and evaluates the pattern predicate (`allowed`)
+only on tiles the layout marks partial. Backward is two kernels and needs no atomics: dQ loops
+over the same per-query-tile lists, dK/dV over the transposed per-key-tile lists (and over the
+query heads of the GQA group, so K/V are never repeated).
+
+The layout lists travel to the kernel as flat int32 tables (entry = key_tile * 2 + is_full),
+read one scalar per loop step. Softmax runs in base 2 (exp2) with fp32 accumulation; the
+log-sum-exp kept for backward is base 2, the one returned to callers is natural.
+
+Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from longgen_jax.attention import register_impl
+from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tile sizes and Triton launch knobs for the three kernels (all powers of two, >= 16)."""
+
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dq: int = 64
+  block_k_dq: int = 64
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 2
+
+  @classmethod
+  def uniform(cls, block_q: int, block_k: int, **kw) -> Tiles:
+    return cls(block_q, block_k, block_q, block_k, block_q, block_k, **kw)
+
+  def check(self):
+    for name, val in dataclasses.asdict(self).items():
+      if name.startswith("block") and (val < 16 or val & (val - 1)):
+        raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {val}")
+
+
+def default_tiles(spec: AttentionSpec, head_dim: int, dtype) -> Tiles:
+  """Measured defaults (see BENCHMARKS.md); small head dims get the same shapes."""
+  del spec, head_dim, dtype
+  return Tiles()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cfg:
+  """Everything static about one call (hashable: a custom_vjp nondiff argument)."""
+
+  spec: AttentionSpec
+  tiles: Tiles
+  T: int            # true query length
+  S: int            # true key length
+  Tp: int           # padded lengths (multiples of every query / key tile)
+  Sp: int
+  Hkv: int
+  G: int            # query heads per kv head
+  q_offset: int
+  has_seg: bool
+  interpret: bool
+  head_dim: int     # true head_dim (the softmax scale); arrays may be zero-padded past it
+
+  @property
+  def scale(self) -> float:
+    return 1.0 / math.sqrt(self.head_dim)
+
+  @property
+  def head_dependent(self) -> bool:
+    return self.spec.head_dependent(self.Hkv)
+
+  def layout(self, bq: int, bk: int):
+    return block_layout(self.spec, self.T, self.S, self.Hkv, bq, bk, self.q_offset)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _tables(index, full, count):
+  """Layout lists -> flat int32 tables (entry = tile * 2 + full) and counts, and the width."""
+  width = index.shape[-1]
+  entries = (index.astype(np.int32) * 2 + full.astype(np.int32)).reshape(-1)
+  return jnp.asarray(entries), jnp.asarray(count.reshape(-1).astype(np.int32)), width
+
+
+def _whole(x):
+  """BlockSpec covering a whole (small, 1-D) array for every program."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _params(cfg: _Cfg, bwd: bool):
+  t = cfg.tiles
+  return plgpu.CompilerParams(num_warps=t.num_warps_bwd if bwd else t.num_warps,
+                              num_stages=t.num_stages_bwd if bwd else t.num_stages)
+
+
+def _tile_mask(cfg: _Cfg, q_pos, k_pos, kv_head):
+  """Pattern predicate for one partial tile, with keys past the sequence end masked."""
+  mask = allowed(cfg.spec, q_pos[:, None], k_pos[None, :], kv_head, cfg.Hkv)
+  return mask & (k_pos < cfg.S)[None, :]
+
+
+def _scores(cfg: _Cfg, q, k, q_pos, k_pos, kv_head, full, seg_mask):
+  """Base-2 scaled scores of one tile, -inf where not allowed."""
+  s = _dot(q, k, trans_b=True) * (LOG2E * cfg.scale)
+  if seg_mask is not None:
+    s = jnp.where(seg_mask, s, -jnp.inf)
+  return jax.lax.cond(full, lambda s: s,
+                      lambda s: jnp.where(_tile_mask(cfg, q_pos, k_pos, kv_head), s, -jnp.inf), s)
+
+
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+  """2-D matmul with fp32 accumulation (exact fp32, no tf32, for fp32 inputs)."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _unpack(entry):
+  return jax.lax.shift_right_logical(entry, 1), (entry & 1) == 1
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: int, nq: int):
+  if cfg.has_seg:
+    qseg_ref, kseg_ref, o_ref, lse_ref = rest
+  else:
+    o_ref, lse_ref = rest
+  bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
+  qt, h = nq - 1 - pl.program_id(0), pl.program_id(2)   # long rows (full) first
+  kv_head = h // cfg.G
+  row = (kv_head if cfg.head_dependent else 0) * nq + qt
+  q = q_ref[...]
+  q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
+  qseg = qseg_ref[...] if cfg.has_seg else None
+
+  def body(j, carry):
+    acc, m, l = carry
+    kt, full = _unpack(ent_ref[row * width + j])
+    ks = pl.ds(kt * bk, bk)
+    k_pos = kt * bk + jnp.arange(bk)
+    seg_mask = (qseg[:, None] == kseg_ref[ks][None, :]) if cfg.has_seg else None
+    s = _scores(cfg, q, k_ref[ks, :], q_pos, k_pos, kv_head, full, seg_mask)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)   # empty so far: keep exp2 finite
+    alpha = jnp.exp2(m - m_use)
+    p = jnp.exp2(s - m_use[:, None])
+    v = v_ref[ks, :]
+    acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, cnt_ref[row], body, init)
+  ok = l > 0
+  o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), -jnp.inf)
+
+
+def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
+  """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows)."""
+  B, Tp, Hq, D = q.shape
+  bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
+  lay = cfg.layout(bq, bk)
+  nq = lay.num_q_blocks
+  ent, cnt, width = _tables(lay.kv_index, lay.kv_full, lay.kv_count)
+  G, Sp = cfg.G, cfg.Sp
+  qmap = lambda i, b, h: (b, nq - 1 - i, h, 0)
+  in_specs = [_whole(ent), _whole(cnt),
+              pl.BlockSpec((None, bq, None, D), qmap),
+              pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+              pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))]
+  args = [ent, cnt, q, k, v]
+  if cfg.has_seg:
+    in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, nq - 1 - i)),
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
+    args += [qseg, kseg]
+  out, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, cfg=cfg, width=width, nq=nq),
+      grid=(nq, B, Hq),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bq, None, D), qmap),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, nq - 1 - i))],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)],
+      compiler_params=_params(cfg, bwd=False),
+      interpret=cfg.interpret,
+      name="longgen_flash_fwd",
+  )(*args)
+  return out, lse
+
+
+# ----------------------------------------------------------------------------- backward: dQ
+
+
+def _dq_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
+               cfg: _Cfg, width: int, nq: int):
+  if cfg.has_seg:
+    qseg_ref, kseg_ref, dq_ref = rest
+  else:
+    (dq_ref,) = rest
+  bq, bk = cfg.tiles.block_q_dq, cfg.tiles.block_k_dq
+  qt, h = nq - 1 - pl.program_id(0), pl.program_id(2)
+  kv_head = h // cfg.G
+  row = (kv_head if cfg.head_dependent else 0) * nq + qt
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
+  qseg = qseg_ref[...] if cfg.has_seg else None
+
+  def body(j, dq):
+    kt, full = _unpack(ent_ref[row * width + j])
+    ks = pl.ds(kt * bk, bk)
+    k_pos = kt * bk + jnp.arange(bk)
+    seg_mask = (qseg[:, None] == kseg_ref[ks][None, :]) if cfg.has_seg else None
+    k, v = k_ref[ks, :], v_ref[ks, :]
+    p = jnp.exp2(_scores(cfg, q, k, q_pos, k_pos, kv_head, full, seg_mask) - lse[:, None])
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(0, cnt_ref[row], body, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
+  B, Tp, Hq, D = q.shape
+  bq, bk = cfg.tiles.block_q_dq, cfg.tiles.block_k_dq
+  lay = cfg.layout(bq, bk)
+  nq = lay.num_q_blocks
+  ent, cnt, width = _tables(lay.kv_index, lay.kv_full, lay.kv_count)
+  G, Sp = cfg.G, cfg.Sp
+  qmap = lambda i, b, h: (b, nq - 1 - i, h, 0)
+  rowmap = lambda i, b, h: (b, h, nq - 1 - i)
+  in_specs = [_whole(ent), _whole(cnt),
+              pl.BlockSpec((None, bq, None, D), qmap),
+              pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+              pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, h // G, 0)),
+              pl.BlockSpec((None, bq, None, D), qmap),
+              pl.BlockSpec((None, None, bq), rowmap),
+              pl.BlockSpec((None, None, bq), rowmap)]
+  args = [ent, cnt, q, k, v, do, lse, delta]
+  if cfg.has_seg:
+    in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, nq - 1 - i)),
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
+    args += [qseg, kseg]
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, cfg=cfg, width=width, nq=nq),
+      grid=(nq, B, Hq),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, bq, None, D), qmap),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_params(cfg, bwd=True),
+      interpret=cfg.interpret,
+      name="longgen_flash_bwd_dq",
+  )(*args)
+
+
+# ----------------------------------------------------------------------------- backward: dK, dV
+
+
+def _dkv_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
+                cfg: _Cfg, width: int, nk: int):
+  if cfg.has_seg:
+    qseg_ref, kseg_ref, dk_ref, dv_ref = rest
+  else:
+    dk_ref, dv_ref = rest
+  bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
+  kt, kv_head = pl.program_id(0), pl.program_id(2)
+  row = (kv_head if cfg.head_dependent else 0) * nk + kt
+  k, v = k_ref[...], v_ref[...]
+  k_pos = kt * bk + jnp.arange(bk)
+  kseg = kseg_ref[...] if cfg.has_seg else None
+
+  def body(it, carry):
+    dk, dv = carry
+    j, g = jax.lax.div(it, G), jax.lax.rem(it, G)   # query tile slot, head in the group
+    qt, full = _unpack(ent_ref[row * width + j])
+    qs = pl.ds(qt * bq, bq)
+    q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
+    seg_mask = (qseg_ref[qs][:, None] == kseg[None, :]) if cfg.has_seg else None
+    q, do = q_ref[qs, g, :], do_ref[qs, g, :]
+    lse, delta = lse_ref[g, qs], delta_ref[g, qs]
+    p = jnp.exp2(_scores(cfg, q, k, q_pos, k_pos, kv_head, full, seg_mask) - lse[:, None])
+    dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+    dp = _dot(do, v, trans_b=True)
+    ds = p * (dp - delta[:, None])
+    dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, cnt_ref[row] * G, body, (zeros, zeros))
+  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
+  B, Tp, Hq, D = q.shape
+  bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
+  lay = cfg.layout(bq, bk)
+  nk = lay.num_k_blocks
+  ent, cnt, width = _tables(lay.q_index, lay.q_full, lay.q_count)
+  kmap = lambda i, b, h: (b, i, h, 0)
+  in_specs = [_whole(ent), _whole(cnt),
+              pl.BlockSpec((None, Tp, G, D), lambda i, b, h: (b, 0, h, 0)),
+              pl.BlockSpec((None, bk, None, D), kmap),
+              pl.BlockSpec((None, bk, None, D), kmap),
+              pl.BlockSpec((None, Tp, G, D), lambda i, b, h: (b, 0, h, 0)),
+              pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0)),
+              pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
+  args = [ent, cnt, q, k, v, do, lse, delta]
+  if cfg.has_seg:
+    in_specs += [pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)),
+                 pl.BlockSpec((None, bk), lambda i, b, h: (b, i))]
+    args += [qseg, kseg]
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk),
+      grid=(nk, B, cfg.Hkv),
+      in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, bk, None, D), kmap), pl.BlockSpec((None, bk, None, D), kmap)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=_params(cfg, bwd=True),
+      interpret=cfg.interpret,
+      name="longgen_flash_bwd_dkv",
+  )(*args)
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Cfg, q, k, v, qseg, kseg):
+  return _forward(cfg, q, k, v, qseg, kseg)
+
+
+def _flash_fwd(cfg, q, k, v, qseg, kseg):
+  out, lse = _forward(cfg, q, k, v, qseg, kseg)
+  return (out, lse), (q, k, v, qseg, kseg, out, lse)
+
+
+def _flash_bwd(cfg, res, cotangents):
+  q, k, v, qseg, kseg, out, lse = res
+  do, dlse = cotangents
+  do = do.astype(q.dtype)
+  # lse2 = log2(e) * lse and d lse / d s = p: the lse cotangent folds into delta.
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
+  delta = delta - dlse.astype(jnp.float32) * LOG2E
+  lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # empty rows: p = 0 everywhere
+  dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
+  dk, dv = _backward_dkv(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_to(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
+                     kv_segment_ids=None, q_offset: int = 0, return_lse: bool = False,
+                     tiles: Tiles | None = None, block_q: int | None = None,
+                     block_k: int | None = None, interpret: bool = False):
+  """Block-sparse flash attention; same contract as `reference_attention`.
+
+  `block_q`/`block_k` set one tile shape for all three kernels (tests); `tiles` sets each.
+  `interpret=True` runs the kernels on CPU through the Pallas interpreter.
+  """
+  B, T, Hq, D = q_BTHD.shape
+  S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  if Hq % Hkv:
+    raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+  if tiles is None:
+    tiles = default_tiles(spec, D, q_BTHD.dtype)
+  if block_q or block_k:
+    tiles = dataclasses.replace(tiles, **{f"block_q{s}": block_q or getattr(tiles, f"block_q{s}")
+                                          for s in ("", "_dq", "_dkv")},
+                                **{f"block_k{s}": block_k or getattr(tiles, f"block_k{s}")
+                                   for s in ("", "_dq", "_dkv")})
+  tiles.check()
+  bq_max = max(tiles.block_q, tiles.block_q_dq, tiles.block_q_dkv)
+  bk_max = max(tiles.block_k, tiles.block_k_dq, tiles.block_k_dkv)
+  Tp, Sp, Dp = _round_up(T, bq_max), _round_up(S, bk_max), max(16, pl.next_power_of_2(D))
+  has_seg = q_segment_ids is not None
+  cfg = _Cfg(spec, tiles, T, S, Tp, Sp, Hkv, Hq // Hkv, int(q_offset), has_seg, interpret, D)
+  # Zero-padding head_dim (to a power of two for Triton) changes no dot product.
+  q = _pad_to(_pad_to(q_BTHD, 3, Dp), 1, Tp)
+  k = _pad_to(_pad_to(k_BSKD, 3, Dp), 1, Sp)
+  v = _pad_to(_pad_to(v_BSKD, 3, Dp), 1, Sp)
+  qseg = kseg = None
+  if has_seg:
+    qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, Tp, -1)
+    kseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)
+  out, lse2 = _flash(cfg, q, k, v, qseg, kseg)
+  out = out[:, :T, :, :D]
+  if not return_lse:
+    return out
+  return out, lse2[:, :, :T] * LN2
+
+
+def _registered(q, k, v, spec, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
+                return_lse=False):
+  return pallas_attention(q, k, v, spec, q_segment_ids=q_segment_ids,
+                          kv_segment_ids=kv_segment_ids, q_offset=q_offset, return_lse=return_lse)
+
+
+register_impl("pallas_gpu", _registered, ("gpu",))
