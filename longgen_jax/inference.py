@@ -1,0 +1,226 @@
+"""Cached forward passes of `Llama`: chunked prefill into per-layer KV caches, one-token decode.
+
+Built from the model's own submodules (embed, qkv, out, norms, mlp, logits), so the weights
+and numerics are the training model's. Sequences are right-padded: sequence b holds its
+prompt at positions 0..lengths[b]-1, so cache slots, RoPE and the sparse patterns all use the
+true absolute positions; padded tokens are computed but never written to a cache.
+
+Prefill runs one jitted call per (chunk, layer), so a layer compiles once per distinct
+static argument, not once per model:
+  full         attention(impl) over the cache prefix [0, c0 + C) at q_offset = c0 (c0 static:
+               one compile per chunk offset), or impl="cudnn": jax.nn.dot_product_attention
+               over the whole cache with a dynamic key length, merged with the chunk's causal
+               self-attention by log-sum-exp (one compile).
+  sink_window  attention(impl) over [sink | the ring's last `window` positions | chunk], with
+               distances preserved (q_offset = sink + window) and unwritten slots masked by
+               kv segment ids (one compile). The first chunk (c0 = 0) attends only to itself,
+               so chunk_len >= sink is required when the prompt spans several chunks.
+  block_sparse masked XLA attention over exactly the needed keys: ring + strided store + chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longgen_jax.attention import attention
+from longgen_jax.attention.decode import cached_attention, slot_mask
+from longgen_jax.kv_cache import CacheLayout, dequantize_int8
+
+PREFILL_IMPLS = ("auto", "pallas", "xla_blockwise", "reference", "cudnn")
+
+
+def _parts(layout: CacheLayout, cache, q_pos_BT, last_B, extra=None):
+  """(k, v, mask, k_scale, v_scale) parts for cached_attention, plus an optional extra part."""
+  parts = []
+  for sl in layout.view(cache, last_B):
+    mask = slot_mask(layout.spec, q_pos_BT, sl.pos, sl.ok, sl.only)
+    parts.append((sl.k, sl.v, mask, sl.k_scale, sl.v_scale))
+  if extra is not None:
+    parts.append(extra)
+  return parts
+
+
+def _attn_block(block, x_BTE, q_fn):
+  """Residual block with the attention core supplied by q_fn(q, k, v) -> (out, aux)."""
+  h = block.input_layernorm(x_BTE)
+  o, aux = q_fn(h)
+  x = x_BTE + block.self_attn.out(o)
+  return x + block.mlp(block.post_attention_layernorm(x)), aux
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def _full_prefix_cudnn(q, cache_k, cache_v, c0, k, v):
+  """Chunk attention = (prefix [0, c0) via dynamic key length) merged with causal self part."""
+  B, T = q.shape[:2]
+  gpu = jax.default_backend() == "gpu"
+  dpa = functools.partial(jax.nn.dot_product_attention, implementation="cudnn" if gpu else None,
+                          return_residual=True)
+  o_pre, lse_pre = dpa(q, cache_k, cache_v, key_value_seq_lengths=jnp.full((B,), c0, jnp.int32),
+                       query_seq_lengths=jnp.full((B,), T, jnp.int32))
+  o_self, lse_self = dpa(q, k, v, is_causal=True)
+  lse_pre = jnp.where(c0 > 0, lse_pre.astype(jnp.float32), -jnp.inf)  # [B, T, H]
+  lse_self = lse_self.astype(jnp.float32)
+  m = jnp.maximum(lse_pre, lse_self)
+  w_pre, w_self = jnp.exp(lse_pre - m), jnp.exp(lse_self - m)
+  o_pre = jnp.where(c0 > 0, o_pre.astype(jnp.float32), 0.0)
+  o = (o_pre * w_pre[..., None] + o_self.astype(jnp.float32) * w_self[..., None])
+  return (o / (w_pre + w_self)[..., None]).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0"),
+                   donate_argnames=("cache",))
+def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, lengths_B, *,
+                  impl: str, static_c0: int | None):
+  """One layer over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed)."""
+  block = nnx.merge(graphdef, state)
+  B, T, _ = x_BTE.shape
+  spec = layout.spec
+  if static_c0 is not None:
+    c0 = static_c0
+  pos_BT = jnp.broadcast_to(c0 + jnp.arange(T), (B, T))
+  valid_BT = pos_BT < lengths_B[:, None]
+  start_B = jnp.full((B,), c0, jnp.int32)
+  attn_impl = "xla_blockwise" if impl == "cudnn" else impl
+
+  def core(h):
+    q, k, v = block.self_attn.qkv(h, pos_BT)
+    new_cache = layout.write(cache, k, v, start_B, valid_BT)
+    if spec.kind == "full":
+      if impl == "cudnn":
+        kc, vc = _cache_kv(layout, new_cache, q.dtype, None)
+        return _full_prefix_cudnn(q, kc, vc, c0, k, v), new_cache
+      kc, vc = _cache_kv(layout, new_cache, q.dtype, static_c0 + T)
+      return attention(q, kc, vc, spec, impl=attn_impl, q_offset=static_c0), new_cache
+    if spec.kind == "sink_window":
+      if static_c0 == 0:  # first chunk: only itself
+        return attention(q, k, v, spec, impl=attn_impl), new_cache
+      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, attn_impl), new_cache
+    K = layout.num_kv_heads
+    pos_BKT = jnp.broadcast_to(pos_BT[:, None], (B, K, T))
+    extra = (k, v, slot_mask(spec, pos_BT, pos_BKT, jnp.ones((B, K, T), bool)), None, None)
+    parts = _parts(layout, cache, pos_BT, start_B - 1, extra)
+    return cached_attention(q, parts), new_cache
+
+  return _attn_block(block, x_BTE, core)
+
+
+def _cache_kv(layout, cache, dtype, length):
+  k, v = cache["k"], cache["v"]
+  if length is not None:
+    k, v = k[:, :length], v[:, :length]
+  if layout.kv_int8:
+    n = k.shape[1]
+    k = dequantize_int8(k, cache["k_scale"][:, :n], dtype)
+    v = dequantize_int8(v, cache["v_scale"][:, :n], dtype)
+  return k, v
+
+
+def _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl):
+  """[sink | ring history | chunk] relabelled so that query-key distances are preserved."""
+  spec, sink, ring = layout.spec, layout.sink_len, layout.ring_len
+  hist_pos = c0 - ring + jnp.arange(ring)
+  slots = hist_pos % ring
+  keys = [cache["sink_k"], cache["ring_k"][:, slots], k]
+  vals = [cache["sink_v"], cache["ring_v"][:, slots], v]
+  L = lengths_B[:, None]
+  kv_seg = jnp.concatenate([
+      jnp.arange(sink)[None] < L,
+      (hist_pos >= spec.sink)[None] & (hist_pos[None] < L),
+      jnp.ones(k.shape[:2], bool)], axis=1).astype(jnp.int32)
+  q_seg = jnp.ones(q.shape[:2], jnp.int32)
+  return attention(q, jnp.concatenate(keys, 1), jnp.concatenate(vals, 1), spec, impl=impl,
+                   q_offset=sink + ring, segment_ids=(q_seg, kv_seg))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, tokens_BT):
+  return nnx.merge(graphdef, state)(tokens_BT)
+
+
+@jax.jit
+def _take_last(x_BTE, last_BE, lengths_B, c0):
+  idx_B = lengths_B - 1 - c0
+  inside = (idx_B >= 0) & (idx_B < x_BTE.shape[1])
+  picked = jnp.take_along_axis(x_BTE, jnp.clip(idx_B, 0, x_BTE.shape[1] - 1)[:, None, None], 1)[:, 0]
+  return jnp.where(inside[:, None], picked, last_BE)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _final_logits(graphdef, state, hidden_BE):
+  model = nnx.merge(graphdef, state)
+  return model.logits(model.norm(hidden_BE[:, None]))[:, 0]
+
+
+def check_chunk_len(layouts, chunk_len: int, prompt_len: int):
+  if chunk_len < 1:
+    raise ValueError(f"chunk_len must be >= 1, got {chunk_len}")
+  if prompt_len > chunk_len:
+    sinks = [lay.spec.sink for lay in layouts if lay.spec.kind == "sink_window"]
+    if sinks and chunk_len < max(sinks):
+      raise ValueError(f"chunk_len={chunk_len} must be >= the attention sink ({max(sinks)}) when the "
+                       f"prompt ({prompt_len} tokens) spans several chunks")
+
+
+def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 2048,
+            attn_impl: str | None = None):
+  """Runs right-padded prompts through the model in chunks, filling `caches` (donated).
+
+  Returns (caches, logits [B, V] at each sequence's last prompt token).
+  """
+  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  lengths_B = jnp.asarray(lengths_B, jnp.int32)
+  B, T = tokens_BT.shape
+  impl = attn_impl or model.layers[0].self_attn.attn_impl
+  if impl not in PREFILL_IMPLS:
+    raise ValueError(f"attn_impl must be one of {PREFILL_IMPLS}, got {impl!r}")
+  if T > layouts[0].capacity:
+    raise ValueError(f"prompt length {T} exceeds the cache capacity {layouts[0].capacity}")
+  check_chunk_len(layouts, chunk_len, T)
+  emb_def, emb_state = nnx.split(model.embed_tokens)
+  blocks = [nnx.split(blk) for blk in model.layers]
+  last_BE = jnp.zeros((B, model.config.hidden_size), model.dtype)
+  caches = list(caches)
+  for c0 in range(0, T, chunk_len):
+    x = _embed(emb_def, emb_state, tokens_BT[:, c0:c0 + chunk_len])
+    for i, ((gdef, state), layout) in enumerate(zip(blocks, layouts)):
+      kind = layout.spec.kind
+      static_c0 = (c0 if kind == "full" and impl != "cudnn" else
+                   0 if kind == "sink_window" and c0 == 0 else None)
+      x, caches[i] = prefill_layer(gdef, state, layout, caches[i], x, jnp.int32(c0), lengths_B,
+                                   impl=impl, static_c0=static_c0)
+    last_BE = _take_last(x, last_BE, lengths_B, jnp.int32(c0))
+  m_def, m_state = nnx.split(model)
+  return caches, _final_logits(m_def, m_state, last_BE)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_step(model, layouts, caches, tokens_B, pos_B):
+  """One token per sequence at positions pos_B. Pure (use inside jit). Returns (logits [B,V], caches)."""
+  x = model.embed_tokens(tokens_B[:, None])
+  pos_B1 = pos_B[:, None]
+  ones_B1 = jnp.ones_like(pos_B1, bool)
+  new_caches = []
+  for block, layout, cache in zip(model.layers, layouts, caches):
+
+    def core(h, layout=layout, cache=cache, block=block):
+      q, k, v = block.self_attn.qkv(h, pos_B1)
+      cache = layout.write(cache, k, v, pos_B, ones_B1)
+      return cached_attention(q, _parts(layout, cache, pos_B1, pos_B)), cache
+
+    x, cache = _attn_block(block, x, core)
+    new_caches.append(cache)
+  return model.logits(model.norm(x))[:, 0], new_caches
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "layouts"), donate_argnames=("caches",))
+def decode_step_jit(graphdef, state, layouts, caches, tokens_B, pos_B):
+  return decode_step(nnx.merge(graphdef, state), layouts, caches, tokens_B, pos_B)
