@@ -1,0 +1,151 @@
+"""Attention kernel benchmark: our Pallas kernel per LongGen pattern beside cuDNN, one card, one run.
+
+  PYTHONPATH=. python benchmarks/attention.py [--seqs 8192,32768,131072] [--kv-heads 32,8]
+
+Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
+a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longgen_jax.attention.spec import AttentionSpec
+
+HQ, D = 32, 128
+
+
+def allowed_pairs(spec: AttentionSpec | str, T: int, num_kv_heads: int) -> int:
+  """Allowed (query, key) pairs summed over the 32 query heads, counted per row."""
+  i = np.arange(T, dtype=np.int64)
+  if spec == "cudnn_causal" or (isinstance(spec, AttentionSpec) and spec.is_full):
+    return int((i + 1).sum()) * HQ
+  if spec == "cudnn_window":
+    return int(np.minimum(i + 1, 2048).sum()) * HQ
+  if spec.kind == "sink_window":
+    win = np.minimum(i + 1, spec.window)
+    sink = np.clip(i + 1 - spec.window, 0, spec.sink)   # sink keys outside the window
+    return int((win + sink).sum()) * HQ
+  b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
+  s = spec.stride_shift(num_kv_heads)
+  qb = i // b
+  total = 0
+  for h in range(num_kv_heads):
+    kb = np.arange(qb.max() + 1)
+    # earlier blocks [0, qb-1]: local if qb - kb < L, else strided if (kb + h*s) % V == 0
+    strided = ((kb + h * s) % V == 0).astype(np.int64)
+    strided_prefix = np.concatenate([[0], np.cumsum(strided)])   # strided count in [0, n)
+    far = np.maximum(qb - L + 1, 0)                               # blocks [0, far) are not local
+    n_blocks = np.minimum(qb, L - 1) + strided_prefix[far]
+    total += int((i % b + 1 + b * n_blocks).sum()) * (HQ // num_kv_heads)
+  return total
+
+
+def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
+  """Median seconds per call: warm up (compile), then `reps` timed batches of synchronized calls."""
+  jax.block_until_ready(fn(*args))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  one = time.perf_counter() - t0
+  n = max(1, int(min_time / max(one, 1e-6) / reps))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(n):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / n)
+  return statistics.median(times)
+
+
+def make_fns(name: str, spec, tiles=None):
+  """(forward, forward+backward) jitted callables of (q, k, v, do)."""
+  if name == "ours":
+    from longgen_jax.attention.pallas_gpu import pallas_attention
+    attn = lambda q, k, v: pallas_attention(q, k, v, spec, tiles=tiles)
+  elif name == "cudnn_causal":
+    attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation="cudnn")
+  else:
+    attn = lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(2047, 0), implementation="cudnn")
+  fwd = jax.jit(lambda q, k, v, do: attn(q, k, v))
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return out, vjp(do)
+  return fwd, jax.jit(fwd_bwd)
+
+
+CASES = [("ours", AttentionSpec.full()), ("ours", AttentionSpec.sink_window(64, 1984)),
+         ("ours", AttentionSpec.block_sparse(64, 16, 64)),
+         ("cudnn_causal", "cudnn_causal"), ("cudnn_window", "cudnn_window")]
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--seqs", default="8192,32768,131072")
+  ap.add_argument("--kv-heads", default="32,8")
+  ap.add_argument("--only", default="", help="comma list of case labels to keep")
+  ap.add_argument("--json", default="")
+  ap.add_argument("--sweep", default="", help="JSON list of Tiles kwargs: time ours with each")
+  args = ap.parse_args()
+  dev = jax.devices()[0]
+  print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B=1 Hq={HQ} D={D} bf16")
+  rows = []
+  key = jax.random.PRNGKey(0)
+  for T in [int(x) for x in args.seqs.split(",")]:
+    for hkv in [int(x) for x in args.kv_heads.split(",")]:
+      kq, kk, kv, kd = jax.random.split(jax.random.fold_in(key, T * 100 + hkv), 4)
+      q = jax.random.normal(kq, (1, T, HQ, D), jnp.bfloat16)
+      k = jax.random.normal(kk, (1, T, hkv, D), jnp.bfloat16)
+      v = jax.random.normal(kv, (1, T, hkv, D), jnp.bfloat16)
+      do = jax.random.normal(kd, (1, T, HQ, D), jnp.bfloat16)
+      cases = [(n, s, None) for n, s in CASES]
+      if args.sweep:
+        from longgen_jax.attention.pallas_gpu import Tiles
+        cases = [("ours", s, Tiles(**kw)) for n, s in CASES if n == "ours"
+                 for kw in json.loads(args.sweep)]
+      for name, spec, tiles in cases:
+        label = f"{name}:{spec}" if name == "ours" else name
+        if tiles is not None:
+          label += " " + ",".join(str(x) for x in dataclasses.astuple(tiles))
+        if args.only and not any(o in label for o in args.only.split(",")):
+          continue
+        pairs = allowed_pairs(spec, T, hkv)
+        fwd, fwd_bwd = make_fns(name, spec, tiles)
+        row = dict(T=T, kv_heads=hkv, impl=label, pairs=pairs)
+        try:
+          row["fwd_ms"] = 1e3 * time_fn(fwd, q, k, v, do)
+          row["fwd_bwd_ms"] = 1e3 * time_fn(fwd_bwd, q, k, v, do)
+          row["fwd_tflops"] = 4 * D * pairs / row["fwd_ms"] / 1e9
+          row["fwd_bwd_tflops"] = 14 * D * pairs / row["fwd_bwd_ms"] / 1e9
+        except Exception as e:  # keep the table going; the error shows in the row
+          row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  print()
+  print("| T | kv heads | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |")
+  print("|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['T']} | {r['kv_heads']} | {r['impl']} | error: {r['error'][:80]} | | | |")
+      continue
+    print(f"| {r['T']} | {r['kv_heads']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_tflops']:.0f} | "
+          f"{r['fwd_bwd_ms']:.2f} | {r['fwd_bwd_tflops']:.0f} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,163 @@
+"""Pallas GPU attention kernel vs the dense reference.
+
+CPU: the Triton-style kernels run in interpret mode on tiny shapes chosen to hit edge tiles
+(lengths not a multiple of the tile, q_offset with S > T, empty rows). GPU (`gpu_only`): the
+same checks with the kernels compiled, at sizes where tiles are many and inputs are bf16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
+from longgen_jax.attention.reference import reference_attention
+from longgen_jax.attention.spec import AttentionSpec
+from tests.conftest import gpu_only, rel_err
+
+FULL = AttentionSpec.full()
+SINK = AttentionSpec.sink_window(5, 13)
+SPARSE = AttentionSpec.block_sparse(8, 2, 3)
+
+
+def _inputs(seed, B, T, S, Hq, Hkv, D, dtype=jnp.float32):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.float32).astype(dtype)
+  k = jax.random.normal(ks[1], (B, S, Hkv, D), jnp.float32).astype(dtype)
+  v = jax.random.normal(ks[2], (B, S, Hkv, D), jnp.float32).astype(dtype)
+  d_out = jax.random.normal(ks[3], (B, T, Hq, D), jnp.float32)
+  d_lse = jax.random.normal(ks[4], (B, Hq, T), jnp.float32)
+  return q, k, v, d_out, d_lse
+
+
+def _loss(attn, d_out, d_lse):
+  """Scalar whose gradient pulls on both outputs (lse only where finite)."""
+  def f(q, k, v):
+    out, lse = attn(q, k, v)
+    return (jnp.sum(out.astype(jnp.float32) * d_out)
+            + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * d_lse))
+  return f
+
+
+def _check(spec, B, T, S, Hq, Hkv, D, *, seed=0, dtype=jnp.float32, q_offset=0, segments=None,
+           tol=2e-5, grad_tol=None, **kernel_kw):
+  """Outputs, lse and dq/dk/dv of the kernel vs the reference (computed in float32)."""
+  q, k, v, d_out, d_lse = _inputs(seed, B, T, S, Hq, Hkv, D, dtype)
+  seg = {} if segments is None else dict(q_segment_ids=segments[0], kv_segment_ids=segments[1])
+  ours = lambda q, k, v: pallas_attention(q, k, v, spec, q_offset=q_offset, return_lse=True,
+                                          **seg, **kernel_kw)
+  ref = lambda q, k, v: reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                            v.astype(jnp.float32), spec, q_offset=q_offset,
+                                            return_lse=True, **seg)
+  out, lse = ours(q, k, v)
+  ref_out, ref_lse = ref(q, k, v)
+  assert out.shape == ref_out.shape and out.dtype == q.dtype and lse.shape == (B, Hq, T)
+  assert np.all(np.isfinite(np.asarray(out, np.float32)))
+  assert rel_err(out, ref_out) < tol, rel_err(out, ref_out)
+  finite = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)  # -inf exactly on empty rows
+  assert rel_err(np.where(finite, lse, 0), np.where(finite, ref_lse, 0)) < tol
+  grads = jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(_loss(ref, d_out, d_lse), (0, 1, 2))(q, k, v)
+  for name, g, r in zip("qkv", grads, ref_grads):
+    assert g.shape == r.shape and np.all(np.isfinite(np.asarray(g, np.float32))), name
+    assert rel_err(g, r) < (grad_tol or tol), (name, rel_err(g, r))
+  return out
+
+
+# pattern, group size G (Hq = G * Hkv), Hkv, tile (block_q, block_k), T: every pattern sees
+# every group size; tiles of 16 and 32 (and mixed); T a multiple of the tile and not.
+CASES = [
+    (FULL, 1, 2, (16, 16), 48),
+    (FULL, 4, 1, (32, 16), 40),
+    (FULL, 8, 1, (16, 32), 64),
+    (SINK, 1, 1, (16, 16), 45),
+    (SINK, 4, 2, (16, 32), 64),
+    (SINK, 8, 1, (32, 32), 50),
+    (SPARSE, 1, 2, (16, 16), 64),    # head-dependent strides (Hkv=2)
+    (SPARSE, 4, 2, (32, 16), 37),
+    (SPARSE, 8, 1, (16, 16), 80),
+]
+
+
+@pytest.mark.parametrize("spec,G,Hkv,tile,T", CASES, ids=lambda x: str(x))
+def test_interpret_matches_reference(spec, G, Hkv, tile, T):
+  _check(spec, 1, T, T, G * Hkv, Hkv, 16, block_q=tile[0], block_k=tile[1], interpret=True)
+
+
+@pytest.mark.parametrize("spec", [FULL, SINK, SPARSE], ids=str)
+def test_interpret_q_offset_longer_keys(spec):
+  """Queries are the last T of S positions (a chunk after a prefix): absolute positions."""
+  _check(spec, 1, 24, 72, 4, 2, 32, q_offset=40, block_q=16, block_k=32, interpret=True)
+
+
+def test_interpret_segments_and_empty_rows():
+  """Two packed documents; query row 3 has a segment no key carries, so it attends nothing."""
+  T = 40
+  seg = np.zeros((2, T), np.int32)
+  seg[:, 21:] = 1
+  seg[1, 10:] = 2
+  q_seg = seg.copy()
+  q_seg[0, 3] = 7
+  out = _check(SINK, 2, T, T, 4, 2, 16, segments=(jnp.asarray(q_seg), jnp.asarray(seg)),
+               block_q=16, block_k=16, interpret=True)
+  np.testing.assert_array_equal(np.asarray(out[0, 3]), 0.0)
+
+
+def test_interpret_queries_past_last_key():
+  """Query positions run past the last key (S = 25 < q_offset + T = 30): the last key tile is
+  partial for every query tile that lists it."""
+  _check(SPARSE, 1, 20, 25, 2, 1, 16, q_offset=10, block_q=16, block_k=16, interpret=True)
+
+
+def test_interpret_bf16_and_tiles_object():
+  tiles = Tiles(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16,
+                block_k_dkv=16)
+  _check(SPARSE, 1, 48, 48, 4, 1, 32, dtype=jnp.bfloat16, tol=2e-2, tiles=tiles, interpret=True)
+
+
+def test_interpret_head_dim_not_power_of_two():
+  _check(FULL, 1, 20, 20, 2, 1, 24, block_q=16, block_k=16, interpret=True)
+
+
+def test_bad_tiles_raise():
+  q = jnp.zeros((1, 16, 1, 16))
+  with pytest.raises(ValueError, match="power of two"):
+    pallas_attention(q, q, q, FULL, block_q=24, interpret=True)
+
+
+# ----------------------------------------------------------------------------- compiled on GPU
+
+
+@gpu_only
+@pytest.mark.parametrize("spec", [FULL, AttentionSpec.sink_window(64, 448),
+                                  AttentionSpec.block_sparse(64, 4, 8)], ids=str)
+@pytest.mark.parametrize("G", [1, 4, 8])
+def test_gpu_matches_reference(spec, G):
+  Hkv = 2
+  _check(spec, 2, 1000, 1000, G * Hkv, Hkv, 128, dtype=jnp.bfloat16, tol=1e-2, seed=G)
+
+
+@gpu_only
+def test_gpu_offset_segments_fp16():
+  T, S = 384, 1024
+  seg = np.zeros((1, S), np.int32)
+  seg[:, 700:] = 1
+  q_seg = seg[:, S - T:].copy()
+  q_seg[0, 5] = 9   # a row with no allowed key
+  _check(AttentionSpec.block_sparse(64, 2, 4), 1, T, S, 8, 2, 64, dtype=jnp.float16, tol=1e-2,
+         q_offset=S - T, segments=(jnp.asarray(q_seg), jnp.asarray(seg)))
+
+
+@gpu_only
+def test_gpu_fp32_tight():
+  _check(AttentionSpec.sink_window(16, 100), 1, 300, 300, 4, 1, 64, tol=1e-4)
+
+
+@gpu_only
+def test_gpu_dispatch():
+  from longgen_jax.attention import attention
+  q, k, v, _, _ = _inputs(0, 1, 256, 256, 4, 2, 64, jnp.bfloat16)
+  out = attention(q, k, v, FULL, impl="pallas")
+  ref = reference_attention(q, k, v, FULL)
+  assert rel_err(out, ref) < 1e-2
