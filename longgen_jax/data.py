@@ -1,0 +1,122 @@
+"""Grain input pipeline: documents -> tokens -> packed [B, seq_len] batches with segment ids.
+
+Order of operations (each one deterministic from the seed, each one checkpointable):
+  source (random access) -> hold out eval docs -> this host's shard -> tokenize (+BOS)
+  -> upsample long docs -> shuffle (reshuffled every epoch) -> repeat -> pack (concat-then-split)
+  -> batch -> model inputs.
+A batch holds `inputs`, `targets`, `positions`, `segment_ids` and `loss_mask`, all [B, seq_len]:
+packing uses seq_len + 1 tokens per row so inputs and targets are both exactly seq_len long.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from longgen_jax.data_sources import open_source
+from longgen_jax.tokenizer import Tokenizer
+
+_EVAL_SPLIT_SEED = 1234567  # fixed, so the held-out documents don't move when the training seed does
+
+
+def tokenize(ds: grain.MapDataset, tokenizer: Tokenizer, add_eos: bool = False) -> grain.MapDataset:
+  """Text -> {"tokens": int32[n]} with BOS first (the document separator after packing)."""
+  def fn(text: str):
+    ids = [np.asarray([tokenizer.bos_id], np.int32), tokenizer.encode(text)]
+    if add_eos:
+      ids.append(np.asarray([tokenizer.eos_id], np.int32))
+    return {"tokens": np.concatenate(ids).astype(np.int32)}
+  return ds.map(fn)
+
+
+def upsample_long_documents(ds: grain.MapDataset, min_tokens: int, factor: int) -> grain.MapDataset:
+  """Documents with >= min_tokens tokens appear `factor` times per epoch (LongGen's data recipe)."""
+  if factor <= 1:
+    return ds
+  long_docs = ds.filter(lambda d: len(d["tokens"]) >= min_tokens)  # None where short; skipped later
+  return grain.MapDataset.concatenate([ds] + [long_docs] * (factor - 1))
+
+
+def split_documents(ds: grain.MapDataset, eval_docs: int) -> tuple[grain.MapDataset, grain.MapDataset | None]:
+  """(train, eval): eval is a fixed random subset of `eval_docs` documents, disjoint from train."""
+  if eval_docs <= 0:
+    return ds, None
+  if eval_docs >= len(ds):
+    raise ValueError(f"data.eval_docs={eval_docs} leaves no training documents (source has {len(ds)})")
+  perm = ds.shuffle(seed=_EVAL_SPLIT_SEED)
+  return perm[eval_docs:], perm[:eval_docs]
+
+
+def shard(ds: grain.MapDataset, shard_index: int, shard_count: int) -> grain.MapDataset:
+  """This host's disjoint slice of the documents."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+  if len(ds) < shard_count:
+    raise ValueError(f"{len(ds)} documents cannot be split over {shard_count} hosts")
+  return ds[shard_index::shard_count]
+
+
+def _relative_positions(seg_BT: np.ndarray) -> np.ndarray:
+  """Position of each token within its segment's piece of the row (0 at each piece's first token)."""
+  B, T = seg_BT.shape
+  idx = np.broadcast_to(np.arange(T), (B, T))
+  starts = np.concatenate([np.ones((B, 1), bool), seg_BT[:, 1:] != seg_BT[:, :-1]], axis=1)
+  return (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)).astype(np.int32)
+
+
+def to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Packed rows of T+1 tokens -> inputs/targets/positions/segment_ids/loss_mask of length T.
+
+  A target counts only when it continues the same document as its input (not across a BOS
+  boundary, not padding, whose segment id is 0).
+  """
+  tok, seg = packed["tokens"], packed["tokens_segment_ids"]
+  seg_in, seg_tgt = seg[:, :-1], seg[:, 1:]
+  return {
+      "inputs": tok[:, :-1].astype(np.int32),
+      "targets": tok[:, 1:].astype(np.int32),
+      "positions": _relative_positions(seg_in),
+      "segment_ids": seg_in.astype(np.int32),
+      "loss_mask": ((seg_tgt == seg_in) & (seg_tgt != 0)).astype(np.float32),
+  }
+
+
+def packed_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
+                   shuffle: bool = True, repeat: bool = True, prefetch: int = 0) -> grain.IterDataset:
+  """Tokenized documents -> an IterDataset of model batches (see module docstring)."""
+  if shuffle:
+    docs = docs.shuffle(seed=seed)
+  if repeat:
+    docs = docs.repeat()  # the shuffle reseeds itself every epoch
+  ds = grain.experimental.ConcatThenSplitIterDataset(
+      docs.to_iter_dataset(), length_struct={"tokens": seq_len + 1})
+  ds = ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
+  if prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
+
+
+def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  ) -> tuple[grain.IterDataset, grain.IterDataset | None]:
+  """(train, eval) pipelines for this host from a config's `data` section.
+
+  batch_size is this host's batch; shard_index/shard_count default to jax's process index/count.
+  """
+  if shard_index is None or shard_count is None:
+    import jax
+    shard_index, shard_count = jax.process_index(), jax.process_count()
+  source = open_source(data_cfg.source, data_cfg.paths, data_cfg.text_field,
+                       **({} if data_cfg.source != "synthetic" else dict(data_cfg.synthetic)))
+  train_docs, eval_docs = split_documents(grain.MapDataset.source(source), data_cfg.eval_docs)
+  train_docs = tokenize(shard(train_docs, shard_index, shard_count), tokenizer, data_cfg.add_eos)
+  train_docs = upsample_long_documents(train_docs, data_cfg.upsample_min_tokens, data_cfg.upsample_factor)
+  train = packed_batches(train_docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                         prefetch=data_cfg.prefetch)
+  evals = None
+  if eval_docs is not None:
+    eval_docs = tokenize(shard(eval_docs, shard_index, shard_count), tokenizer, data_cfg.add_eos)
+    evals = packed_batches(eval_docs, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=False)
+  return train, evals

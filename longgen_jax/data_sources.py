@@ -1,0 +1,194 @@
+"""Random-access document sources (len + getitem -> str) for grain's MapDataset.
+
+Random access is what makes shuffling global and deterministic, per-host sharding a slice, and the
+iterator state a few integers. Sources: local text files (one document per file), JSONL and Parquet
+(a text field per row), ArrayRecord (one UTF-8 document per record), and a synthetic long-context corpus.
+"""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+import os
+
+import numpy as np
+
+
+def expand_paths(paths: str | list[str]) -> list[str]:
+  """Comma-separated globs -> sorted files; a pattern that matches nothing is an error."""
+  patterns = [p.strip() for p in paths.split(",")] if isinstance(paths, str) else list(paths)
+  files = []
+  for pattern in filter(None, patterns):
+    found = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+    if not found:
+      raise FileNotFoundError(f"data path {pattern!r} matches no files")
+    files.extend(f for f in found if os.path.isfile(f))
+  if not files:
+    raise FileNotFoundError(f"no data files given (data.paths={paths!r})")
+  return files
+
+
+class TextFilesSource:
+  """Each file is one document (books, code files: the long documents LongGen wants)."""
+
+  def __init__(self, paths):
+    self.files = expand_paths(paths)
+
+  def __len__(self):
+    return len(self.files)
+
+  def __getitem__(self, i) -> str:
+    with open(self.files[i], encoding="utf-8", errors="replace") as f:
+      return f.read()
+
+
+class _RowIndex:
+  """Maps a global row index to (file, local row) from per-file row counts."""
+
+  def __init__(self, counts: list[int]):
+    self.starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+
+  def __len__(self):
+    return self.starts[-1]
+
+  def locate(self, i: int) -> tuple[int, int]:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    f = bisect.bisect_right(self.starts, i) - 1
+    return f, i - self.starts[f]
+
+
+class JsonlSource:
+  """One JSON object per line; `text_field` holds the document. Line offsets are indexed once."""
+
+  def __init__(self, paths, text_field: str = "text"):
+    self.files, self.text_field = expand_paths(paths), text_field
+    self.offsets = []
+    for path in self.files:
+      offs, pos = [], 0
+      with open(path, "rb") as f:
+        for line in f:
+          if line.strip():
+            offs.append(pos)
+          pos += len(line)
+      self.offsets.append(offs)
+    self.index = _RowIndex([len(o) for o in self.offsets])
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i) -> str:
+    f, r = self.index.locate(i)
+    with open(self.files[f], "rb") as fh:
+      fh.seek(self.offsets[f][r])
+      row = json.loads(fh.readline())
+    if self.text_field not in row:
+      raise KeyError(f"{self.files[f]} line {r}: no field {self.text_field!r} (keys: {sorted(row)})")
+    return row[self.text_field]
+
+
+class ParquetSource:
+  """Rows of Parquet files; reads one row group at a time and keeps the last one."""
+
+  def __init__(self, paths, text_field: str = "text"):
+    import pyarrow.parquet as pq
+    self.files, self.text_field = expand_paths(paths), text_field
+    self._groups = []  # (file, row group, first row of the group)
+    counts = []
+    for fi, path in enumerate(self.files):
+      meta = pq.ParquetFile(path).metadata
+      if text_field not in meta.schema.names:
+        raise KeyError(f"{path}: no column {text_field!r} (columns: {meta.schema.names})")
+      for g in range(meta.num_row_groups):
+        self._groups.append((fi, g))
+        counts.append(meta.row_group(g).num_rows)
+    self.index = _RowIndex(counts)
+    self._cache_key, self._cache = None, None
+
+  def __len__(self):
+    return len(self.index)
+
+  def __getitem__(self, i) -> str:
+    import pyarrow.parquet as pq
+    g, r = self.index.locate(i)
+    if self._cache_key != g:
+      fi, rg = self._groups[g]
+      table = pq.ParquetFile(self.files[fi]).read_row_group(rg, columns=[self.text_field])
+      self._cache_key, self._cache = g, table.column(self.text_field).to_pylist()
+    return self._cache[r]
+
+
+class ArrayRecordSource:
+  """ArrayRecord files whose records are UTF-8 documents (grain's own ArrayRecordDataSource)."""
+
+  def __init__(self, paths):
+    import grain
+    self.files = expand_paths(paths)
+    self._src = grain.sources.ArrayRecordDataSource(self.files)
+
+  def __len__(self):
+    return len(self._src)
+
+  def __getitem__(self, i) -> str:
+    rec = self._src[i]
+    return rec.decode("utf-8", "replace") if isinstance(rec, bytes) else str(rec)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+class SyntheticLongContextSource:
+  """Deterministic long-context documents: a pass key or key-value pairs hidden in filler text.
+
+  Document i depends only on (seed, i). Each ends with a question whose answer appears once, far
+  earlier, so a model can only predict it by attending back: the skill LongGen trains for. Lengths
+  are log-uniform in [min_chars, max_chars], so some documents span several packed sequences.
+  """
+
+  def __init__(self, num_docs: int, seed: int = 0, min_chars: int = 200, max_chars: int = 4000):
+    if num_docs < 1 or not 0 < min_chars <= max_chars:
+      raise ValueError(f"synthetic source needs num_docs >= 1 and 0 < min_chars <= max_chars; got "
+                       f"{num_docs}, {min_chars}, {max_chars}")
+    self.num_docs, self.seed, self.min_chars, self.max_chars = num_docs, seed, min_chars, max_chars
+
+  def __len__(self):
+    return self.num_docs
+
+  def __getitem__(self, i) -> str:
+    if not 0 <= i < self.num_docs:
+      raise IndexError(i)
+    rng = np.random.default_rng([self.seed, i])
+    n = int(np.exp(rng.uniform(np.log(self.min_chars), np.log(self.max_chars))))
+    if rng.random() < 0.5:
+      key = str(rng.integers(10000, 100000))
+      facts = [f"The pass key is {key}. Remember it. {key} is the pass key. "]
+      question = f"What is the pass key? The pass key is {key}."
+    else:
+      pairs = [(f"{rng.integers(0, 16**4):04x}", str(rng.integers(100, 1000)))
+               for _ in range(rng.integers(1, 4))]
+      facts = [f"Key {k} holds value {v}. " for k, v in pairs]
+      k, v = pairs[rng.integers(len(pairs))]
+      question = f"What value does key {k} hold? Key {k} holds value {v}."
+    reps = max(1, (n - sum(map(len, facts)) - len(question)) // len(_FILLER))
+    chunks = [_FILLER] * reps
+    for fact in facts:
+      chunks.insert(int(rng.integers(0, len(chunks))), fact)
+    return "".join(chunks) + question
+
+
+def open_source(kind: str, paths: str = "", text_field: str = "text", **synthetic):
+  """A document source by name: synthetic, text, jsonl, parquet or array_record."""
+  if kind == "synthetic":
+    return SyntheticLongContextSource(**synthetic)
+  if kind == "text":
+    return TextFilesSource(paths)
+  if kind == "jsonl":
+    return JsonlSource(paths, text_field)
+  if kind == "parquet":
+    return ParquetSource(paths, text_field)
+  if kind == "array_record":
+    return ArrayRecordSource(paths)
+  raise ValueError(f"unknown data.source {kind!r}; choose synthetic, text, jsonl, parquet or array_record")
