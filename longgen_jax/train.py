@@ -243,7 +243,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
-    metrics = {"loss": l / n, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": l / n, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": n}
     return new_state, metrics
 

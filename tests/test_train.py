@@ -1,0 +1,145 @@
+"""Training end to end on CPU: loss falls, exact resume, SIGKILL-then-resume, NaN stop, config errors."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from longgen_jax import train as train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+CACHE = os.path.join(ROOT, ".pytest_cache", "jax_train_cache")  # identical configs compile once
+# Small enough for a few seconds per run on 2 cores; same shapes everywhere so compiles are shared.
+OVERRIDES = dict(total_steps=20, seq_len=64, batch_size=4, grad_accum=2, checkpoint_every=4, log_every=1,
+                 eval_every=10, eval_batches=1, progress_bar=False, export_model=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compile_cache():
+  jax.config.update("jax_compilation_cache_dir", CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def tiny_config(**changes):
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  cfg.data.synthetic.num_docs, cfg.data.synthetic.max_chars, cfg.data.eval_docs = 200, 600, 8
+  for k, v in {**OVERRIDES, **changes}.items():
+    node = cfg
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return cfg
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_tiny_training_learns_and_fills_workdir(tmp_path):
+  wd = str(tmp_path / "run")
+  records = train_lib.train(tiny_config(total_steps=40, eval_every=20, export_model=True), wd)
+  assert [r["step"] for r in records] == list(range(1, 41))
+  first, last = records[0]["loss"], np.mean([r["loss"] for r in records[-5:]])
+  assert first > 5.5 and last < first - 2.0, (first, last)  # ln(512) = 6.2 -> the filler is learned
+  assert records[19]["eval_loss"] > records[39]["eval_loss"]
+  for key in ("grad_norm", "lr", "tokens_per_s", "step_time_s"):
+    assert np.isfinite(records[-1][key])
+  assert losses(wd) == {r["step"]: r["loss"] for r in records}
+  assert json.load(open(os.path.join(wd, "config.json")))["model"]["num_layers"] == 3
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
+  assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()) == [32, 36, 40]
+  from longgen_jax.convert import load_pretrained
+  model = load_pretrained(os.path.join(wd, "model"))
+  assert model.config.layer_specs[1].is_full and not model.config.layer_specs[0].is_full
+
+
+def _kill_mid_run(workdir, min_step):
+  """Runs the CLI in a subprocess and SIGKILLs it once a checkpoint >= min_step exists, preferably
+  while a later save is still being written. Returns whether a save was in flight at the kill."""
+  args = [sys.executable, "-m", "longgen_jax.train", f"--config={TINY}", f"--workdir={workdir}",
+          "--config.data.synthetic.num_docs=200", "--config.data.synthetic.max_chars=600",
+          "--config.data.eval_docs=8"] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  ckpt_dir, mid_save, deadline = os.path.join(workdir, "checkpoints"), False, time.time() + 240
+  try:
+    while proc.poll() is None and time.time() < deadline:
+      names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+      done = [int(n) for n in names if n.isdigit()]
+      if done and max(done) >= min_step:
+        mid_save = any("tmp" in n for n in names)
+        if mid_save or max(done) >= min_step + 4:
+          break
+      time.sleep(0.002)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  return mid_save
+
+
+def test_resume_is_exact_also_after_sigkill(tmp_path):
+  reference = losses_after(train_lib.train(tiny_config(), str(tmp_path / "full")))
+
+  # 10 steps, then the same workdir run to 20: every step's loss equals the uninterrupted run's
+  wd = str(tmp_path / "resumed")
+  train_lib.train(tiny_config(total_steps=10), wd)
+  resumed = train_lib.train(tiny_config(), wd)
+  assert [r["step"] for r in resumed] == list(range(11, 21))
+  assert losses(wd) == reference
+
+  # killed with SIGKILL (perhaps mid-save): resumes from the last complete checkpoint, same losses
+  wd = str(tmp_path / "killed")
+  mid_save = _kill_mid_run(wd, min_step=8)
+  print(f"SIGKILL mid-save: {mid_save}")
+  resumed = train_lib.train(tiny_config(), wd)
+  assert resumed[0]["step"] % OVERRIDES["checkpoint_every"] == 1 and resumed[-1]["step"] == 20
+  assert losses(wd) == reference, f"killed mid-save: {mid_save}"
+
+
+def losses_after(records):
+  return {r["step"]: r["loss"] for r in records}
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path / "nan")
+  with pytest.raises(train_lib.TrainingDiverged, match="not finite") as err:
+    train_lib.train(tiny_config(checkpoint_every=1, **{"optim.lr": 1e30, "optim.warmup_steps": 0,
+                                                       "optim.clip_norm": 0.0}), wd)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  bad_step = int(str(err.value).split(" at step ")[1].split(" ")[0])
+  assert steps and max(steps) == bad_step - 1
+  assert f"step {bad_step - 1}" in str(err.value)
+
+
+def test_config_errors_are_clear(tmp_path):
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  with pytest.raises(Exception, match="no_such_key"):
+    fv(["prog", f"--config={TINY}", "--config.no_such_key=1"])
+  for change, match in [({"optim.schedule": "step"}, "optim.schedule"),
+                        ({"batch_size": 3}, "batch_size"),
+                        ({"model.sparse_spec": "sink_window(4)"}, "sparse_spec"),
+                        ({"model.preset": "gpt9"}, "model.preset"),
+                        ({"loss_chunk": 48}, "loss_chunk"),
+                        ({"init_from": "/no/such/dir"}, "init_from")]:
+    with pytest.raises(ValueError, match=match):
+      train_lib.validate_config(tiny_config(**change))
+  with pytest.raises(ValueError, match="vocab_size"):
+    train_lib.build_model_config(tiny_config(**{"model.vocab_size": 100}), tokenizer_vocab=259)
