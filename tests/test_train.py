@@ -65,6 +65,16 @@ def test_tiny_training_learns_and_fills_workdir(tmp_path):
   model = load_pretrained(os.path.join(wd, "model"))
   assert model.config.layer_specs[1].is_full and not model.config.layer_specs[0].is_full
 
+  # continual pretraining (the LongGen recipe): new layer pattern, rope_theta and a longer seq_len
+  cont = tiny_config(total_steps=2, seq_len=128, init_from=os.path.join(wd, "model"), eval_every=0,
+                     **{"model.num_full_layers": 2, "model.sparse_spec": "sink_window(8,24)",
+                        "model.placement": "top", "model.rope_theta": 40000.0})
+  records = train_lib.train(cont, str(tmp_path / "cont"))
+  assert records[0]["loss"] < first - 1.5  # starts from the trained weights, not from scratch
+  resolved = json.load(open(tmp_path / "cont" / "config.json"))["model"]
+  assert resolved["layer_specs"] == ["sink_window(8,24)", "full", "full"]
+  assert resolved["rope_theta"] == 40000.0 and resolved["max_seq_len"] >= 128
+
 
 def _kill_mid_run(workdir, min_step):
   """Runs the CLI in a subprocess and SIGKILLs it once a checkpoint >= min_step exists, preferably
