@@ -172,51 +172,18 @@ def _cut(row, stop_tokens) -> list[int]:
 # ----------------------------------------------------------------------------- CLI
 
 
-class ByteTokenizer:
-  """Fallback tokenizer: one id per UTF-8 byte (ids 0..255)."""
-
-  eos_id = None
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode_bytes(self, ids) -> bytes:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256)
-
-  def decode(self, ids) -> str:
-    return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
-
-class HFTokenizer:
-
-  def __init__(self, path: str):
-    from transformers import AutoTokenizer
-    self.tok = AutoTokenizer.from_pretrained(path)
-    self.eos_id = self.tok.eos_token_id
-
-  def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text)
-
-  def decode(self, ids) -> str:
-    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def load_tokenizer(spec: str | None, ckpt: str | None):
-  """'byte', a Hugging Face tokenizer dir/name, or None: the checkpoint's tokenizer if it has one."""
+def _tokenizer(name: str | None, ckpt: str | None):
+  """--tokenizer, else the checkpoint's own tokenizer files, else the built-in byte tokenizer."""
   import os
-  if spec in (None, "") and ckpt and any(os.path.exists(os.path.join(ckpt, f))
-                                         for f in ("tokenizer.json", "tokenizer.model")):
-    spec = ckpt
-  if spec in (None, "", "byte"):
-    return ByteTokenizer()
-  try:
-    return HFTokenizer(spec)
-  except Exception as e:  # noqa: BLE001  (name the offending value)
-    raise ValueError(f"cannot load tokenizer {spec!r}: {e}") from e
+  from longgen_jax.tokenizer import load_tokenizer
+  if not name and ckpt:
+    for f in ("tokenizer.json", "tokenizer.model"):
+      if os.path.exists(os.path.join(ckpt, f)):
+        return load_tokenizer(os.path.join(ckpt, f))
+  return load_tokenizer(name or "byte")
 
 
 def _load_model(args):
-  import jax.numpy as jnp
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
   overrides = {"num_layers": args.num_layers} if getattr(args, "num_layers", None) else {}
   if args.ckpt:
@@ -238,7 +205,9 @@ def main(argv=None):
   txt.add_argument("--prompt", help="prompt text")
   txt.add_argument("--prompt-file", help="file holding the prompt text")
   p.add_argument("--tokenizer", default=None,
-                 help="'byte' or a Hugging Face tokenizer dir/name (default: the checkpoint's, else byte)")
+                 help="'byte', a SentencePiece .model, or a dir with tokenizer.json "
+                      "(default: the checkpoint's own, else byte)")
+  p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--top-k", type=int, default=0)
@@ -253,14 +222,13 @@ def main(argv=None):
   p.add_argument("--stream-every", type=int, default=8, help="decode steps between printed updates")
   args = p.parse_args(argv)
 
-  tok = load_tokenizer(args.tokenizer, args.ckpt)
+  tok = _tokenizer(args.tokenizer, args.ckpt)
   text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-  ids = tok.encode(text)
+  ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
   model = _load_model(args)
   if max(ids, default=0) >= model.config.vocab_size:
     raise ValueError(f"tokenizer produced id {max(ids)} >= the model's vocab_size {model.config.vocab_size}")
-  stops = args.stop_token if args.stop_token is not None else (
-      [tok.eos_id] if tok.eos_id is not None else [])
+  stops = args.stop_token if args.stop_token is not None else [int(tok.eos_id)]
   capacity = len(ids) + args.max_new_tokens
   print(describe_cache(model.config, capacity, 1, dtype=model.dtype, kv_int8=args.kv_int8), file=sys.stderr)
   t0 = time.perf_counter()
