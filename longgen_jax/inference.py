@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longgen_jax.attention import attention
+from longgen_jax.attention import attention, available_impls
 from longgen_jax.attention.decode import cached_attention, slot_mask
 from longgen_jax.kv_cache import CacheLayout, dequantize_int8
 
@@ -74,10 +74,10 @@ def _full_prefix_cudnn(q, cache_k, cache_v, c0, k, v):
   return (o / (w_pre + w_self)[..., None]).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0", "sparse"),
                    donate_argnames=("cache",))
 def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, lengths_B, *,
-                  impl: str, static_c0: int | None):
+                  impl: str, static_c0: int | None, sparse: str | None = None):
   """One layer over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed)."""
   block = nnx.merge(graphdef, state)
   B, T, _ = x_BTE.shape
@@ -87,7 +87,7 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
   pos_BT = jnp.broadcast_to(c0 + jnp.arange(T), (B, T))
   valid_BT = pos_BT < lengths_B[:, None]
   start_B = jnp.full((B,), c0, jnp.int32)
-  attn_impl = "xla_blockwise" if impl == "cudnn" else impl
+  attn_impl = sparse or sparse_impl(impl)
 
   def core(h):
     q, k, v = block.self_attn.qkv(h, pos_BT)
@@ -109,6 +109,15 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
     return cached_attention(q, parts), new_cache
 
   return _attn_block(block, x_BTE, core)
+
+
+def sparse_impl(impl: str) -> str:
+  """The attention impl for sparse layers when full layers use cuDNN: the Pallas kernel where
+  one is registered for this backend, else xla_blockwise."""
+  if impl != "cudnn":
+    return impl
+  backend = jax.default_backend()
+  return "auto" if f"pallas_{backend}" in available_impls(backend) else "xla_blockwise"
 
 
 def _cache_kv(layout, cache, dtype, length):
@@ -169,8 +178,11 @@ def check_chunk_len(layouts, chunk_len: int, prompt_len: int):
 
 
 def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 2048,
-            attn_impl: str | None = None):
+            attn_impl: str | None = None, sparse_attn_impl: str | None = None):
   """Runs right-padded prompts through the model in chunks, filling `caches` (donated).
+
+  attn_impl (default: the model's) serves every layer; "cudnn" sends full layers to cuDNN and
+  sparse layers to `sparse_attn_impl` (default: Pallas where registered, else xla_blockwise).
 
   Returns (caches, logits [B, V] at each sequence's last prompt token).
   """
@@ -194,7 +206,7 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
       static_c0 = (c0 if kind == "full" and impl != "cudnn" else
                    0 if kind == "sink_window" and c0 == 0 else None)
       x, caches[i] = prefill_layer(gdef, state, layout, caches[i], x, jnp.int32(c0), lengths_B,
-                                   impl=impl, static_c0=static_c0)
+                                   impl=impl, static_c0=static_c0, sparse=sparse_attn_impl)
     last_BE = _take_last(x, last_BE, lengths_B, jnp.int32(c0))
   m_def, m_state = nnx.split(model)
   return caches, _final_logits(m_def, m_state, last_BE)
