@@ -21,7 +21,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
@@ -41,6 +40,7 @@ class TrainingDiverged(RuntimeError):
 
 def default_config() -> ml_collections.ConfigDict:
   """Every key a config may set; configs/*.py start from this and change what they need."""
+  import ml_collections
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = 1000
@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_config(cfg) -> None:
   """Raises ValueError naming the offending key for values the run cannot use."""
   def need(cond, key, msg):
     if not cond:
@@ -138,7 +138,7 @@ def _get(cfg, dotted: str):
   return cfg
 
 
-def build_model_config(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> ModelConfig:
+def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   """The model the run trains: preset (or init_from's config) + pattern, rope and length overrides."""
   m = cfg.model
   if cfg.init_from:
@@ -146,7 +146,9 @@ def build_model_config(cfg: ml_collections.ConfigDict, tokenizer_vocab: int) -> 
     mc = load_config(cfg.init_from)
   else:
     mc = preset(m.preset, **({"num_layers": m.num_layers} if m.num_layers else {}))
-  if m.num_full_layers >= 0 or m.sparse_spec:
+  if m.num_full_layers == mc.num_layers:
+    mc = mc.all_full()
+  elif m.num_full_layers >= 0 or m.sparse_spec:
     num_full = m.num_full_layers if m.num_full_layers >= 0 else mc.num_full_layers
     sparse = m.sparse_spec or next((s for s in mc.layer_specs if not s.is_full), None)
     if sparse is None:
@@ -236,10 +238,13 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
       g_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), g_acc, g)
       return (g_acc, l_acc + l, n_acc + n), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (g, l, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+    if jax.tree.leaves(batch)[0].shape[0] == 1:  # no accumulation: no extra fp32 gradient buffer
+      (l, n), g = grad_fn(params, jax.tree.map(lambda x: x[0], batch))
+    else:
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (g, l, n), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)), batch)
     n = jnp.maximum(n, 1.0)
-    grads = jax.tree.map(lambda x, p: (x / n).astype(p.dtype), g, params)
+    grads = jax.tree.map(lambda x, p: (x / n).astype(p.dtype), g, params)  # mean over counted tokens
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                  "opt_state": opt_state}
@@ -378,7 +383,7 @@ class MetricsWriter:
 # ----------------------------------------------------------------------------- loop
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+def train(cfg, workdir: str) -> list[dict]:
   """Trains (or resumes) in `workdir`; returns the records written to metrics.jsonl by this call."""
   from tqdm import tqdm
 

@@ -1,0 +1,150 @@
+"""Train-step speed: LongGen pattern vs all-full attention at Llama-2-7B width, one GPU.
+
+Llama-2-7B dims (4096 hidden, 32 heads, 11008 MLP, vocab 32000) with fewer layers so that fp32
+params + AdamW state fit one card: by default 8 layers, 3 full in the middle + 5 sink_window(64,1984)
+(the paper's 12-of-32 ratio) against 8 full layers. B=1, bf16 compute, remat="full", chunked loss;
+the real train step from longgen_jax.train (optimizer update included). Prints a markdown table and,
+with --json, writes the numbers. Needs no grain.
+
+  python benchmarks/train_step.py   (or python -m benchmarks.train_step) --seq-lens 32768,131072 [--attn-impl auto] [--cudnn-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longgen_jax.attention import available_impls, register_impl
+from longgen_jax.config import preset
+from longgen_jax.train import (abstract_model, make_loss_fn, make_optimizer, make_train_step, peak_tflops,
+                               train_flops_per_token, _new_model)
+from flax import nnx
+
+
+def resolve_impl(requested: str) -> str:
+  """The impl actually used: `requested`, or xla_blockwise when no kernel is registered here."""
+  backend = jax.default_backend()
+  name = {"auto": "pallas" if backend in ("gpu", "tpu") else "xla_blockwise"}.get(requested, requested)
+  have = available_impls(backend)
+  if (f"pallas_{backend}" if name == "pallas" else name) in have:
+    return name
+  print(f"# attention impl {requested!r} unavailable on {backend} (have {have}); using xla_blockwise")
+  return "xla_blockwise"
+
+
+def register_cudnn():
+  """'cudnn': jax.nn.dot_product_attention (causal) for full layers: the strongest dense baseline."""
+  def fn(q, k, v, spec, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, return_lse=False):
+    if not spec.is_full or q_segment_ids is not None or q_offset or return_lse:
+      raise ValueError("cudnn baseline handles plain causal full attention only")
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  register_impl("cudnn", fn, ("gpu",))
+
+
+def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int) -> dict:
+  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl=impl, remat=remat)
+  optim = types.SimpleNamespace(lr=1e-5, min_lr_ratio=1.0, warmup_steps=10, schedule="constant", decay_steps=0,
+                                weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  optimizer, schedule = make_optimizer(optim, 1000)
+  graphdef, _ = abstract_model(mc, mcfg)
+  init = jax.jit(lambda: (lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
+                                     "opt_state": optimizer.init(p)})(
+      nnx.to_pure_dict(nnx.state(_new_model(mc, mcfg, seed=0)))))
+  state = init()
+  loss_fn = make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=False)
+  step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, mc.vocab_size, (1, 1, seq_len + 1), dtype=np.int32)
+  batch = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
+           "positions": jnp.zeros((1, 1, seq_len), jnp.int32), "segment_ids": jnp.ones((1, 1, seq_len), jnp.int32),
+           "loss_mask": jnp.ones((1, 1, seq_len), jnp.float32)}
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  state, m = compiled(state, batch)  # warm-up
+  float(m["loss"])
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch)
+    loss = float(m["loss"])
+    times.append(time.perf_counter() - t0)
+  dt = float(np.median(times))
+  flops = train_flops_per_token(mc, seq_len) * seq_len
+  peak = peak_tflops()
+  mem = jax.devices()[0].memory_stats() or {}
+  del state
+  return {"seq_len": seq_len, "impl": impl, "step_s": dt, "tokens_per_s": seq_len / dt,
+          "model_tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / (peak * 1e12) if peak else None,
+          "loss": loss, "compile_s": compile_s, "peak_mem_gb": mem.get("peak_bytes_in_use", 0) / 2**30}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--seq-lens", default="32768,131072")
+  ap.add_argument("--preset", default="llama2_7b", help="model dims (tiny for a CPU smoke run)")
+  ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--num-full", type=int, default=3)
+  ap.add_argument("--sparse", default="sink_window(64,1984)")
+  ap.add_argument("--attn-impl", default="auto")
+  ap.add_argument("--cudnn-baseline", action="store_true", help="also time all-full with cuDNN attention")
+  ap.add_argument("--remat", default="full")
+  ap.add_argument("--loss-chunk", type=int, default=4096)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--json", default="")
+  args = ap.parse_args()
+
+  impl = resolve_impl(args.attn_impl)
+  base = preset(args.preset, num_layers=args.layers)
+  variants = [("longgen", base.with_pattern(args.num_full, args.sparse, "middle"), impl),
+              ("all-full", base.all_full(), impl)]
+  if args.cudnn_baseline and jax.default_backend() == "gpu":
+    register_cudnn()
+    variants.append(("all-full", base.all_full(), "cudnn"))
+  dev = jax.devices()[0]
+  print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, {args.layers} layers "
+        f"({args.num_full} full + {args.layers - args.num_full} {args.sparse}) vs all full, B=1, bf16 compute, "
+        f"fp32 params + AdamW, remat={args.remat}, loss chunk {args.loss_chunk}")
+  rows = []
+  for T in map(int, args.seq_lens.split(",")):
+    for name, mc, vimpl in variants:
+      mc = mc.replace(max_seq_len=T)
+      try:
+        r = bench_one(mc, vimpl, T, args.steps, args.remat, args.loss_chunk)
+      except Exception as e:  # e.g. out of memory: record and go on
+        r = {"seq_len": T, "impl": vimpl, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+      r["variant"] = name
+      rows.append(r)
+      print(json.dumps(r), flush=True)
+  print("\n| seq_len | pattern | attention impl | step (s) | tokens/s | model TFLOP/s | MFU | speedup vs all-full |")
+  print("|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['seq_len']} | {r['variant']} | {r['impl']} | {r['error']} | | | | |")
+      continue
+    ref = next((x for x in rows if x["seq_len"] == r["seq_len"] and x["variant"] == "all-full"
+                and x["impl"] == impl and "error" not in x), None)
+    speed = f"{ref['step_s'] / r['step_s']:.2f}x" if ref else "-"
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    print(f"| {r['seq_len']} | {r['variant']} | {r['impl']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+          f"{r['model_tflops_per_s']:.0f} | {mfu} | {speed} |")
+  if args.json:
+    meta = {"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+            "args": vars(args)}
+    with open(args.json, "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,25 @@
+"""LongGen on Llama-2-70B at 128K: 30 full layers in the middle, 50 sink_window(64,1984) layers.
+
+Needs many accelerators (e.g. 64 H100s or a TPU v5p-128): parameters and AdamW state are sharded
+over the fsdp axis; launch one process per host (see launch/).
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "llama2_7b_longgen_128k", os.path.join(os.path.dirname(__file__), "llama2_7b_longgen_128k.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config():
+  c = _base.get_config()
+  c.init_from = "checkpoints/llama2-70b"
+  c.data.tokenizer = "checkpoints/llama2-70b-hf"
+  c.model.preset = "llama2_70b"
+  c.model.num_full_layers = 30
+  c.batch_size = 16
+  c.grad_accum = 2
+  c.optim.lr = 1e-5
+  return c
