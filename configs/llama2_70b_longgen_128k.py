@@ -1,7 +1,9 @@
 """LongGen on Llama-2-70B at 128K: 30 full layers in the middle, 50 sink_window(64,1984) layers.
 
 Needs many accelerators (e.g. 64 H100s or a TPU v5p-128): parameters and AdamW state are sharded
-over the fsdp axis; launch one process per host (see launch/).
+over the fsdp axis; launch one process per host (see launch/). One 128K-token sequence of 70B
+activations does not fit one device even with remat, so this also needs the sequence axis
+(context parallelism: mesh.sequence > 1) from the distributed work.
 """
 
 import importlib.util
@@ -19,7 +21,9 @@ def get_config():
   c.data.tokenizer = "checkpoints/llama2-70b-hf"
   c.model.preset = "llama2_70b"
   c.model.num_full_layers = 30
-  c.batch_size = 16
-  c.grad_accum = 2
+  c.batch_size = 16                   # 2M tokens per step; must divide over mesh data x fsdp
+  c.grad_accum = 1
+  c.mesh.fsdp = 16
+  c.mesh.sequence = -1                # the rest of the devices split each sequence
   c.optim.lr = 1e-5
   return c

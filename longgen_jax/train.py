@@ -397,6 +397,10 @@ def train(cfg, workdir: str) -> list[dict]:
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   mc = build_model_config(cfg, tokenizer.vocab_size)
   mesh = sharding.make_mesh(**cfg.mesh)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.batch_size // cfg.grad_accum) % batch_ways:
+    raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
+                     f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
   host_batch = cfg.batch_size // jax.process_count()
   train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
                                     seed=cfg.seed)
