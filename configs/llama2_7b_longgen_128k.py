@@ -1,7 +1,7 @@
 """LongGen on Llama-2-7B at 128K: 12 full layers in the middle, 20 sink_window(64,1984) layers.
 
 Continual pretraining from converted Hugging Face weights (see docs/training.md):
-  python -m longgen_jax.convert hf-to-jax meta-llama/Llama-2-7b-hf checkpoints/llama2-7b   # or a local HF dir
+  python -m longgen_jax.convert hf-to-jax --hf-dir /data/Llama-2-7b-hf --out checkpoints/llama2-7b
   python -m longgen_jax.train --config=configs/llama2_7b_longgen_128k.py --workdir=workdir/7b_longgen \
       --config.init_from=checkpoints/llama2-7b --config.data.paths='data/long/*.jsonl' \
       --config.data.tokenizer=/path/to/Llama-2-7b-hf
