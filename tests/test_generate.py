@@ -17,6 +17,7 @@ from longgen_jax.config import preset
 from longgen_jax.generate import Sampling, generate, generate_stream, main, sample
 from longgen_jax.kv_cache import cache_layouts, init_cache
 from longgen_jax.model import Llama
+from conftest import gpu_only, rel_err
 
 SW, BS, BSH = (AttentionSpec.sink_window(3, 10), AttentionSpec.block_sparse(4, 2, 3),
                AttentionSpec.block_sparse(4, 2, 3, homo_head=True))
@@ -150,3 +151,26 @@ def test_cli_streams_and_prints_cache_size(capsys):
         "--stop-token", "-1", "--stream-every", "2"])
   out, err = capsys.readouterr()
   assert out.startswith("hello") and "KV cache" in err and "all-full" in err and "6 new tokens" in err
+
+
+@gpu_only
+@pytest.mark.parametrize("impl", ["cudnn", "auto"])
+def test_gpu_prefill_paths_match_forward(impl):
+  """bf16 on GPU: cuDNN full-layer prefix merge and the Pallas sparse prefill vs the reference forward."""
+  specs = (SW, AttentionSpec.full(), BS, SW)
+  cfg = preset("tiny", num_layers=4, head_dim=32).replace(layer_specs=specs)
+  model = Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, attn_impl="reference")
+  N, P = 200, 150
+  tokens = np.random.RandomState(6).randint(0, 512, (1, N)).astype(np.int32)
+  ref = _forward(model, tokens)[0]
+  layouts = cache_layouts(cfg, N)
+  caches = init_cache(layouts, 1, jnp.bfloat16)
+  caches, logits = inference.prefill(model, layouts, caches, tokens[:, :P], np.array([P]), chunk_len=32,
+                                     attn_impl=impl)
+  got = [np.asarray(logits)[0]]
+  g, s = nnx.split(model)
+  for t in range(P, N - 1):
+    lg, caches = inference.decode_step_jit(g, s, layouts, caches, jnp.asarray(tokens[:, t]),
+                                           jnp.asarray([t], jnp.int32))
+    got.append(np.asarray(lg)[0])
+  assert rel_err(np.stack(got), ref[P - 1:N - 1]) < 2e-2
