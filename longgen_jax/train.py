@@ -457,6 +457,7 @@ def train(cfg, workdir: str) -> list[dict]:
   _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
   records, window = [], []
+  stop = _StopRequest()
   bar = tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True,
              disable=not cfg.progress_bar or jax.process_index() != 0)
   try:
@@ -487,16 +488,50 @@ def train(cfg, workdir: str) -> list[dict]:
           bar.write(f"step {step}: loss {loss:.4f}, eval loss {rec['eval_loss']:.4f}")
         writer.write(rec)
         records.append(rec)
-      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+      stopping = stop.requested()
+      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stopping:
         ckpt.save(step, state, train_iter, resolved)
+      if stopping:
+        _log(f"SIGTERM: saved step {step}; run the same command again to resume")
+        break
     ckpt.wait()
-    if cfg.export_model and start < cfg.total_steps:
+    if cfg.export_model and start < cfg.total_steps and not stop.requested():
       export_model(graphdef, state["params"], os.path.join(workdir, "model"))
   finally:
+    stop.restore()
     bar.close()
     writer.close()
     ckpt.close()
   return records
+
+
+class _StopRequest:
+  """SIGTERM (preemption, scancel, Ctrl-C of a launcher) -> save a checkpoint at the next step, then stop.
+
+  With several hosts the flag is agreed on every step, so all hosts save the same step.
+  """
+
+  def __init__(self):
+    import signal
+    import threading
+    self._flag, self._old = False, None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self._flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+
+  def restore(self):
+    if self._old is not None:
+      import signal
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
 
 
 def evaluate(eval_fn, params, eval_ds, num_batches: int, to_device) -> float:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -119,6 +120,19 @@ def test_resume_is_exact_also_after_sigkill(tmp_path):
   resumed = train_lib.train(tiny_config(), wd)
   assert resumed[0]["step"] % OVERRIDES["checkpoint_every"] == 1 and resumed[-1]["step"] == 20
   assert losses(wd) == reference, f"killed mid-save: {mid_save}"
+
+  # SIGTERM (preemption): saves the current step and stops; the rerun resumes from exactly there
+  wd = str(tmp_path / "terminated")
+  def terminate_after_step_5():
+    while not (os.path.exists(os.path.join(wd, "metrics.jsonl")) and len(losses(wd)) >= 5):
+      time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+  threading.Thread(target=terminate_after_step_5, daemon=True).start()
+  stopped = train_lib.train(tiny_config(), wd)
+  assert 5 <= stopped[-1]["step"] < 20
+  resumed = train_lib.train(tiny_config(), wd)
+  assert resumed[0]["step"] == stopped[-1]["step"] + 1
+  assert losses(wd) == reference
 
 
 def losses_after(records):
