@@ -174,3 +174,13 @@ def test_gpu_prefill_paths_match_forward(impl):
                                            jnp.asarray([t], jnp.int32))
     got.append(np.asarray(lg)[0])
   assert rel_err(np.stack(got), ref[P - 1:N - 1]) < 2e-2
+
+
+def test_cli_loads_a_checkpoint(tmp_path, capsys):
+  from longgen_jax.convert import save_model
+  model = _model("gqa_mixed")
+  save_model(model, tmp_path / "ckpt")
+  main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32",
+        "--stop-token", "-1", "--attn-impl", "xla_blockwise"])
+  out, err = capsys.readouterr()
+  assert out.startswith("hi") and "block_sparse" in err and "3 new tokens" in err
