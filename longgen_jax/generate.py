@@ -256,3 +256,14 @@ def main(argv=None):
 
 if __name__ == "__main__":
   main()
+
+
+class _CallableModule(type(sys)):
+  """`longgen_jax.generate` is both this module and the function: importing the submodule
+  rebinds the package attribute to the module, so the module forwards calls to generate()."""
+
+  def __call__(self, *args, **kwargs):
+    return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
