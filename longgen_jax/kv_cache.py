@@ -54,8 +54,8 @@ class CacheLayout:
   def ring_len(self) -> int:
     """Slots of the ring buffer (sink_window: window; block_sparse: local blocks)."""
     s = self.spec
-    if s.kind == "sink_window":
-      return min(s.window, self.capacity)
+    if s.kind == "sink_window":  # positions >= sink only: never more than capacity - sink
+      return max(1, min(s.window, self.capacity - self.sink_len))
     if s.kind == "block_sparse":
       return min(s.local_blocks, self.num_blocks) * s.block_size
     return 0
