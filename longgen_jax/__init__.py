@@ -14,5 +14,7 @@ _LAZY = {"load_pretrained": "longgen_jax.convert", "generate": "longgen_jax.gene
 def __getattr__(name):  # heavy or optional modules load on first use
   if name in _LAZY:
     import importlib
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # importing the submodule bound the module here; rebind the function
+    return value
   raise AttributeError(f"module 'longgen_jax' has no attribute {name!r}")
