@@ -185,14 +185,13 @@ def _tokenizer(name: str | None, ckpt: str | None):
 
 def _load_model(args):
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  overrides = {"num_layers": args.num_layers} if getattr(args, "num_layers", None) else {}
   if args.ckpt:
     from longgen_jax.convert import load_pretrained
     return load_pretrained(args.ckpt, dtype=dtype, param_dtype=dtype, attn_impl=args.attn_impl,
-                           remat="none", **overrides)
+                           remat="none")
   from longgen_jax.config import preset
   from longgen_jax.model import Llama
-  cfg = preset(args.preset, **overrides)
+  cfg = preset(args.preset)
   return Llama(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype, attn_impl=args.attn_impl)
 
 
