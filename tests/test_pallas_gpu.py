@@ -113,6 +113,13 @@ def test_interpret_bf16_and_tiles_object():
   _check(SPARSE, 1, 48, 48, 4, 1, 32, dtype=jnp.bfloat16, tol=2e-2, tiles=tiles, interpret=True)
 
 
+@pytest.mark.parametrize("spec", [SINK, SPARSE], ids=str)
+def test_interpret_split_dkv_lists(spec):
+  """dK/dV lists cut into one-query-tile work units: the extra partial tiles must add up."""
+  _check(spec, 1, 40, 72, 4, 2, 16, q_offset=32, tiles=Tiles.uniform(16, 16, dkv_chunk=1),
+         interpret=True)
+
+
 def test_bad_tiles_raise():
   q = jnp.zeros((1, 16, 1, 16))
   with pytest.raises(ValueError, match="power of two"):
@@ -145,6 +152,14 @@ def test_gpu_offset_segments_fp16():
 @gpu_only
 def test_gpu_fp32_tight():
   _check(AttentionSpec.sink_window(16, 100), 1, 300, 300, 4, 1, 64, tol=1e-4)
+
+
+@gpu_only
+@pytest.mark.parametrize("spec", [AttentionSpec.sink_window(64, 192),
+                                  AttentionSpec.block_sparse(64, 2, 4)], ids=str)
+def test_gpu_split_dkv_lists(spec):
+  _check(spec, 1, 2048, 2048, 8, 2, 128, dtype=jnp.bfloat16, tol=1e-2,
+         tiles=Tiles(dkv_chunk=3))
 
 
 @gpu_only

@@ -46,6 +46,7 @@ class Tiles:
   num_stages: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
+  dkv_chunk: int = 0   # query tiles per dK/dV work unit; 0: 2x the mean list length (>= 32)
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int, **kw) -> Tiles:
@@ -53,7 +54,7 @@ class Tiles:
 
   def check(self):
     for name, val in dataclasses.asdict(self).items():
-      if name.startswith("block") and (val < 16 or val & (val - 1)):
+      if name.startswith("block_") and (val < 16 or val & (val - 1)):
         raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {val}")
 
 
@@ -281,18 +282,79 @@ def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
 # ----------------------------------------------------------------------------- backward: dK, dV
 
 
-def _dkv_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
-                cfg: _Cfg, width: int, nk: int):
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Units:
+  """dK/dV work units: each walks at most `chunk` query tiles of one key tile's list.
+
+  A key tile whose list is much longer than the mean (the sink tile, every strided tile, is
+  visited by all later query tiles) would otherwise be one program walking it all, a serial
+  tail that grows with T. Its first chunk writes dK/dV directly; later chunks write fp32
+  partial tiles into numbered slots that `_add_extras` folds in afterwards (no atomics).
+  """
+
+  kt: np.ndarray      # int32[H', U] key tile of each unit
+  start: np.ndarray   # int32[H', U] first list slot
+  stop: np.ndarray    # int32[H', U] one past the last list slot
+  slot: np.ndarray    # int32[H', U] -1: write dK/dV directly; else the extra slot
+  n_slots: int        # extra slots + 1 (the last one takes padding units)
+  long_kt: np.ndarray     # int32[H', nL] key tiles with extra slots
+  long_slots: np.ndarray  # int32[H', nL, X] their slots (padded)
+  long_valid: np.ndarray  # bool [H', nL, X]
+
+
+@functools.lru_cache(maxsize=64)
+def _units(cfg: _Cfg, bq: int, bk: int) -> _Units:
+  lay = cfg.layout(bq, bk)
+  count = lay.q_count
+  chunk = cfg.tiles.dkv_chunk or max(32, 2 * int(np.ceil(count.mean())))
+  per_head, extras = [], []
+  for hp in range(count.shape[0]):
+    units, ext = [], {}
+    for kt, n in enumerate(count[hp]):
+      n = int(n)
+      for c in range(max(1, -(-n // chunk))):
+        slot = -1 if c == 0 else sum(len(v) for v in ext.values())
+        if c:
+          ext.setdefault(kt, []).append(slot)
+        units.append((kt, c * chunk, min(n, (c + 1) * chunk), slot))
+    per_head.append(units)
+    extras.append(ext)
+  U = max(len(u) for u in per_head)
+  n_ext = max(sum(len(v) for v in e.values()) for e in extras)
+  table = np.zeros((len(per_head), U, 4), np.int32)
+  table[..., 3] = n_ext                                   # padding units: the spare slot
+  for hp, units in enumerate(per_head):
+    table[hp, :len(units)] = units
+  nL = max(1, max(len(e) for e in extras))
+  X = max([1] + [len(v) for e in extras for v in e.values()])
+  long_kt = np.zeros((len(extras), nL), np.int32)
+  long_slots = np.zeros((len(extras), nL, X), np.int32)
+  long_valid = np.zeros((len(extras), nL, X), bool)
+  for hp, ext in enumerate(extras):
+    for l, (kt, slots) in enumerate(sorted(ext.items())):
+      long_kt[hp, l] = kt
+      long_slots[hp, l, :len(slots)] = slots
+      long_valid[hp, l, :len(slots)] = True
+  return _Units(table[..., 0], table[..., 1], table[..., 2], table[..., 3], n_ext + 1,
+                long_kt, long_slots, long_valid)
+
+
+def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, *rest, cfg: _Cfg, width: int, nk: int, n_units: int):
   if cfg.has_seg:
-    qseg_ref, kseg_ref, dk_ref, dv_ref = rest
+    qseg_ref, kseg_ref, dk_ref, dv_ref, ek_ref, ev_ref = rest
   else:
-    dk_ref, dv_ref = rest
+    dk_ref, dv_ref, ek_ref, ev_ref = rest
   bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
-  kt, kv_head = pl.program_id(0), pl.program_id(2)
-  row = (kv_head if cfg.head_dependent else 0) * nk + kt
-  k, v = k_ref[...], v_ref[...]
+  u, kv_head = pl.program_id(0), pl.program_id(2)
+  hp = kv_head if cfg.head_dependent else 0
+  unit = hp * n_units + u
+  kt, slot = kt_ref[unit], slot_ref[unit]
+  row = hp * nk + kt
+  ks = pl.ds(kt * bk, bk)
+  k, v = k_ref[ks, :], v_ref[ks, :]
   k_pos = kt * bk + jnp.arange(bk)
-  kseg = kseg_ref[...] if cfg.has_seg else None
+  kseg = kseg_ref[ks] if cfg.has_seg else None
 
   def body(it, carry):
     dk, dv = carry
@@ -311,9 +373,35 @@ def _dkv_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(0, cnt_ref[row] * G, body, (zeros, zeros))
-  dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk, dv = jax.lax.fori_loop(start_ref[unit] * G, stop_ref[unit] * G, body, (zeros, zeros))
+  dk = dk * cfg.scale
+
+  @pl.when(slot < 0)
+  def _():
+    dk_ref[ks, :] = dk.astype(dk_ref.dtype)
+    dv_ref[ks, :] = dv.astype(dv_ref.dtype)
+
+  @pl.when(slot >= 0)
+  def _():
+    ek_ref[slot] = dk
+    ev_ref[slot] = dv
+
+
+def _add_extras(cfg: _Cfg, units: _Units, bk: int, d_BSKD, e_BKEkD):
+  """Folds the extra partial tiles into the long key tiles (unique targets: no races)."""
+  B, Sp, Hkv, D = d_BSKD.shape
+  heads = np.arange(Hkv) if cfg.head_dependent else np.zeros(Hkv, np.int64)
+  long_kt = units.long_kt[heads]                       # [Hkv, nL]
+  slots = units.long_slots[heads]                      # [Hkv, nL, X]
+  valid = units.long_valid[heads]
+  h_idx = np.arange(Hkv)[:, None, None]
+  parts = e_BKEkD[:, h_idx, slots]                     # [B, Hkv, nL, X, bk, D]
+  extra = jnp.sum(jnp.where(valid[None, :, :, :, None, None], parts, 0.0), axis=3)
+  d5 = d_BSKD.reshape(B, Sp // bk, bk, Hkv, D)
+  # Padding entries (heads with fewer long tiles) add zeros, so repeated targets are harmless.
+  d5 = d5.at[:, long_kt, :, np.arange(Hkv)[:, None], :].add(
+      extra.transpose(1, 2, 0, 3, 4).astype(d5.dtype))
+  return d5.reshape(B, Sp, Hkv, D)
 
 
 def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
@@ -321,30 +409,41 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
   bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
   lay = cfg.layout(bq, bk)
   nk = lay.num_k_blocks
-  ent, cnt, width = _tables(lay.q_index, lay.q_full, lay.q_count)
-  kmap = lambda i, b, h: (b, i, h, 0)
-  in_specs = [_whole(ent), _whole(cnt),
-              pl.BlockSpec((None, Tp, G, D), lambda i, b, h: (b, 0, h, 0)),
-              pl.BlockSpec((None, bk, None, D), kmap),
-              pl.BlockSpec((None, bk, None, D), kmap),
-              pl.BlockSpec((None, Tp, G, D), lambda i, b, h: (b, 0, h, 0)),
-              pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0)),
-              pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
-  args = [ent, cnt, q, k, v, do, lse, delta]
+  ent, _, width = _tables(lay.q_index, lay.q_full, lay.q_count)
+  units = _units(cfg, bq, bk)
+  n_units = units.kt.shape[1]
+  utab = [jnp.asarray(a.reshape(-1)) for a in (units.kt, units.start, units.stop, units.slot)]
+  Sp, E = cfg.Sp, units.n_slots
+  seq = lambda i, b, h: (b, 0, h, 0)
+  in_specs = [_whole(ent)] + [_whole(a) for a in utab] + [
+      pl.BlockSpec((None, Tp, G, D), seq),
+      pl.BlockSpec((None, Sp, None, D), seq),
+      pl.BlockSpec((None, Sp, None, D), seq),
+      pl.BlockSpec((None, Tp, G, D), seq),
+      pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0)),
+      pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
+  args = [ent, *utab, q, k, v, do, lse, delta]
   if cfg.has_seg:
     in_specs += [pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)),
-                 pl.BlockSpec((None, bk), lambda i, b, h: (b, i))]
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
     args += [qseg, kseg]
-  return pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk),
-      grid=(nk, B, cfg.Hkv),
+  extra_spec = pl.BlockSpec((None, None, E, bk, D), lambda i, b, h: (b, h, 0, 0, 0))
+  extra_shape = jax.ShapeDtypeStruct((B, cfg.Hkv, E, bk, D), jnp.float32)
+  dk, dv, ek, ev = pl.pallas_call(
+      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk, n_units=n_units),
+      grid=(n_units, B, cfg.Hkv),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, bk, None, D), kmap), pl.BlockSpec((None, bk, None, D), kmap)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_specs=[pl.BlockSpec((None, Sp, None, D), seq), pl.BlockSpec((None, Sp, None, D), seq),
+                 extra_spec, extra_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 extra_shape, extra_shape],
       compiler_params=_params(cfg, bwd=True),
       interpret=cfg.interpret,
       name="longgen_flash_bwd_dkv",
   )(*args)
+  if E > 1:
+    dk, dv = _add_extras(cfg, units, bk, dk, ek), _add_extras(cfg, units, bk, dv, ev)
+  return dk, dv
 
 
 # ----------------------------------------------------------------------------- custom_vjp
