@@ -55,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
       sparse_spec="",           # e.g. "sink_window(64,1984)" or "block_sparse(64,16,64)"
       placement="middle",       # where the full layers go: middle, top, bottom, interleaved
       rope_theta=0.0,           # 0 = keep
-      vocab_size=0,             # 0 = keep (must cover the tokenizer's ids)
+      vocab_size=0,             # 0 = keep (must cover the tokenizer's ids); -1 = the tokenizer's
       compute_dtype="bfloat16",
       param_dtype="float32",    # master weights (and AdamW moments)
       attn_impl="auto",
@@ -158,8 +158,11 @@ def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   changes = {"max_seq_len": max(mc.max_seq_len, cfg.seq_len)}
   if m.rope_theta > 0:
     changes["rope_theta"] = float(m.rope_theta)
-  if m.vocab_size > 0:
-    changes["vocab_size"] = m.vocab_size
+  if m.vocab_size > 0 or m.vocab_size == -1:
+    if cfg.init_from and m.vocab_size != mc.vocab_size:
+      raise ValueError(f"config.model.vocab_size={m.vocab_size}: cannot change the vocabulary of "
+                       f"init_from's model ({mc.vocab_size} tokens)")
+    changes["vocab_size"] = tokenizer_vocab if m.vocab_size == -1 else m.vocab_size
   mc = mc.replace(**changes)
   if mc.vocab_size < tokenizer_vocab:
     raise ValueError(f"model vocab_size {mc.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}; "

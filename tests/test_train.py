@@ -167,3 +167,4 @@ def test_config_errors_are_clear(tmp_path):
       train_lib.validate_config(tiny_config(**change))
   with pytest.raises(ValueError, match="vocab_size"):
     train_lib.build_model_config(tiny_config(**{"model.vocab_size": 100}), tokenizer_vocab=259)
+  assert train_lib.build_model_config(tiny_config(**{"model.vocab_size": -1}), tokenizer_vocab=259).vocab_size == 259
