@@ -1,0 +1,181 @@
+"""evaluate.py: pass-key prompts put the key where asked, the CLI writes sane JSON, loss by
+position agrees with the model's plain mean loss, and bad arguments fail with one clear line."""
+
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from longgen_jax import evaluate as ev
+from longgen_jax.config import preset
+from longgen_jax.convert import load_pretrained, save_model
+from longgen_jax.data_sources import _FILLER, SyntheticLongContextSource
+from longgen_jax.model import Llama
+from longgen_jax.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+MAX_SENTENCE = max(len(TOK.encode(s)) for s in ev.FILLER_SENTENCES)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny") / "model"
+  save_model(Llama(preset("tiny"), rngs=nnx.Rngs(0)), d)  # max_seq_len 512, vocab 512
+  return str(d)
+
+
+def _run(capsys, *argv):
+  rc = ev.main(list(argv))
+  return rc, capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@pytest.mark.parametrize("length", [100, 257, 500])
+@pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+def test_passkey_prompt_puts_the_key_at_the_requested_depth(length, depth):
+  p = ev.passkey_prompt(TOK, length, depth, "48213")
+  needle = TOK.encode(ev.PASSKEY_FACT.format(key="48213"))
+  question = TOK.encode(ev.PASSKEY_QUESTION)
+  assert p.tokens.dtype == np.int32 and len(p.tokens) == length and p.tokens[0] == TOK.bos_id
+  np.testing.assert_array_equal(p.tokens[p.needle_start:p.needle_start + p.needle_len], needle)
+  np.testing.assert_array_equal(p.tokens[-len(question):], question)
+  assert TOK.decode(p.tokens).count("48213") == 2  # only in the needle
+  n_fill = length - 1 - len(needle) - len(question)
+  assert abs((p.needle_start - 1) - depth * n_fill) <= MAX_SENTENCE / 2 + 1
+  if depth == 0:
+    assert p.needle_start == 1
+  if depth == 1:
+    assert p.needle_start + p.needle_len == length - len(question)
+
+
+def test_needle_moves_monotonically_with_depth():
+  starts = [ev.passkey_prompt(TOK, 2000, d, "10000").needle_start for d in np.linspace(0, 1, 11)]
+  assert starts == sorted(starts) and starts[0] == 1 and starts[-1] > 1800
+
+
+def test_phrasing_is_the_synthetic_corpus():
+  """The prompt pieces must be the strings the tiny model was trained on."""
+  assert "".join(ev.FILLER_SENTENCES) == _FILLER
+  src = SyntheticLongContextSource(40, seed=3)
+  docs = [src[i] for i in range(len(src)) if "pass key" in src[i]]
+  assert docs
+  for doc in docs:
+    key = doc.rsplit(" ", 1)[1].rstrip(".")
+    assert ev.PASSKEY_FACT.format(key=key) in doc
+    assert doc.endswith(f"{ev.PASSKEY_QUESTION} {key}.")
+  # the byte prompt's text is the corpus' phrasing: the needle sits between whole filler sentences
+  p = ev.passkey_prompt(TOK, 400, 0.5, "12345")
+  before, after = TOK.decode(p.tokens[1:p.needle_start]), TOK.decode(p.tokens[p.needle_start + p.needle_len:])
+  assert before.endswith(". ") and after.startswith(ev.FILLER_SENTENCES) and _FILLER[-40:] in before + after
+
+
+def test_keys_are_deterministic_and_cell_local():
+  k = ev.passkey_key(0, 1024, 0.5, 3)
+  assert k == ev.passkey_key(0, 1024, 0.5, 3) and len(k) == 5
+  assert len({ev.passkey_key(0, 1024, 0.5, s) for s in range(20)}) > 15
+  assert k != ev.passkey_key(1, 1024, 0.5, 3)
+
+
+def test_score_answer_is_exact_match_of_the_first_digits():
+  assert ev.score_answer(" 12345.", "12345")
+  assert ev.score_answer("12345 is", "12345")
+  assert not ev.score_answer(" 123456", "12345")
+  assert not ev.score_answer(" 1234", "12345")
+  assert not ev.score_answer(" the key 12345", "12345")
+
+
+def test_parse_length():
+  assert ev.parse_length("4096") == 4096 and ev.parse_length("4K") == 4096 and ev.parse_length("128k") == 131072
+  for bad in ("", "0", "4M", "-1", "1.5K"):
+    with pytest.raises(ev.EvalError, match="bad length"):
+      ev.parse_length(bad)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_passkey_grid(ckpt, tmp_path, capsys):
+  out = tmp_path / "grid.json"
+  rc, io = _run(capsys, "passkey", "--ckpt", ckpt, "--dtype", "float32", "--lengths", "128,200",
+                "--depths", "0,0.5,1", "--samples", "2", "--batch-size", "2", "--out", str(out))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  acc = np.asarray(res["accuracy"])
+  assert acc.shape == (2, 3) and np.all((acc >= 0) & (acc <= 1))
+  assert res["lengths"] == [128, 200] and res["depths"] == [0, 0.5, 1] and len(res["cells"]) == 6
+  for cell in res["cells"]:
+    assert len(cell["answers"]) == 2 and all(len(a["key"]) == 5 for a in cell["answers"])
+  assert "depth" in io.out and "overall" in io.out
+
+
+def test_cli_ppl_buckets_match_the_models_mean_loss(ckpt, tmp_path, capsys):
+  out = tmp_path / "ppl.json"
+  rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--dtype", "float32", "--seq-len", "128", "--bucket", "32",
+                "--loss-chunk", "16", "--docs", "3", "--seed", "5", "--out", str(out))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  b = res["buckets"]
+  assert [(x["start"], x["end"]) for x in b] == [(i, i + 32) for i in range(0, 128, 32)]
+  assert all(x["tokens"] == 3 * 32 for x in b) and res["docs"] == 3
+
+  # the same rows through the plain model: [T, V] logits at once, mean next-token loss
+  rows, _ = ev.document_rows(TOK, ev.synthetic_source(TOK, 128, 3, 5), 128, 3)
+  logits = load_pretrained(ckpt)(jnp.asarray(rows[:, :-1]))
+  direct = float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(rows[:, 1:])).mean())
+  weighted = sum(x["loss"] * x["tokens"] for x in b) / sum(x["tokens"] for x in b)
+  np.testing.assert_allclose(weighted, direct, rtol=1e-5)
+  np.testing.assert_allclose(res["mean_loss"], direct, rtol=1e-5)
+
+
+def test_ppl_on_a_jsonl_file_skips_short_documents(ckpt, tmp_path, capsys):
+  data = tmp_path / "docs.jsonl"
+  docs = ["short", _FILLER * 3, "also short", "Once upon a time. " * 20]
+  data.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+  out = tmp_path / "ppl.json"
+  rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--dtype", "float32", "--seq-len", "64", "--bucket", "64",
+                "--source", "jsonl", "--paths", str(data), "--text-field", "body", "--docs", "5",
+                "--batch-size", "2", "--out", str(out))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  assert res["docs"] == 2 and res["skipped_short_docs"] == 2 and len(res["buckets"]) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["passkey", "--tokenizer", "no/such/tok"], "tokenizer 'no/such/tok' not found"),
+    (["passkey", "--lengths", "1K"], "exceeds the model's max_seq_len 512"),
+    (["passkey", "--lengths", "64"], "too short for a pass-key prompt"),
+    (["passkey", "--lengths", "128", "--depths", "0.5,1.5"], r"depths must be in \[0, 1\]"),
+    (["passkey", "--lengths", "128", "--depths", "half"], "bad list 'half'"),
+    (["passkey", "--samples", "0"], "--samples and --batch-size must be >= 1"),
+    (["ppl", "--seq-len", "1K"], "--seq-len 1024 exceeds the model's max_seq_len 512"),
+    (["ppl", "--seq-len", "128", "--bucket", "48"], "--bucket 48 must divide --seq-len 128"),
+    (["ppl", "--source", "jsonl"], "--source jsonl needs --paths"),
+    (["ppl", "--source", "jsonl", "--paths", "/no/such/*.jsonl"], "matches no files"),
+])
+def test_bad_arguments_fail_with_one_clear_line(ckpt, capsys, argv, message):
+  rc, io = _run(capsys, *argv[:1], "--ckpt", ckpt, "--dtype", "float32", *argv[1:])
+  assert rc == 2 and io.err.startswith("error: ")
+  assert re.search(message, io.err), io.err
+
+
+def test_missing_checkpoint_and_wrong_tokenizer(tmp_path, capsys):
+  rc, io = _run(capsys, "ppl", "--ckpt", str(tmp_path / "nope"))
+  assert rc == 2 and "does not exist" in io.err
+  small = tmp_path / "small"
+  save_model(Llama(preset("tiny", vocab_size=128), rngs=nnx.Rngs(0)), small)
+  rc, io = _run(capsys, "passkey", "--ckpt", str(small), "--lengths", "128")
+  assert rc == 2 and "vocab_size is 128" in io.err and "--tokenizer" in io.err
+
+
+def test_ppl_rows_too_short(ckpt, tmp_path, capsys):
+  data = tmp_path / "short.txt"
+  data.write_text("only a few words")
+  rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--source", "text", "--paths", str(data), "--seq-len", "64",
+                "--bucket", "32")
+  assert rc == 2 and "no document has the 65 tokens" in io.err
