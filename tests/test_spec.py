@@ -18,6 +18,7 @@ SPECS = [
     AttentionSpec.block_sparse(4, 3, 5, homo_head=True),
     AttentionSpec.block_sparse(2, 1, 2),
     AttentionSpec.block_sparse(4, 1, 16),  # stride > kv heads: several phases uncovered
+    AttentionSpec.block_sparse(3, 2, 1),   # every block strided
 ]
 
 

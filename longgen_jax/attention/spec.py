@@ -162,22 +162,20 @@ class BlockLayout:
 
 def _tile_bounds(n_tiles: int, tile: int, length: int, offset: int):
   """First and last absolute position of each tile (clipped to the sequence)."""
-  start = offset + np.arange(n_tiles, dtype=np.int64) * tile
-  end = offset + np.minimum((np.arange(n_tiles, dtype=np.int64) + 1) * tile, length) - 1
+  start = offset + np.arange(n_tiles, dtype=np.int32) * tile
+  end = offset + np.minimum((np.arange(n_tiles, dtype=np.int32) + 1) * tile, length) - 1
   return start, end
 
 
-def _count_multiples(lo, hi, residue, modulus):
-  """How many x in [lo, hi] have x % modulus == residue (0 where hi < lo)."""
-  # x = residue + m*modulus; count m with lo <= x <= hi.
-  n = np.floor_divide(hi - residue, modulus) - np.floor_divide(lo - 1 - residue, modulus)
-  return np.where(hi >= lo, n, 0)
+def _has_multiple(lo, hi, residue, modulus):
+  """Whether some x in [lo, hi] has x % modulus == residue."""
+  return lo + (residue - lo) % modulus <= hi
 
 
-def _tile_any_all(spec: AttentionSpec, q0, q1, k0, k1, heads, num_kv_heads):
+def _tile_any_all(spec: AttentionSpec, q0, q1, k0, k1, head, num_kv_heads):
   """Exact any/all of `allowed` over tiles with query range [q0,q1] x key range [k0,k1].
 
-  Arguments broadcast: q0/q1 [1, nq, 1], k0/k1 [1, 1, nk], heads [H, 1, 1].
+  Arguments broadcast: q0/q1 [nq, 1], k0/k1 [1, nk]; `head` is the kv head.
   """
   causal_any = k0 <= q1
   causal_all = k1 <= q0
@@ -190,16 +188,15 @@ def _tile_any_all(spec: AttentionSpec, q0, q1, k0, k1, heads, num_kv_heads):
     all_ = causal_all & ((k1 < sink) | (q1 - np.maximum(k0, sink) < window))
     return any_, all_
   b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
-  residue = (-heads * spec.stride_shift(num_kv_heads)) % V  # kb with (kb + h*s) % V == 0
+  residue = (-head * spec.stride_shift(num_kv_heads)) % V  # kb with (kb + h*s) % V == 0
   # Local: the causal pair with the smallest block distance.
   local_any = causal_any & ((k0 > q0) | (q0 // b - np.minimum(k1, q0) // b < L))
   # Strided: any strided key block at or before the last query.
-  stride_any = causal_any & (
-      _count_multiples(k0 // b, np.minimum(k1, q1) // b, residue, V) > 0)
-  # All: every key block that is not local for the last query block is strided.
+  stride_any = causal_any & _has_multiple(k0 // b, np.minimum(k1, q1) // b, residue, V)
+  # All: every key block that is not local for the last query block is strided (two
+  # consecutive blocks are both strided only when V == 1).
   lo, hi = k0 // b, np.minimum(k1 // b, q1 // b - L)
-  not_strided = (hi - lo + 1) - _count_multiples(lo, hi, residue, V)
-  all_ = causal_all & ((hi < lo) | (not_strided == 0))
+  all_ = causal_all & ((hi < lo) | (V == 1) | ((hi == lo) & ((lo - residue) % V == 0)))
   return local_any | stride_any, all_
 
 
@@ -221,6 +218,19 @@ def _ragged_lists(any_: np.ndarray, full: np.ndarray):
   return index, flags & ~pad, count
 
 
+def _stack_heads(per_head):
+  """Stacks per-head ragged lists along the head axis, padded to the widest."""
+  width = max(index.shape[-1] for index, _, _ in per_head)
+  n = per_head[0][0].shape[1]
+  index = np.empty((len(per_head), n, width), np.int32)
+  full = np.zeros((len(per_head), n, width), bool)
+  for h, (i, f, _) in enumerate(per_head):
+    index[h, :, :i.shape[-1]] = i[0]
+    index[h, :, i.shape[-1]:] = i[0, :, -1:]  # keep repeating the last entry
+    full[h, :, :f.shape[-1]] = f[0]
+  return index, full, np.concatenate([c for _, _, c in per_head])
+
+
 @functools.lru_cache(maxsize=64)
 def block_layout(spec: AttentionSpec, q_len: int, kv_len: int, num_kv_heads: int,
                  block_q: int, block_k: int, q_offset: int = 0) -> BlockLayout:
@@ -236,15 +246,17 @@ def block_layout(spec: AttentionSpec, q_len: int, kv_len: int, num_kv_heads: int
   q0, q1 = _tile_bounds(nq, block_q, q_len, q_offset)
   k0, k1 = _tile_bounds(nk, block_k, kv_len, 0)
   n_heads = num_kv_heads if spec.head_dependent(num_kv_heads) else 1
-  heads = np.arange(n_heads)[:, None, None]
-  any_, all_ = _tile_any_all(spec, q0[None, :, None], q1[None, :, None],
-                             k0[None, None, :], k1[None, None, :], heads, num_kv_heads)
-  shape = (n_heads, nq, nk)
-  any_ = np.broadcast_to(any_, shape)
-  unpadded = (((np.arange(nk) + 1) * block_k <= kv_len)[None, None, :]
-              & ((np.arange(nq) + 1) * block_q <= q_len)[None, :, None])
-  full = np.broadcast_to(all_ & unpadded, shape) & any_
-  kv_index, kv_full, kv_count = _ragged_lists(any_, full)
-  q_index, q_full, q_count = _ragged_lists(any_.transpose(0, 2, 1), full.transpose(0, 2, 1))
+  unpadded = (((np.arange(nk) + 1) * block_k <= kv_len)[None, :]
+              & ((np.arange(nq) + 1) * block_q <= q_len)[:, None])
+  rows, cols = [], []
+  for head in range(n_heads):  # one head at a time keeps temporaries at [nq, nk]
+    any_, all_ = _tile_any_all(spec, q0[:, None], q1[:, None], k0[None, :], k1[None, :],
+                               head, num_kv_heads)
+    any_ = np.broadcast_to(any_, (nq, nk))
+    full = all_ & unpadded & any_
+    rows.append(_ragged_lists(any_[None], full[None]))
+    cols.append(_ragged_lists(any_.T[None], full.T[None]))
+  kv_index, kv_full, kv_count = _stack_heads(rows)
+  q_index, q_full, q_count = _stack_heads(cols)
   return BlockLayout(block_q, block_k, q_len, kv_len, q_offset,
                      kv_index, kv_full, kv_count, q_index, q_full, q_count)
