@@ -137,7 +137,10 @@ class ArrayRecordSource:
 
 # ----------------------------------------------------------------------------- synthetic
 
-_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+# The pass-key phrasing; evaluate.py builds its needle-in-a-haystack prompts from the same strings.
+PASSKEY_FACT = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
 class SyntheticLongContextSource:
@@ -164,16 +167,16 @@ class SyntheticLongContextSource:
     n = int(np.exp(rng.uniform(np.log(self.min_chars), np.log(self.max_chars))))
     if rng.random() < 0.5:
       key = str(rng.integers(10000, 100000))
-      facts = [f"The pass key is {key}. Remember it. {key} is the pass key. "]
-      question = f"What is the pass key? The pass key is {key}."
+      facts = [PASSKEY_FACT.format(key=key)]
+      question = f"{PASSKEY_QUESTION} {key}."
     else:
       pairs = [(f"{rng.integers(0, 16**4):04x}", str(rng.integers(100, 1000)))
                for _ in range(rng.integers(1, 4))]
       facts = [f"Key {k} holds value {v}. " for k, v in pairs]
       k, v = pairs[rng.integers(len(pairs))]
       question = f"What value does key {k} hold? Key {k} holds value {v}."
-    reps = max(1, (n - sum(map(len, facts)) - len(question)) // len(_FILLER))
-    chunks = [_FILLER] * reps
+    reps = max(1, (n - sum(map(len, facts)) - len(question)) // len(FILLER))
+    chunks = [FILLER] * reps
     for fact in facts:
       chunks.insert(int(rng.integers(0, len(chunks))), fact)
     return "".join(chunks) + question

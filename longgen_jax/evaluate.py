@@ -42,17 +42,13 @@ import numpy as np
 from flax import nnx
 
 from longgen_jax.convert import ConversionError, load_config, load_pretrained
-from longgen_jax.data_sources import _FILLER, open_source
-from longgen_jax.generate import _tokenizer as resolve_tokenizer
+from longgen_jax.data_sources import FILLER, PASSKEY_FACT, PASSKEY_QUESTION, open_source
+from longgen_jax.generate import resolve_tokenizer
 from longgen_jax.generate import generate
 from longgen_jax.inference import PREFILL_IMPLS
 from longgen_jax.train import chunked_xent
 
-# The synthetic corpus' pass-key phrasing (data_sources.SyntheticLongContextSource); the test
-# suite checks the corpus still produces exactly these strings.
-PASSKEY_FACT = "The pass key is {key}. Remember it. {key} is the pass key. "
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
-FILLER_SENTENCES = tuple(re.findall(r"[^.]*\. ", _FILLER))
+FILLER_SENTENCES = tuple(re.findall(r"[^.]*\. ", FILLER))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -215,7 +211,7 @@ def document_rows(tok, source, seq_len: int, num_docs: int) -> tuple[np.ndarray,
 
 def synthetic_source(tok, seq_len: int, num_docs: int, seed: int):
   """The synthetic corpus with documents just long enough for seq_len tokens of this tokenizer."""
-  chars_per_token = len(_FILLER) / len(tok.encode(_FILLER))
+  chars_per_token = len(FILLER) / len(tok.encode(FILLER))
   chars = int(math.ceil((seq_len + 1) * chars_per_token * 1.1)) + 200
   return open_source("synthetic", num_docs=num_docs, seed=seed, min_chars=chars, max_chars=chars)
 

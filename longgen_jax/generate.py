@@ -172,7 +172,7 @@ def _cut(row, stop_tokens) -> list[int]:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _tokenizer(name: str | None, ckpt: str | None):
+def resolve_tokenizer(name: str | None, ckpt: str | None):
   """--tokenizer, else the checkpoint's own tokenizer files, else the built-in byte tokenizer."""
   import os
   from longgen_jax.tokenizer import load_tokenizer
@@ -221,7 +221,7 @@ def main(argv=None):
   p.add_argument("--stream-every", type=int, default=8, help="decode steps between printed updates")
   args = p.parse_args(argv)
 
-  tok = _tokenizer(args.tokenizer, args.ckpt)
+  tok = resolve_tokenizer(args.tokenizer, args.ckpt)
   text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
   ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
   model = _load_model(args)

@@ -13,7 +13,7 @@ from flax import nnx
 from longgen_jax import evaluate as ev
 from longgen_jax.config import preset
 from longgen_jax.convert import load_pretrained, save_model
-from longgen_jax.data_sources import _FILLER, SyntheticLongContextSource
+from longgen_jax.data_sources import FILLER, SyntheticLongContextSource
 from longgen_jax.model import Llama
 from longgen_jax.tokenizer import ByteTokenizer
 
@@ -61,7 +61,7 @@ def test_needle_moves_monotonically_with_depth():
 
 def test_phrasing_is_the_synthetic_corpus():
   """The prompt pieces must be the strings the tiny model was trained on."""
-  assert "".join(ev.FILLER_SENTENCES) == _FILLER
+  assert "".join(ev.FILLER_SENTENCES) == FILLER
   src = SyntheticLongContextSource(40, seed=3)
   docs = [src[i] for i in range(len(src)) if "pass key" in src[i]]
   assert docs
@@ -72,7 +72,7 @@ def test_phrasing_is_the_synthetic_corpus():
   # the byte prompt's text is the corpus' phrasing: the needle sits between whole filler sentences
   p = ev.passkey_prompt(TOK, 400, 0.5, "12345")
   before, after = TOK.decode(p.tokens[1:p.needle_start]), TOK.decode(p.tokens[p.needle_start + p.needle_len:])
-  assert before.endswith(". ") and after.startswith(ev.FILLER_SENTENCES) and _FILLER[-40:] in before + after
+  assert before.endswith(". ") and after.startswith(ev.FILLER_SENTENCES) and FILLER[-40:] in before + after
 
 
 def test_keys_are_deterministic_and_cell_local():
@@ -135,7 +135,7 @@ def test_cli_ppl_buckets_match_the_models_mean_loss(ckpt, tmp_path, capsys):
 
 def test_ppl_on_a_jsonl_file_skips_short_documents(ckpt, tmp_path, capsys):
   data = tmp_path / "docs.jsonl"
-  docs = ["short", _FILLER * 3, "also short", "Once upon a time. " * 20]
+  docs = ["short", FILLER * 3, "also short", "Once upon a time. " * 20]
   data.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
   out = tmp_path / "ppl.json"
   rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--dtype", "float32", "--seq-len", "64", "--bucket", "64",
