@@ -15,6 +15,25 @@ def segment_mask(q_segment_ids, kv_segment_ids):
   return q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
 
 
+def masked_attend(s_XQK, mask_XQK, v_XKD):
+  """Softmax(s) @ v over the allowed keys of each row, in float32.
+
+  Shapes are any batch prefix X, Q rows and K keys (v: [..., K, D] matching s's prefix).
+  Returns out [..., Q, D] (zeros for rows without an allowed key) and lse [..., Q]
+  (natural log, -inf for those rows). The row max is a constant to autodiff, so
+  gradients stay finite on empty rows.
+  """
+  s_XQK = jnp.where(mask_XQK, s_XQK, -jnp.inf)
+  m = jnp.max(s_XQK, axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  p = jnp.where(mask_XQK, jnp.exp(s_XQK - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  safe_l = jnp.where(l > 0, l, 1.0)
+  out = jnp.einsum("...qk,...kd->...qd", p, v_XKD.astype(jnp.float32)) / safe_l
+  lse = jnp.where(l > 0, m + jnp.log(safe_l), -jnp.inf)[..., 0]
+  return out, lse
+
+
 def reference_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
                         kv_segment_ids=None, q_offset: int = 0, return_lse: bool = False):
   """Materialises the T x S scores. Returns out[B,T,Hq,D] (and lse[B,Hq,T] if asked)."""
@@ -28,16 +47,9 @@ def reference_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segmen
     mask_BKTS = mask_BKTS & seg_BTS[:, None]
   q_BTKGD = q_BTHD.reshape(B, T, Hkv, G, D).astype(jnp.float32)
   s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD.astype(jnp.float32)) / jnp.sqrt(D)
-  mask_BKGTS = mask_BKTS[:, :, None]
-  s_BKGTS = jnp.where(mask_BKGTS, s_BKGTS, -jnp.inf)
-  m = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  p = jnp.where(mask_BKGTS, jnp.exp(s_BKGTS - m), 0.0)
-  l = jnp.sum(p, axis=-1, keepdims=True)
-  out_BKGTD = jnp.einsum("bkgts,bskd->bkgtd", p, v_BSKD.astype(jnp.float32))
-  out_BKGTD = out_BKGTD / jnp.where(l > 0, l, 1.0)
+  v_BK1SD = v_BSKD.transpose(0, 2, 1, 3)[:, :, None]
+  out_BKGTD, lse = masked_attend(s_BKGTS, mask_BKTS[:, :, None], v_BK1SD)
   out = out_BKGTD.transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D).astype(q_BTHD.dtype)
   if not return_lse:
     return out
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
   return out, lse.reshape(B, Hq, T)

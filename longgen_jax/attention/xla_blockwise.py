@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longgen_jax.attention.reference import masked_attend
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 
@@ -67,14 +68,7 @@ def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segmen
       mask_BKqM = mask_BKqM & (q_seg_Bq[:, None, :, None] == k_seg_BKM[:, :, None, :])
     s = jnp.einsum("bkgqd,bkmd->bkgqm", q_BKGqD.astype(jnp.float32),
                    k_BKMD.astype(jnp.float32)) / np.sqrt(D)
-    mask = mask_BKqM[:, :, None]
-    s = jnp.where(mask, s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)
-    l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgqm,bkmd->bkgqd", p, v_BKMD.astype(jnp.float32)) / jnp.where(l > 0, l, 1.0)
-    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+    out, lse = masked_attend(s, mask_BKqM[:, :, None], v_BKMD[:, :, None])
     return out.astype(q_BTHD.dtype), lse
 
   out_nBKGqD, lse_nBKGq = jax.lax.map(
