@@ -2,6 +2,9 @@
 
   PYTHONPATH=. python benchmarks/attention.py [--seqs 8192,32768,131072] [--kv-heads 32,8]
 
+"ours" uses the default forward (Mosaic GPU on Hopper, see pallas_gpu); "ours_triton_fwd" forces
+the Triton forward; both share the Triton backward.
+
 Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
 a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
 """
@@ -69,8 +72,10 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
 
 def make_fns(name: str, spec, tiles=None):
   """(forward, forward+backward) jitted callables of (q, k, v, do)."""
-  if name == "ours":
-    from longgen_jax.attention.pallas_gpu import pallas_attention
+  if name in ("ours", "ours_triton_fwd"):
+    from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
+    if name == "ours_triton_fwd":   # the Triton forward instead of Mosaic GPU (same backward)
+      tiles = dataclasses.replace(tiles or Tiles(), forward="triton")
     attn = lambda q, k, v: pallas_attention(q, k, v, spec, tiles=tiles)
   elif name == "cudnn_causal":
     attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
@@ -88,6 +93,9 @@ def make_fns(name: str, spec, tiles=None):
 
 CASES = [("ours", AttentionSpec.full()), ("ours", AttentionSpec.sink_window(64, 1984)),
          ("ours", AttentionSpec.block_sparse(64, 16, 64)),
+         ("ours_triton_fwd", AttentionSpec.full()),
+         ("ours_triton_fwd", AttentionSpec.sink_window(64, 1984)),
+         ("ours_triton_fwd", AttentionSpec.block_sparse(64, 16, 64)),
          ("cudnn_causal", "cudnn_causal"), ("cudnn_window", "cudnn_window")]
 
 
@@ -116,7 +124,7 @@ def main():
         cases = [("ours", s, Tiles(**kw)) for n, s in CASES if n == "ours"
                  for kw in json.loads(args.sweep)]
       for name, spec, tiles in cases:
-        label = f"{name}:{spec}" if name == "ours" else name
+        label = f"{name}:{spec}" if name.startswith("ours") else name
         if tiles is not None:
           label += " " + ",".join(str(x) for x in dataclasses.astuple(tiles))
         if args.only and not any(o in label for o in args.only.split(",")):

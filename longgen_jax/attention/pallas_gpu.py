@@ -11,6 +11,12 @@ read one scalar per loop step. Softmax runs in base 2 (exp2) with fp32 accumulat
 log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
+
+Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
+kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen by
+measurement (H200, JAX 0.11.2, 32K-128K: full 601-614 vs 467-480 TFLOP/s here, sink_window
+455-468 vs 403-407, block_sparse 1.06-1.10x; BENCHMARKS.md). The backward below consumes its out + lse unchanged.
+`Tiles(forward="triton")` forces this module's forward.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class Tiles:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
   dkv_chunk: int = 0   # query tiles per dK/dV work unit; 0: 2x the mean list length (>= 32)
+  forward: str = "auto"  # "auto": Mosaic GPU forward where supported (Hopper), else "triton"
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int, **kw) -> Tiles:
@@ -56,6 +63,8 @@ class Tiles:
     for name, val in dataclasses.asdict(self).items():
       if name.startswith("block_") and (val < 16 or val & (val - 1)):
         raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {val}")
+    if self.forward not in ("auto", "triton"):
+      raise ValueError(f"Tiles.forward must be 'auto' or 'triton', got {self.forward!r}")
 
 
 def default_tiles(spec: AttentionSpec, head_dim: int, dtype) -> Tiles:
@@ -182,6 +191,11 @@ def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: 
 
 def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
   """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows)."""
+  if cfg.tiles.forward == "auto" and not cfg.interpret and cfg.head_dim == q.shape[-1]:
+    from longgen_jax.attention import pallas_mgpu
+    if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg):
+      return pallas_mgpu.mgpu_forward(q, k, v, cfg.spec, T=cfg.T, S=cfg.S, q_offset=cfg.q_offset,
+                                      head_dim=cfg.head_dim)
   B, Tp, Hq, D = q.shape
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   lay = cfg.layout(bq, bk)

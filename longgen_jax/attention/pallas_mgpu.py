@@ -1,0 +1,260 @@
+"""Block-sparse flash attention FORWARD for Hopper in Pallas Mosaic GPU (wgmma + TMA).
+
+Why a second forward: the Triton lowering caps the forward near 465 TFLOP/s (no warp
+specialisation, mma not wgmma); Mosaic GPU reaches FA3-style rates. The backward stays the
+Triton one in `pallas_gpu` (it only needs out + lse).
+
+One program = one (batch, query head, 128-row query tile): two compute warpgroups own 64 rows
+each and walk the same key-tile list; a third (memory) warpgroup reads the list and issues the
+TMA copies of the listed K/V tiles into a `stages`-deep SMEM ring. The lists come from
+`block_layout` with block_q = 128 and are reordered on the host so that the full tiles come
+first (`kv_table`): the kernel runs an unmasked loop over them, then a masked loop over the
+partial ones, so the pattern predicate is only evaluated on partial tiles and no per-step
+branch is needed (online softmax does not care about the order). The two compute warpgroups
+are offset by half a step (a shared "schedule" barrier) so that one's softmax overlaps the
+other's wgmma. GQA: query heads are the fastest grid axis, so the G heads of one kv head run
+side by side and share K/V tiles in L2; K/V are never repeated.
+
+Returns out [B,Tp,Hq,D] and the base-2 lse [B,Hq,Tp] (-inf for rows with no allowed key), the
+residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (multiples of
+64 compile too), no segment ids; `supported()` says when to use it. Mosaic GPU kernels do not
+run on CPU: host-side logic (`kv_table`, `supported`) is tested there, the kernel on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from longgen_jax.attention.spec import AttentionSpec, block_layout
+
+LOG2E = math.log2(math.e)
+HALF = 64            # query rows per compute warpgroup (one wgmma M tile)
+BLOCK_Q = 2 * HALF   # query rows per program
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuTiles:
+  """Key tile width and the depth of the K/V SMEM ring (2 x 128 x 128 fits with Q)."""
+
+  block_k: int = 128
+  stages: int = 2
+
+
+def default_mgpu_tiles(spec: AttentionSpec) -> MgpuTiles:
+  """Measured (H200): 128-key tiles for full/sink_window; 64 for block_sparse, whose strided
+  64-blocks would leave half of every 128-key tile masked (15.3 vs 9.5 ms fwd at 128K)."""
+  return MgpuTiles(64, 2) if spec.kind == "block_sparse" else MgpuTiles(128, 2)
+
+
+def is_hopper(device=None) -> bool:
+  device = device or jax.devices()[0]
+  return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
+  """Whether this kernel serves the call (else the Triton forward does)."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim == 128 and not has_segments and is_hopper(device))
+
+
+def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,
+             q_offset: int = 0) -> np.ndarray:
+  """int32[H', nq, 2 + width]: per (kv head, 128-row query tile) [count, n_full, tiles...].
+
+  Tiles are the layout's key tiles, full ones first (ascending), then partial ones
+  (ascending); slots past `count` repeat the last listed tile. H' is 1 unless the pattern
+  differs between kv heads.
+  """
+  lay = block_layout(spec, T, S, Hkv, BLOCK_Q, block_k, q_offset)
+  width = lay.kv_index.shape[-1]
+  valid = np.arange(width)[None, None, :] < lay.kv_count[..., None]
+  rank = np.where(valid, np.where(lay.kv_full, 0, 1), 2)     # full, partial, padding
+  order = np.argsort(rank, axis=-1, kind="stable")
+  index = np.take_along_axis(lay.kv_index, order, -1)
+  n_full = (lay.kv_full & valid).sum(-1).astype(np.int32)
+  head = np.concatenate([lay.kv_count[..., None], n_full[..., None]], -1)
+  return np.concatenate([head, index], -1).astype(np.int32)
+
+
+def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
+  """Pattern predicate on non-negative int32 positions (lax.div == floor division here)."""
+  ok = (k_pos <= q_pos) & (k_pos < S)
+  if spec.kind == "sink_window":
+    ok = ok & ((k_pos < spec.sink) | (q_pos - k_pos < spec.window))
+  elif spec.kind == "block_sparse":
+    b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
+    qb, kb = lax.div(q_pos, b), lax.div(k_pos, b)
+    phase = kv_head * spec.stride_shift(Hkv)
+    ok = ok & ((qb - kb < L) | (lax.rem(kb + phase, V) == 0))
+  return ok
+
+
+def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
+                 q_offset: int = 0, head_dim: int | None = None, tiles: MgpuTiles | None = None,
+                 interpret=None):
+  """out [B,Tp,Hq,D] and base-2 lse [B,Hq,Tp] for arrays padded past the true T, S.
+
+  T, S: true lengths (keys at or past S are masked; rows past T are computed as ordinary
+  rows and come out finite); Tp is the input's length, rounded up here to 128 if needed (the
+  extra rows are sliced off again). `head_dim`: the true head_dim (softmax scale) if the
+  arrays are zero-padded past it.
+  """
+  del T  # rows past T need no special case
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+
+  B, Tp_in, Hq, D = q_BTHD.shape
+  tiles = tiles or default_mgpu_tiles(spec)
+  Sp_in, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  G = Hq // Hkv
+  bk, stages = tiles.block_k, tiles.stages
+  scale = 1.0 / math.sqrt(head_dim or D)
+  dtype = q_BTHD.dtype
+  Tp = -(-Tp_in // BLOCK_Q) * BLOCK_Q
+  Sp = -(-max(Sp_in, S) // bk) * bk
+  q = jnp.pad(q_BTHD, ((0, 0), (0, Tp - Tp_in), (0, 0), (0, 0))) if Tp != Tp_in else q_BTHD
+  pad_k = ((0, 0), (0, Sp - Sp_in), (0, 0), (0, 0))
+  k = jnp.pad(k_BSKD, pad_k) if Sp != Sp_in else k_BSKD
+  v = jnp.pad(v_BSKD, pad_k) if Sp != Sp_in else v_BSKD
+  # The table spans every padded row (padding rows come out finite, as the backward needs);
+  # real rows see the same keys, tiles are only marked full where the predicate says so.
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)
+  nq = table.shape[1]
+  per_head = spec.head_dependent(Hkv)
+  c = scale * LOG2E
+
+  def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
+             k_bar, v_bar, q_bar, k_free, v_free, sched):
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
+    kv_head = lax.div(h, jnp.int32(G))
+    hl = kv_head if per_head else 0
+    count, n_full = tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
+
+    def schedule():
+      plgpu.barrier_arrive(sched)
+      plgpu.barrier_wait(sched)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+      q_base = qt * BLOCK_Q + wg * HALF
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, HALF), h], qo_smem, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      m = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      l = plgpu.layout_cast(jnp.full((HALF,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = plgpu.layout_cast(jnp.full((HALF, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      @pl.when(count > 0)
+      def _():
+        plgpu.barrier_wait(k_bar.at[0])
+
+      pl.when(wg == 1)(schedule)
+
+      def step(j, carry, masked: bool):
+        acc, m, l = carry
+        slot = lax.rem(j, jnp.int32(stages))
+
+        def qk_fn(acc_ref):
+          plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+          schedule()
+          return acc_ref[...]
+        s = pl.run_scoped(qk_fn, plgpu.ACC((HALF, bk), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        if masked:
+          kt = tab_ref[hl, qt, 2 + j]
+          q_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 0, layout=plgpu.Layout.WGMMA)
+          k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
+          ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
+          s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1) * c)
+        # A row with nothing allowed so far keeps m = -inf; exp2 against 0 keeps p = 0, no NaN.
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(m_use, s.shape, [0]))
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        plgpu.barrier_arrive(sched)           # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)             # tensor cores free
+
+        def pv_fn(acc_ref):
+          plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          nxt = j + 1
+
+          @pl.when(nxt < count)
+          def _():
+            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+        acc = pl.run_state(pv_fn)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l
+
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), (acc, m, l))
+      acc, m, l = lax.fori_loop(n_full, count, functools.partial(step, masked=True), carry)
+      pl.when(wg == 0)(schedule)
+
+      ok = l > 0.0
+      l_safe = jnp.where(ok, l, 1.0)
+      qo_smem[...] = (acc * lax.broadcast_in_dim(1.0 / l_safe, acc.shape, [0])).astype(dtype)
+      lse_smem[...] = jnp.where(ok, m + jnp.log(l_safe) * LOG2E, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, HALF), h])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, HALF)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(j, slot):
+        rows = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < count)(functools.partial(fetch, i, i))
+
+      @pl.loop(stages, jnp.maximum(count, stages))
+      def _(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        rows = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)    # read before the wait: hides latency
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  out, lse = plgpu.kernel(
+      longgen_flash_fwd_mgpu,
+      out_type=[jax.ShapeDtypeStruct((B, Tp, Hq, D), dtype),
+                jax.ShapeDtypeStruct((B, Hq, Tp), jnp.float32)],
+      scratch_types=[
+          plgpu.SMEM((2, HALF, D), dtype, transforms=transforms),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=transforms),
+          plgpu.SMEM((stages, bk, D), dtype, transforms=transforms),
+          plgpu.SMEM((2, HALF), jnp.float32),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2),
+      ],
+      grid=(Hq, nq, B),
+      grid_names=("h", "qt", "b"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(jnp.asarray(table), q, k, v)
+  return out[:, :Tp_in], lse[:, :, :Tp_in]
