@@ -14,3 +14,7 @@ def on_gpu() -> bool:
 
 
 gpu_only = pytest.mark.skipif(not on_gpu(), reason="needs an NVIDIA GPU (run on the device machine)")
+
+
+# float32 comparisons mean float32: GPUs would otherwise run float32 matmuls in TF32.
+jax.config.update("jax_default_matmul_precision", "highest")
