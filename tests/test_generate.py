@@ -63,6 +63,8 @@ def _teacher_forced(model, tokens, lengths, capacity, chunk_len, impl=None, kv_i
 
 @pytest.mark.parametrize("name,impl,chunk", [("gqa_mixed", "xla_blockwise", 8), ("mha_mixed", "cudnn", 16)])
 def test_decode_matches_full_forward(name, impl, chunk):
+  if impl == "cudnn" and jax.default_backend() == "gpu":
+    pytest.skip("cuDNN has no exact float32 attention; test_gpu_prefill_paths_match_forward covers it in bf16")
   model = _model(name)
   N = 80  # windows of 7-10 and local rings of 8 positions wrap ~7-10 times
   rng = np.random.RandomState(1)
