@@ -159,10 +159,11 @@ def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   if m.rope_theta > 0:
     changes["rope_theta"] = float(m.rope_theta)
   if m.vocab_size > 0 or m.vocab_size == -1:
-    if cfg.init_from and m.vocab_size != mc.vocab_size:
-      raise ValueError(f"config.model.vocab_size={m.vocab_size}: cannot change the vocabulary of "
-                       f"init_from's model ({mc.vocab_size} tokens)")
-    changes["vocab_size"] = tokenizer_vocab if m.vocab_size == -1 else m.vocab_size
+    vocab = tokenizer_vocab if m.vocab_size == -1 else m.vocab_size
+    if cfg.init_from and vocab != mc.vocab_size:
+      raise ValueError(f"config.model.vocab_size={m.vocab_size} ({vocab} tokens): cannot change the "
+                       f"vocabulary of init_from's model ({mc.vocab_size} tokens)")
+    changes["vocab_size"] = vocab
   mc = mc.replace(**changes)
   if mc.vocab_size < tokenizer_vocab:
     raise ValueError(f"model vocab_size {mc.vocab_size} is smaller than the tokenizer's {tokenizer_vocab}; "

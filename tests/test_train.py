@@ -168,3 +168,13 @@ def test_config_errors_are_clear(tmp_path):
   with pytest.raises(ValueError, match="vocab_size"):
     train_lib.build_model_config(tiny_config(**{"model.vocab_size": 100}), tokenizer_vocab=259)
   assert train_lib.build_model_config(tiny_config(**{"model.vocab_size": -1}), tokenizer_vocab=259).vocab_size == 259
+  # with init_from, vocab_size=-1 is fine when the tokenizer's vocabulary is the checkpoint's
+  from flax import nnx
+  from longgen_jax.config import preset
+  from longgen_jax.convert import save_model
+  from longgen_jax.model import Llama
+  save_model(Llama(preset("tiny", vocab_size=259), rngs=nnx.Rngs(0)), tmp_path / "v259")
+  cont = tiny_config(init_from=str(tmp_path / "v259"), **{"model.vocab_size": -1})
+  assert train_lib.build_model_config(cont, tokenizer_vocab=259).vocab_size == 259
+  with pytest.raises(ValueError, match="cannot change the vocabulary"):
+    train_lib.build_model_config(cont, tokenizer_vocab=300)
