@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from longgen_jax.config import ModelConfig, parse_spec, preset
+from longgen_jax.config import PRESETS, ModelConfig, parse_spec, preset
 from longgen_jax.model import Llama
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -126,8 +126,7 @@ def validate_config(cfg) -> None:
   need(chunk <= 0 or chunk >= cfg.seq_len or cfg.seq_len % chunk == 0, "loss_chunk",
        f"must divide seq_len={cfg.seq_len} (or be 0 for no chunking)")
   if not cfg.init_from:
-    need(cfg.model.preset.removesuffix("_full") in ("tiny", "llama2_7b", "llama2_70b"), "model.preset",
-         "unknown preset; choose tiny, llama2_7b, llama2_70b (or with _full)")
+    need(cfg.model.preset in PRESETS, "model.preset", f"unknown preset; choose from {list(PRESETS)}")
   elif not os.path.exists(cfg.init_from) and "://" not in cfg.init_from:
     need(False, "init_from", "no such directory")
 
@@ -585,8 +584,12 @@ def _warn_config_changes(saved: dict, now: dict):
       out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
   a, b = flat(saved), flat(now)
+  safe = _RESUME_SAFE
+  if not b.get("train.optim.decay_steps") and b.get("train.optim.schedule") != "constant":
+    # the lr decays over total_steps, so changing it changes every later step's lr
+    safe = safe - {"total_steps"}
   changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)
-                   and k.removeprefix("train.") not in _RESUME_SAFE)
+                   and k.removeprefix("train.") not in safe)
   if changed:
     _log(f"WARNING: resuming with changed settings {changed}; the run will not match an uninterrupted one")
 
