@@ -330,13 +330,16 @@ def state_shardings(abstract_state, mesh):
           "opt_state": sharding.fsdp_shardings(abstract_state["opt_state"], mesh)}
 
 
+def new_train_state(params, optimizer: optax.GradientTransformation) -> dict:
+  """{"step": 0, "params", "opt_state"}: the pytree the train step updates and checkpoints hold."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+
 def init_state(cfg, mc: ModelConfig, optimizer, shardings) -> dict:
   """Fresh train state laid out by `shardings`: random init, or weights from cfg.init_from."""
-  def with_opt(params):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+  with_opt = lambda params: new_train_state(params, optimizer)
   if not cfg.init_from:
-    def make():
-      return with_opt(nnx.to_pure_dict(nnx.state(_new_model(mc, cfg.model, cfg.seed))))
+    make = lambda: with_opt(nnx.to_pure_dict(nnx.state(_new_model(mc, cfg.model, cfg.seed))))
     return jax.jit(make, out_shardings=shardings)()
   from longgen_jax.convert import load_pretrained
   model = load_pretrained(cfg.init_from, dtype=DTYPES[cfg.model.compute_dtype],
@@ -411,9 +414,10 @@ def train(cfg, workdir: str) -> list[dict]:
 
   optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
   graphdef, abstract_params = abstract_model(mc, cfg.model)
-  abstract_state = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
-                                             "opt_state": optimizer.init(p)}, abstract_params)
-  state_sh = state_shardings(abstract_state, mesh)
+  shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
+  state_sh = state_shardings(shapes, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                shapes, state_sh)  # shapes with shardings: restore and compile targets
   resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
@@ -421,9 +425,7 @@ def train(cfg, workdir: str) -> list[dict]:
   start = ckpt.latest_step()
   if start is not None:
     _warn_config_changes(ckpt.restore_config(start), resolved)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, state_sh)
-    state = ckpt.restore(start, target, train_iter)
+    state = ckpt.restore(start, abstract_state, train_iter)
     _log(f"resumed from step {start} in {ckpt.directory}")
   else:
     start = 0
@@ -455,8 +457,7 @@ def train(cfg, workdir: str) -> list[dict]:
   t0 = time.perf_counter()
   abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
                     for k, dt in _batch_dtypes().items()}
-  step_fn = step_fn.lower(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                       abstract_state, state_sh), abstract_batch).compile()
+  step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
   _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
 
   records, window = [], []
