@@ -480,14 +480,16 @@ def train(cfg, workdir: str) -> list[dict]:
       window.append(dt)
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}")
-      if step % cfg.log_every == 0 or step == cfg.total_steps:
+      evaluating = bool(eval_ds is not None and cfg.eval_every
+                        and (step % cfg.eval_every == 0 or step == cfg.total_steps))
+      if step % cfg.log_every == 0 or step == cfg.total_steps or evaluating:
         step_time = float(np.mean(window))
         rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": float(m["lr"]),
                "tokens": int(m["tokens"]), "step_time_s": step_time,
                "tokens_per_s": tokens_per_step / step_time,
                "mfu": flops_per_step / step_time / peak if peak else None}
         window = []
-        if eval_ds is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+        if evaluating:
           rec["eval_loss"] = evaluate(eval_fn, state["params"], eval_ds, cfg.eval_batches, to_device)
           bar.write(f"step {step}: loss {loss:.4f}, eval loss {rec['eval_loss']:.4f}")
         writer.write(rec)

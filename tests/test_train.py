@@ -178,3 +178,9 @@ def test_config_errors_are_clear(tmp_path):
   assert train_lib.build_model_config(cont, tokenizer_vocab=259).vocab_size == 259
   with pytest.raises(ValueError, match="cannot change the vocabulary"):
     train_lib.build_model_config(cont, tokenizer_vocab=300)
+
+
+def test_eval_runs_on_its_own_schedule_not_only_on_log_steps(tmp_path):
+  records = train_lib.train(tiny_config(total_steps=6, log_every=4, eval_every=3), str(tmp_path / "run"))
+  assert [r["step"] for r in records] == [3, 4, 6]
+  assert ["eval_loss" in r for r in records] == [True, False, True]
