@@ -43,8 +43,7 @@ from flax import nnx
 
 from longgen_jax.convert import ConversionError, load_config, load_pretrained
 from longgen_jax.data_sources import FILLER, PASSKEY_FACT, PASSKEY_QUESTION, open_source
-from longgen_jax.generate import resolve_tokenizer
-from longgen_jax.generate import generate
+from longgen_jax.generate import generate, resolve_tokenizer
 from longgen_jax.inference import PREFILL_IMPLS
 from longgen_jax.train import chunked_xent
 
@@ -104,6 +103,11 @@ def passkey_key(seed: int, length: int, depth: float, sample: int) -> str:
   return str(rng.integers(10000, 100000))
 
 
+def _answer_tokens(tok) -> int:
+  """Tokens generated per prompt: a 5-digit answer plus room to see a wrong extra digit."""
+  return len(tok.encode(" 99999")) + 2
+
+
 def score_answer(text: str, key: str) -> bool:
   """Exact match of the first run of digits in the generated text (leading spaces allowed)."""
   m = re.match(r"\s*(\d+)", text)
@@ -116,7 +120,7 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
   """Accuracy of greedy pass-key retrieval per (length, depth) cell; see the module docstring."""
   from tqdm import tqdm
   check_passkey_args(model.config, tok, lengths, depths, samples, batch_size)
-  max_new = len(tok.encode(" 99999")) + 2  # room to see a wrong extra digit
+  max_new = _answer_tokens(tok)
   acc = np.zeros((len(lengths), len(depths)))
   cells = []
   bar = tqdm(total=len(lengths) * len(depths), desc="passkey", unit="cell",
@@ -156,7 +160,7 @@ def check_passkey_args(cfg, tok, lengths, depths, samples, batch_size):
     raise EvalError(f"depths must be in [0, 1], got {bad}")
   _check_vocab(cfg, tok.vocab_size - 1)
   max_len = cfg.max_seq_len
-  too_long = [n for n in lengths if n + len(tok.encode(" 99999")) + 2 > max_len]
+  too_long = [n for n in lengths if n + _answer_tokens(tok) > max_len]
   if too_long:
     raise EvalError(f"length {too_long[0]} plus the answer exceeds the model's max_seq_len {max_len}; "
                     "evaluate shorter lengths or raise it with --max-seq-len")
