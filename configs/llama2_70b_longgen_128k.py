@@ -1,9 +1,9 @@
 """LongGen on Llama-2-70B at 128K: 30 full layers in the middle, 50 sink_window(64,1984) layers.
 
 Needs many accelerators (e.g. 64 H100s or a TPU v5p-128): parameters and AdamW state are sharded
-over the fsdp axis; launch one process per host (see launch/). One 128K-token sequence of 70B
-activations does not fit one device even with remat, so this also needs the sequence axis
-(context parallelism: mesh.sequence > 1) from the distributed work.
+over the fsdp axis; run one process per host (`python -m longgen_jax.train --distributed ...`).
+One 128K-token sequence of 70B activations does not fit one device even with remat, so this also
+needs the sequence axis (context parallelism: mesh.sequence > 1) from the distributed work.
 """
 
 import importlib.util

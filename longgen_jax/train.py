@@ -605,6 +605,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  if flags.FLAGS.distributed:  # before anything touches a device
+    jax.distributed.initialize()
   cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   try:
     train(cfg, workdir)
@@ -619,6 +621,8 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard events, config.json")
+  flags.DEFINE_bool("distributed", False, "one process per host: call jax.distributed.initialize() first "
+                    "(finds the other hosts on TPU pods, SLURM and Open MPI)")
   flags.mark_flags_as_required(["config", "workdir"])
 
 
