@@ -120,6 +120,43 @@ def test_interpret_split_dkv_lists(spec):
          interpret=True)
 
 
+def test_interpret_segments_with_offset_and_group_8():
+  """Segment ids together with q_offset (queries = the last T of S keys) and GQA group 8:
+  segment ids must be applied on tiles the layout marks full, too."""
+  T, S = 24, 72
+  seg = np.zeros((1, S), np.int32)
+  seg[:, 30:] = 1
+  seg[:, 60:] = 2
+  q_seg = seg[:, S - T:].copy()
+  q_seg[0, 2] = 9   # a row with no allowed key
+  _check(FULL, 1, T, S, 8, 1, 16, q_offset=S - T, segments=(jnp.asarray(q_seg), jnp.asarray(seg)),
+         block_q=16, block_k=16, interpret=True)
+
+
+def test_interpret_whole_query_tiles_without_keys():
+  """sink 0: queries more than `window` past the last key see nothing, so whole query tiles
+  have an empty list (count 0): zero output, lse -inf, zero gradients."""
+  _check(AttentionSpec.sink_window(0, 8), 1, 40, 20, 2, 1, 16, q_offset=20, block_q=16,
+         block_k=16, interpret=True)
+
+
+@pytest.mark.parametrize("spec", [AttentionSpec.block_sparse(12, 1, 3),
+                                  AttentionSpec.block_sparse(8, 2, 4, homo_head=True)], ids=str)
+def test_interpret_pattern_blocks_unaligned_and_homo(spec):
+  """Pattern blocks that straddle kernel tiles (12 vs 16), and homo_head with several kv heads."""
+  _check(spec, 1, 56, 56, 4, 2, 16, block_q=16, block_k=16, interpret=True)
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: the Triton forward only writes "
+                   "ceil(T / block_q) query tiles, but T is padded to the largest block_q of the "
+                   "three kernels; a dK/dV (or dQ) tile that reaches past the forward's last tile "
+                   "reads unwritten out/lse rows (NaN in interpret mode, garbage on GPU)")
+def test_interpret_forward_tile_smaller_than_backward_tile():
+  tiles = Tiles(block_q=16, block_k=16, block_q_dq=16, block_k_dq=16, block_q_dkv=32,
+                block_k_dkv=16)
+  _check(FULL, 1, 10, 10, 2, 1, 16, tiles=tiles, interpret=True)
+
+
 def test_bad_tiles_raise():
   q = jnp.zeros((1, 16, 1, 16))
   with pytest.raises(ValueError, match="power of two"):
