@@ -45,10 +45,10 @@ def _parts(layout: CacheLayout, cache, q_pos_BT, last_B, extra=None):
   return parts
 
 
-def _attn_block(block, x_BTE, q_fn):
-  """Residual block with the attention core supplied by q_fn(q, k, v) -> (out, aux)."""
+def _attn_block(block, x_BTE, core):
+  """Residual block whose attention is core(normed hidden) -> (attention output, aux)."""
   h = block.input_layernorm(x_BTE)
-  o, aux = q_fn(h)
+  o, aux = core(h)
   x = x_BTE + block.self_attn.out(o)
   return x + block.mlp(block.post_attention_layernorm(x)), aux
 
@@ -87,7 +87,7 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
   pos_BT = jnp.broadcast_to(c0 + jnp.arange(T), (B, T))
   valid_BT = pos_BT < lengths_B[:, None]
   start_B = jnp.full((B,), c0, jnp.int32)
-  attn_impl = sparse or sparse_impl(impl)
+  sparse_attn = sparse or sparse_impl(impl)
 
   def core(h):
     q, k, v = block.self_attn.qkv(h, pos_BT)
@@ -97,11 +97,11 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
         kc, vc = _cache_kv(layout, new_cache, q.dtype, None)
         return _full_prefix_cudnn(q, kc, vc, c0, k, v), new_cache
       kc, vc = _cache_kv(layout, new_cache, q.dtype, static_c0 + T)
-      return attention(q, kc, vc, spec, impl=attn_impl, q_offset=static_c0), new_cache
+      return attention(q, kc, vc, spec, impl=impl, q_offset=static_c0), new_cache
     if spec.kind == "sink_window":
       if static_c0 == 0:  # first chunk: only itself
-        return attention(q, k, v, spec, impl=attn_impl), new_cache
-      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, attn_impl), new_cache
+        return attention(q, k, v, spec, impl=sparse_attn), new_cache
+      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, sparse_attn), new_cache
     K = layout.num_kv_heads
     pos_BKT = jnp.broadcast_to(pos_BT[:, None], (B, K, T))
     extra = (k, v, slot_mask(spec, pos_BT, pos_BKT, jnp.ones((B, K, T), bool)), None, None)
@@ -181,8 +181,9 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
             attn_impl: str | None = None, sparse_attn_impl: str | None = None):
   """Runs right-padded prompts through the model in chunks, filling `caches` (donated).
 
-  attn_impl (default: the model's) serves every layer; "cudnn" sends full layers to cuDNN and
-  sparse layers to `sparse_attn_impl` (default: Pallas where registered, else xla_blockwise).
+  attn_impl (default: the model's) serves the full layers ("cudnn": cuDNN); sink_window layers
+  use `sparse_attn_impl`, by default attn_impl itself, or with "cudnn" the Pallas kernel where one
+  is registered, else xla_blockwise. block_sparse layers always use the masked XLA path.
 
   Returns (caches, logits [B, V] at each sequence's last prompt token).
   """
