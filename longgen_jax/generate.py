@@ -114,16 +114,30 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                     stop_tokens: Sequence[int] = (), seed: int = 0, chunk_len: int = 2048,
                     kv_int8: bool = False, attn_impl: str | None = None, cache_dtype=None,
                     pad_id: int = 0, stream_every: int = 16) -> Iterator[np.ndarray]:
-  """Yields int32 [B, n] blocks of new tokens (pad_id after a sequence's stop token)."""
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  """Yields int32 [B, n] blocks of new tokens (pad_id after a sequence's stop token).
+
+  Arguments are checked on the call; prefill starts at the first next().
+  """
+  if max_new_tokens < 1 or stream_every < 1:
+    raise ValueError(f"max_new_tokens and stream_every must be >= 1, got {max_new_tokens} and {stream_every}")
   sampling = Sampling(temperature, top_k, top_p, tuple(int(t) for t in stop_tokens), pad_id)
   tokens, lengths = pad_prompts(prompts, pad_id)
+  vocab = model.config.vocab_size
+  real = tokens[np.arange(tokens.shape[1]) < lengths[:, None]]
+  if real.min() < 0 or real.max() >= vocab:
+    bad = real.min() if real.min() < 0 else real.max()
+    raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
   capacity = tokens.shape[1] + max_new_tokens
   if capacity > model.config.max_seq_len:
     print(f"warning: prompt + new tokens ({capacity}) exceeds the model's max_seq_len "
           f"({model.config.max_seq_len})", file=sys.stderr)
   layouts = cache_layouts(model.config, capacity, kv_int8)
+  return _blocks(model, layouts, tokens, lengths, sampling, max_new_tokens, stream_every, seed=seed,
+                 chunk_len=chunk_len, attn_impl=attn_impl, cache_dtype=cache_dtype)
+
+
+def _blocks(model, layouts, tokens, lengths, sampling: Sampling, max_new_tokens: int, stream_every: int,
+            *, seed, chunk_len, attn_impl, cache_dtype) -> Iterator[np.ndarray]:
   caches = init_cache(layouts, len(lengths), cache_dtype or model.dtype)
   caches, logits = inference.prefill(model, layouts, caches, tokens, lengths, chunk_len=chunk_len,
                                      attn_impl=attn_impl)
@@ -225,8 +239,6 @@ def main(argv=None):
   text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
   ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
   model = _load_model(args)
-  if max(ids, default=0) >= model.config.vocab_size:
-    raise ValueError(f"tokenizer produced id {max(ids)} >= the model's vocab_size {model.config.vocab_size}")
   stops = args.stop_token if args.stop_token is not None else [int(tok.eos_id)]
   capacity = len(ids) + args.max_new_tokens
   print(describe_cache(model.config, capacity, 1, dtype=model.dtype, kv_int8=args.kv_int8), file=sys.stderr)

@@ -148,6 +148,16 @@ def test_chunk_len_shorter_than_sink_is_rejected():
     generate(model, [list(range(3, 20))], max_new_tokens=2, chunk_len=2)
 
 
+def test_bad_arguments_raise_on_the_call():
+  model = _model("gqa_mixed")
+  with pytest.raises(ValueError, match="stream_every"):
+    generate_stream(model, [[3, 4]], stream_every=0)  # would never advance
+  with pytest.raises(ValueError, match="token id 512 is outside the model's vocabulary"):
+    generate_stream(model, [[3, 4], [512]])
+  with pytest.raises(ValueError, match="token id -1"):
+    generate(model, [[3, -1]])
+
+
 def test_cli_streams_and_prints_cache_size(capsys):
   main(["--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6", "--dtype", "float32",
         "--stop-token", "-1", "--stream-every", "2"])
