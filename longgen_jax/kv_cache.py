@@ -56,8 +56,8 @@ class CacheLayout:
     s = self.spec
     if s.kind == "sink_window":  # positions >= sink only: never more than capacity - sink
       return max(1, min(s.window, self.capacity - self.sink_len))
-    if s.kind == "block_sparse":
-      return min(s.local_blocks, self.num_blocks) * s.block_size
+    if s.kind == "block_sparse":  # the local blocks hold at most L*b positions, and never more than capacity
+      return min(s.local_blocks * s.block_size, self.capacity)
     return 0
 
   @property

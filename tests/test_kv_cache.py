@@ -101,5 +101,6 @@ def test_llama2_7b_longgen_saving_at_128k():
 def test_capacity_and_int8_errors():
   with pytest.raises(ValueError, match="capacity"):
     CacheLayout(AttentionSpec.full(), 0, 1, 2)
+  assert CacheLayout(AttentionSpec.block_sparse(4, 2, 3), 5, 1, 2).ring_len == 5  # capped, not 8
   with pytest.raises(ValueError, match="full layers"):
     CacheLayout(AttentionSpec.sink_window(1, 2), 8, 1, 2, kv_int8=True)
