@@ -501,9 +501,8 @@ def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, shard_
     raise ConversionError(f"{ckpt_dir} is not a longgen_jax checkpoint (missing config.json or params/)")
   cfg = checkpoint_io.read_config(ckpt_dir)
   stored = checkpoint_io.param_metadata(ckpt_dir)
+  _check_stored(ckpt_dir, stored, abstract_params(cfg))
   plan = _plan(cfg)
-  _check_stored(ckpt_dir, stored, {e.path: jax.ShapeDtypeStruct(e.hf_shape[::-1] if e.transpose else e.hf_shape,
-                                                                 np.float32) for e in plan.values()})
   if dtype is None:
     kinds = {np.dtype(a.dtype) for a in stored.values()}
     out_dtype = kinds.pop() if len(kinds) == 1 else DTYPES["float32"]
