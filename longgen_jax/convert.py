@@ -69,6 +69,9 @@ def resolve_pattern(pattern: str, num_layers: int, *, sparse: str | AttentionSpe
   layer count. Otherwise one spec for every layer ("sink_window(64,1984)") or one per layer
   separated by ';' ("full;sink_window(4,28);full").
   """
+  if pattern != "longgen" and (num_full is not None or (sparse is not None and pattern not in PRESETS)):
+    raise ConversionError(f"--num-full applies to --pattern longgen and --sparse to longgen or a preset, "
+                          f"not to pattern {pattern!r}")
   try:
     if pattern == "full":
       return (AttentionSpec.full(),) * num_layers

@@ -152,6 +152,10 @@ def test_pattern_options(hf, tmp_path):
   with pytest.raises(ConversionError, match="already exists"):
     convert.hf_to_jax(single, tmp_path / "a")
   assert convert.resolve_pattern("longgen", 32).count(AttentionSpec.full()) == 12
+  with pytest.raises(ConversionError, match="not to pattern 'full'"):  # not silently ignored
+    convert.resolve_pattern("full", 3, sparse="sink_window(2,6)")
+  with pytest.raises(ConversionError, match="not to pattern 'tiny'"):
+    convert.resolve_pattern("tiny", 3, num_full=1)
 
 
 def test_load_pretrained_overrides(hf, tmp_path):
