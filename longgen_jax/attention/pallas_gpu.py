@@ -99,7 +99,9 @@ class _Cfg:
     return self.spec.head_dependent(self.Hkv)
 
   def layout(self, bq: int, bk: int):
-    return block_layout(self.spec, self.T, self.S, self.Hkv, bq, bk, self.q_offset)
+    # Over the padded query length: padded rows (zero q, zero dO) are ordinary rows, so every
+    # kernel's tiles cover all Tp rows and no backward tile reads an unwritten out/lse row.
+    return block_layout(self.spec, self.Tp, self.S, self.Hkv, bq, bk, self.q_offset)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -190,12 +192,7 @@ def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: 
 
 
 def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
-  """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows).
-
-  The Triton forward writes only the first ceil(T / block_q) query tiles; rows past them
-  (when block_q < block_q_dq or block_q_dkv) are left unwritten, and a backward tile that
-  reaches them reads garbage (known bug, xfail test in tests/test_pallas_gpu.py).
-  """
+  """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows)."""
   if cfg.tiles.forward == "auto" and not cfg.interpret and cfg.head_dim == q.shape[-1]:
     from longgen_jax.attention import pallas_mgpu
     if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg):
