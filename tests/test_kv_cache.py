@@ -104,3 +104,17 @@ def test_capacity_and_int8_errors():
   assert CacheLayout(AttentionSpec.block_sparse(4, 2, 3), 5, 1, 2).ring_len == 5  # capped, not 8
   with pytest.raises(ValueError, match="full layers"):
     CacheLayout(AttentionSpec.sink_window(1, 2), 8, 1, 2, kv_int8=True)
+
+
+def test_cached_attention_query_tiles_cover_any_length():
+  from longgen_jax.attention.decode import cached_attention
+  rng = np.random.default_rng(7)
+  B, T, Hq, K, D, N = 2, 37, 4, 2, 8, 50
+  q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, N, K, D)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((B, N, K, D)), jnp.float32)
+  mask = jnp.asarray(rng.random((B, K, T, N)) < 0.5).at[0, :, 3].set(False)  # one empty row
+  whole = cached_attention(q, [(k, v, mask, None, None)], q_tile=64)
+  tiled = cached_attention(q, [(k, v, mask, None, None)], q_tile=8)  # 37 = 4 x 8 + 5
+  np.testing.assert_allclose(tiled, whole, atol=1e-6, rtol=0)
+  assert np.all(np.asarray(tiled)[0, 3] == 0)

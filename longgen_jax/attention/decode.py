@@ -40,19 +40,22 @@ def cached_attention(q_BTHD, parts: Sequence[tuple], *, q_tile: int = 256):
   k_scale [B,N,K] or None, v_scale or None). Rows with no allowed slot return zeros.
   """
   B, T, Hq, D = q_BTHD.shape
-  if T > q_tile and T % q_tile == 0:
-    n = T // q_tile
-    q_n = q_BTHD.reshape(B, n, q_tile, Hq, D).swapaxes(0, 1)
-    masks_n = [m.reshape(m.shape[:2] + (n, q_tile, m.shape[-1])).transpose(2, 0, 1, 3, 4)
-               for _, _, m, _, _ in parts]
+  if T <= q_tile:
+    return _attend(q_BTHD, parts)
+  # Query tiles bound the score memory; padded rows attend nothing and are cut off.
+  n = -(-T // q_tile)
+  pad = n * q_tile - T
+  q_n = jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, q_tile, Hq, D).swapaxes(0, 1)
+  masks_n = [jnp.pad(m, ((0, 0), (0, 0), (0, pad), (0, 0)))
+             .reshape(m.shape[:2] + (n, q_tile, m.shape[-1])).transpose(2, 0, 1, 3, 4)
+             for _, _, m, _, _ in parts]
 
-    def one_tile(args):
-      q, masks = args
-      return _attend(q, [(k, v, m, ks, vs) for (k, v, _, ks, vs), m in zip(parts, masks)])
+  def one_tile(args):
+    q, masks = args
+    return _attend(q, [(k, v, m, ks, vs) for (k, v, _, ks, vs), m in zip(parts, masks)])
 
-    out = jax.lax.map(one_tile, (q_n, masks_n))
-    return out.swapaxes(0, 1).reshape(B, T, Hq, D)
-  return _attend(q_BTHD, parts)
+  out = jax.lax.map(one_tile, (q_n, masks_n))
+  return out.swapaxes(0, 1).reshape(B, n * q_tile, Hq, D)[:, :T]
 
 
 def _attend(q_BTHD, parts):
