@@ -27,8 +27,8 @@ import numpy as np
 
 from longgen_jax.attention import available_impls, register_impl
 from longgen_jax.config import preset
-from longgen_jax.train import (abstract_model, make_loss_fn, make_optimizer, make_train_step, peak_tflops,
-                               train_flops_per_token, _new_model)
+from longgen_jax.train import (abstract_model, make_loss_fn, make_optimizer, make_train_step, new_train_state,
+                               peak_tflops, train_flops_per_token, _new_model)
 from flax import nnx
 
 
@@ -58,16 +58,15 @@ def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: i
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 1000)
   graphdef, _ = abstract_model(mc, mcfg)
-  init = jax.jit(lambda: (lambda p: {"step": jnp.zeros((), jnp.int32), "params": p,
-                                     "opt_state": optimizer.init(p)})(
-      nnx.to_pure_dict(nnx.state(_new_model(mc, mcfg, seed=0)))))
+  init = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(_new_model(mc, mcfg, seed=0))),
+                                          optimizer))
   state = init()
   loss_fn = make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=False)
   step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, mc.vocab_size, (1, 1, seq_len + 1), dtype=np.int32)
   batch = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
-           "positions": jnp.zeros((1, 1, seq_len), jnp.int32), "segment_ids": jnp.ones((1, 1, seq_len), jnp.int32),
+           "positions": jnp.arange(seq_len, dtype=jnp.int32)[None, None], "segment_ids": jnp.ones((1, 1, seq_len), jnp.int32),
            "loss_mask": jnp.ones((1, 1, seq_len), jnp.float32)}
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
