@@ -6,17 +6,15 @@ One 128K-token sequence of 70B activations does not fit one device even with rem
 needs the sequence axis (context parallelism: mesh.sequence > 1) from the distributed work.
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    "llama2_7b_longgen_128k", os.path.join(os.path.dirname(__file__), "llama2_7b_longgen_128k.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
+from longgen_jax.train import load_config_file
+
+_LONGGEN_7B = os.path.join(os.path.dirname(__file__), "llama2_7b_longgen_128k.py")
 
 
 def get_config():
-  c = _base.get_config()
+  c = load_config_file(_LONGGEN_7B)
   c.init_from = "checkpoints/llama2-70b"
   c.data.tokenizer = "checkpoints/llama2-70b-hf"
   c.model.preset = "llama2_70b"

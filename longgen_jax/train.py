@@ -38,6 +38,17 @@ class TrainingDiverged(RuntimeError):
 # ----------------------------------------------------------------------------- config
 
 
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file (configs/*.py are files, not a package)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  if spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key a config may set; configs/*.py start from this and change what they need."""
   import ml_collections

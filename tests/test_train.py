@@ -1,6 +1,5 @@
 """Training end to end on CPU: loss falls, exact resume, SIGKILL-then-resume, NaN stop, config errors."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -30,10 +29,7 @@ def _compile_cache():
 
 
 def tiny_config(**changes):
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config()
+  cfg = train_lib.load_config_file(TINY)
   cfg.data.synthetic.num_docs, cfg.data.synthetic.max_chars, cfg.data.eval_docs = 200, 600, 8
   for k, v in {**OVERRIDES, **changes}.items():
     node = cfg
