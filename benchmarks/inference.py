@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longgen_jax import inference
+from longgen_jax.model import inference
 from longgen_jax.attention import available_impls
-from longgen_jax.config import preset
-from longgen_jax.generate import LoopState, Sampling, decode_loop
-from longgen_jax.kv_cache import cache_layouts, init_cache, kv_cache_bytes
-from longgen_jax.model import Llama
+from longgen_jax.model.config import preset
+from longgen_jax.model.generation import LoopState, Sampling, decode_loop
+from longgen_jax.model.kv_cache import cache_layouts, init_cache, kv_cache_bytes
+from longgen_jax.model.llama import Llama
 
 GiB = 1 << 30
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longgen_jax.attention import available_impls, register_impl
-from longgen_jax.config import preset
+from longgen_jax.model.config import preset
 from longgen_jax.train import (abstract_model, make_loss_fn, make_optimizer, make_train_step, new_train_state,
                                peak_tflops, train_flops_per_token, _new_model)
 from flax import nnx

@@ -2,7 +2,7 @@
 
 import os
 
-from longgen_jax.train import load_config_file
+from longgen_jax.training import load_config_file
 
 _LONGGEN_7B = os.path.join(os.path.dirname(__file__), "llama2_7b_longgen_128k.py")
 

@@ -8,7 +8,7 @@ Continual pretraining from converted Hugging Face weights (see docs/training.md)
 ~5B tokens: 8 sequences x 128K tokens x 5000 steps (the paper's budget).
 """
 
-from longgen_jax.train import default_config
+from longgen_jax.training import default_config
 
 
 def get_config():

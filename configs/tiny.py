@@ -3,7 +3,7 @@
 python -m longgen_jax.train --config=configs/tiny.py --workdir=workdir/tiny
 """
 
-from longgen_jax.train import default_config
+from longgen_jax.training import default_config
 
 
 def get_config():

@@ -1,20 +1,16 @@
-"""longgen_jax: LongGen (sparse-hybrid long-context Llama) in JAX/Flax."""
+"""longgen_jax: LongGen (sparse-hybrid long-context Llama) in JAX/Flax.
 
-from longgen_jax.attention import AttentionSpec, attention, block_layout, dense_mask
-from longgen_jax.config import ModelConfig, layer_pattern, parse_spec, preset
-from longgen_jax.model import Llama
+Rooms, bottom to top: `attention` (patterns, kernels, dispatch) <- `model` (config, Llama, KV
+caches, generation) <- `parallel`, `data`, `weights`, `training`, `evaluation`; the CLIs
+(`train`, `convert`, `sample`, `evaluate`) sit on top and nothing imports them.
+"""
+
+from longgen_jax.attention import AttentionSpec, attention, block_layout, dense_mask, parse_spec
+from longgen_jax.model.config import ModelConfig, layer_pattern, preset
+from longgen_jax.model.generation import generate
+from longgen_jax.model.kv_cache import kv_cache_bytes
+from longgen_jax.model.llama import Llama
+from longgen_jax.weights.pretrained import load_pretrained
 
 __all__ = ["AttentionSpec", "Llama", "ModelConfig", "attention", "block_layout", "dense_mask",
            "generate", "kv_cache_bytes", "layer_pattern", "load_pretrained", "parse_spec", "preset"]
-
-_LAZY = {"load_pretrained": "longgen_jax.convert", "generate": "longgen_jax.generate",
-         "kv_cache_bytes": "longgen_jax.kv_cache"}
-
-
-def __getattr__(name):  # heavy or optional modules load on first use
-  if name in _LAZY:
-    import importlib
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value  # importing the submodule bound the module here; rebind the function
-    return value
-  raise AttributeError(f"module 'longgen_jax' has no attribute {name!r}")

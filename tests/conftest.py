@@ -9,6 +9,13 @@ def rel_err(x, ref) -> float:
   return float(np.linalg.norm((x - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-30))
 
 
+def run_model(model, tokens_BT, **kw):
+  """Logits of whole sequences at positions 0..T-1."""
+  from longgen_jax.model.llama import sequence_positions
+  tokens_BT = jax.numpy.asarray(tokens_BT)
+  return model(tokens_BT, sequence_positions(tokens_BT), **kw)
+
+
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 

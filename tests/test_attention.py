@@ -7,6 +7,7 @@ import pytest
 
 from conftest import rel_err
 from longgen_jax import AttentionSpec, attention
+from longgen_jax.attention import SegmentIds
 from longgen_jax.attention.spec import allowed
 
 SPECS = [AttentionSpec.full(), AttentionSpec.sink_window(3, 9), AttentionSpec.block_sparse(8, 2, 3),
@@ -53,7 +54,7 @@ def test_matches_float64_loop(impl, spec):
                                                (7, 30, 23, 4, 1, seg_q, seg_k),
                                                (7, 30, 23, 8, 8, None, None)]:
     q, k, v = _inputs(rng, 2, T, S, Hq, Hkv)
-    seg_ids = None if seg_q_ is None else (jnp.asarray(seg_q_), jnp.asarray(seg_k_))
+    seg_ids = None if seg_q_ is None else SegmentIds(jnp.asarray(seg_q_), jnp.asarray(seg_k_))
     out, lse = attention(q, k, v, spec, impl=impl, q_offset=off, return_lse=True, segment_ids=seg_ids)
     ref_out, ref_lse = float64_attention(q, k, v, spec, off, seg_q_, seg_k_)
     assert rel_err(out, ref_out) < 1e-5
@@ -124,8 +125,10 @@ def test_dispatch_errors_are_clear():
   if jax.default_backend() == "cpu":
     with pytest.raises(ValueError, match="needs a GPU or TPU"):
       attention(q, k, k, AttentionSpec.full(), impl="pallas")
-  with pytest.raises(ValueError, match="segment ids"):
-    attention(q, k, k, AttentionSpec.full(), segment_ids=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match="segment ids must be"):
+    attention(q, k, k, AttentionSpec.full(), segment_ids=SegmentIds(jnp.zeros((1, 7), jnp.int32), jnp.zeros((1, 7), jnp.int32)))
+  with pytest.raises(TypeError, match="SegmentIds"):  # one typed form for separate ids
+    attention(q, k, k, AttentionSpec.full(), segment_ids=(q[..., 0, 0], k[..., 0, 0]))
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla_blockwise"])
@@ -135,7 +138,7 @@ def test_empty_rows_have_finite_gradients(impl):
   seg_k = jnp.zeros((1, 12), jnp.int32)
   seg_q = jnp.asarray([[0, 1, 0, 1, 0]])  # queries 1 and 3 have no key in their segment
   _, lse, grads = _loss_and_grads(impl, AttentionSpec.sink_window(2, 4), q, k, v,
-                                  q_offset=7, segment_ids=(seg_q, seg_k))
+                                  q_offset=7, segment_ids=SegmentIds(seg_q, seg_k))
   assert np.isneginf(np.asarray(lse)[0, :, [1, 3]]).all()
   for g in grads:
     assert np.isfinite(np.asarray(g)).all()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from longgen_jax.checkpoint import Checkpointer
+from longgen_jax.training.checkpoint import Checkpointer
 
 
 def _state(x):

@@ -1,7 +1,7 @@
 import pytest
 
 from longgen_jax import AttentionSpec, ModelConfig, layer_pattern, parse_spec, preset
-from longgen_jax.config import PRESETS
+from longgen_jax.model.config import PRESETS
 
 F, S = AttentionSpec.full(), AttentionSpec.sink_window(64, 1984)
 

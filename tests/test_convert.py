@@ -16,8 +16,12 @@ from safetensors.numpy import load_file, save_file
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from longgen_jax import AttentionSpec, convert  # noqa: E402
-from longgen_jax.convert import ConversionError  # noqa: E402
+from longgen_jax import AttentionSpec, weights  # noqa: E402
+from longgen_jax import convert as convert_cli  # noqa: E402
+from longgen_jax.model.config import resolve_pattern  # noqa: E402
+from longgen_jax.weights import hf as hf_names  # noqa: E402
+from conftest import run_model  # noqa: E402
+from longgen_jax.weights import ConversionError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 100
@@ -44,7 +48,7 @@ def hf(tmp_path_factory):
   model = _hf_model()
   model.save_pretrained(root / "single")
   model.save_pretrained(root / "sharded", max_shard_size="20KB")
-  assert (root / "sharded" / convert.SAFETENSORS_INDEX).exists()
+  assert (root / "sharded" / hf_names.SAFETENSORS_INDEX).exists()
   return model, root / "single", root / "sharded"
 
 
@@ -58,7 +62,7 @@ def _torch_logits(model, tokens):
 
 
 def _assert_logits_close(jax_model, torch_model, tokens):
-  ours = np.asarray(jax_model(jnp.asarray(tokens)))
+  ours = np.asarray(run_model(jax_model, tokens))
   ref = _torch_logits(torch_model, tokens)
   assert ours.shape == ref.shape
   assert np.abs(ours - ref).max() <= 1e-4 * np.abs(ref).max()
@@ -76,19 +80,19 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_hf_to_jax_logits_match_transformers(hf, tmp_path, layout):
   model, single, sharded = hf
   src = single if layout == "single" else sharded
-  assert convert.main(["hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "ck")]) == 0
+  assert convert_cli.main(["hf-to-jax", "--hf-dir", str(src), "--out", str(tmp_path / "ck")]) == 0
   assert sorted(os.listdir(tmp_path / "ck")) == ["config.json", "hf_config.json", "params"]
-  cfg = convert.load_config(tmp_path / "ck")
+  cfg = weights.load_config(tmp_path / "ck")
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, cfg.tie_embeddings) == (4, 2, 50000.0, False)
   assert all(s.is_full for s in cfg.layer_specs)
-  jm = convert.load_pretrained(tmp_path / "ck", attn_impl="reference")
+  jm = weights.load_pretrained(tmp_path / "ck", attn_impl="reference")
   _assert_logits_close(jm, model, _tokens())
 
 
 def test_load_pretrained_straight_from_hf_dir(hf):
   model, single, sharded = hf
   for src in (single, sharded):
-    _assert_logits_close(convert.load_pretrained(src, attn_impl="reference"), model, _tokens(T=9))
+    _assert_logits_close(weights.load_pretrained(src, attn_impl="reference"), model, _tokens(T=9))
 
 
 def test_cli_subprocess_smoke(hf, tmp_path):
@@ -109,11 +113,11 @@ def test_bf16_tensors_are_read_and_cast(hf, tmp_path):
   model, _, _ = hf
   half = _hf_model()
   half.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-  jm = convert.load_pretrained(tmp_path / "bf16")
+  jm = weights.load_pretrained(tmp_path / "bf16")
   want = half.model.embed_tokens.weight.detach().float().numpy()
   got = np.asarray(jm.embed_tokens.embedding[...])
   assert got.dtype == np.float32 and np.array_equal(got, want)
-  jm16 = convert.load_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  jm16 = weights.load_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
   assert jm16.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
 
 
@@ -122,15 +126,15 @@ def test_bf16_tensors_are_read_and_cast(hf, tmp_path):
 
 def test_longgen_pattern_changes_logits_only_beyond_the_window(hf, tmp_path):
   model, single, _ = hf
-  full = convert.load_pretrained(single, attn_impl="reference")
-  assert convert.main(["hf-to-jax", "--hf-dir", str(single), "--out", str(tmp_path / "ck"),
+  full = weights.load_pretrained(single, attn_impl="reference")
+  assert convert_cli.main(["hf-to-jax", "--hf-dir", str(single), "--out", str(tmp_path / "ck"),
                        "--pattern", "longgen", "--sparse", "sink_window(2,6)"]) == 0
-  cfg = convert.load_config(tmp_path / "ck")
+  cfg = weights.load_config(tmp_path / "ck")
   sw = AttentionSpec.sink_window(2, 6)
   assert cfg.layer_specs == (sw, AttentionSpec.full(), sw)
-  sparse = convert.load_pretrained(tmp_path / "ck", attn_impl="reference")
+  sparse = weights.load_pretrained(tmp_path / "ck", attn_impl="reference")
   tokens = _tokens(T=16)
-  a, b = np.asarray(full(jnp.asarray(tokens))), np.asarray(sparse(jnp.asarray(tokens)))
+  a, b = np.asarray(run_model(full, tokens)), np.asarray(run_model(sparse, tokens))
   # Position i first loses a key at i = sink + window = 8; earlier rows see everything.
   scale = np.abs(a).max()
   assert np.abs(a[:, :8] - b[:, :8]).max() <= 1e-5 * scale
@@ -139,46 +143,46 @@ def test_longgen_pattern_changes_logits_only_beyond_the_window(hf, tmp_path):
 
 def test_pattern_options(hf, tmp_path):
   _, single, _ = hf
-  convert.hf_to_jax(single, tmp_path / "a", pattern="tiny", rope_theta=1e6, max_seq_len=1024)
-  cfg = convert.load_config(tmp_path / "a")
+  weights.hf_to_jax(single, tmp_path / "a", pattern="tiny", rope_theta=1e6, max_seq_len=1024)
+  cfg = weights.load_config(tmp_path / "a")
   assert [str(s) for s in cfg.layer_specs] == ["sink_window(4,28)", "full", "sink_window(4,28)"]
   assert (cfg.rope_theta, cfg.max_seq_len) == (1e6, 1024)
-  convert.hf_to_jax(single, tmp_path / "b", pattern="full;block_sparse(4,2,3);full")
-  assert str(convert.load_config(tmp_path / "b").layer_specs[1]) == "block_sparse(4,2,3)"
+  weights.hf_to_jax(single, tmp_path / "b", pattern="full;block_sparse(4,2,3);full")
+  assert str(weights.load_config(tmp_path / "b").layer_specs[1]) == "block_sparse(4,2,3)"
   with pytest.raises(ConversionError, match="llama2_7b.*32 layers.*has 3"):
-    convert.hf_to_jax(single, tmp_path / "c", pattern="llama2_7b")
+    weights.hf_to_jax(single, tmp_path / "c", pattern="llama2_7b")
   with pytest.raises(ConversionError, match="bad layer pattern 'wide"):
-    convert.hf_to_jax(single, tmp_path / "c", pattern="wide(3)")
+    weights.hf_to_jax(single, tmp_path / "c", pattern="wide(3)")
   with pytest.raises(ConversionError, match="already exists"):
-    convert.hf_to_jax(single, tmp_path / "a")
-  assert convert.resolve_pattern("longgen", 32).count(AttentionSpec.full()) == 12
-  with pytest.raises(ConversionError, match="not to pattern 'full'"):  # not silently ignored
-    convert.resolve_pattern("full", 3, sparse="sink_window(2,6)")
-  with pytest.raises(ConversionError, match="not to pattern 'tiny'"):
-    convert.resolve_pattern("tiny", 3, num_full=1)
+    weights.hf_to_jax(single, tmp_path / "a")
+  assert resolve_pattern("longgen", 32).count(AttentionSpec.full()) == 12
+  with pytest.raises(ValueError, match="not to pattern 'full'"):  # not silently ignored
+    resolve_pattern("full", 3, sparse="sink_window(2,6)")
+  with pytest.raises(ValueError, match="not to pattern 'tiny'"):
+    resolve_pattern("tiny", 3, num_full=1)
 
 
 def test_load_pretrained_overrides(hf, tmp_path):
   model, single, _ = hf
-  convert.hf_to_jax(single, tmp_path / "ck")
-  jm = convert.load_pretrained(tmp_path / "ck", attn_impl="reference", layer_specs="longgen",
+  weights.hf_to_jax(single, tmp_path / "ck")
+  jm = weights.load_pretrained(tmp_path / "ck", attn_impl="reference", layer_specs="longgen",
                                rope_theta=5e5, max_seq_len=2048)
   assert jm.config.layer_specs[1].is_full and not jm.config.layer_specs[0].is_full
   assert (jm.config.rope_theta, jm.config.max_seq_len) == (5e5, 2048)
   assert jm.layers[0].self_attn.rope_theta == 5e5
   with pytest.raises(ConversionError, match="cannot override hidden_size"):
-    convert.load_pretrained(tmp_path / "ck", hidden_size=64)
+    weights.load_pretrained(tmp_path / "ck", hidden_size=64)
   with pytest.raises(ConversionError, match="unknown config override"):
-    convert.load_pretrained(tmp_path / "ck", rope_thetta=1.0)
+    weights.load_pretrained(tmp_path / "ck", rope_thetta=1.0)
 
 
 def test_save_model_roundtrip(hf, tmp_path):
   _, single, _ = hf
-  jm = convert.load_pretrained(single, attn_impl="reference")
-  convert.save_model(jm, tmp_path / "ck")
-  again = convert.load_pretrained(tmp_path / "ck", attn_impl="reference")
+  jm = weights.load_pretrained(single, attn_impl="reference")
+  weights.save_model(jm, tmp_path / "ck")
+  again = weights.load_pretrained(tmp_path / "ck", attn_impl="reference")
   tokens = jnp.asarray(_tokens())
-  assert np.array_equal(np.asarray(jm(tokens)), np.asarray(again(tokens)))
+  assert np.array_equal(np.asarray(run_model(jm, tokens)), np.asarray(run_model(again, tokens)))
 
 
 # ----------------------------------------------------------------------------- back to Hugging Face
@@ -194,30 +198,30 @@ def _assert_same_weights(a, b):
 @pytest.mark.parametrize("shard_size", ["5GB", "30KB"])
 def test_jax_to_hf_reloads_bit_exactly(hf, tmp_path, shard_size):
   model, _, sharded = hf
-  convert.main(["hf-to-jax", "--hf-dir", str(sharded), "--out", str(tmp_path / "ck"),
+  convert_cli.main(["hf-to-jax", "--hf-dir", str(sharded), "--out", str(tmp_path / "ck"),
                 "--pattern", "longgen", "--sparse", "block_sparse(4,2,3)"])
-  assert convert.main(["jax-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"),
+  assert convert_cli.main(["jax-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"),
                        "--shard-size", shard_size]) == 0
   files = sorted(os.listdir(tmp_path / "hf"))
   if shard_size == "5GB":
     assert files == ["config.json", "model.safetensors"]
   else:
-    assert convert.SAFETENSORS_INDEX in files and len(files) > 3
+    assert hf_names.SAFETENSORS_INDEX in files and len(files) > 3
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
   _assert_same_weights(model, back)
   hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert hf_cfg["architectures"] == ["LlamaForCausalLM"] and hf_cfg["torch_dtype"] == "float32"
-  assert hf_cfg[convert.HF_PATTERN_KEY] == ["block_sparse(4,2,3)", "full", "block_sparse(4,2,3)"]
+  assert hf_cfg[hf_names.HF_PATTERN_KEY] == ["block_sparse(4,2,3)", "full", "block_sparse(4,2,3)"]
   # the pattern survives a second trip in
-  assert convert.load_config(tmp_path / "hf") == convert.load_config(tmp_path / "ck")
+  assert weights.load_config(tmp_path / "hf") == weights.load_config(tmp_path / "ck")
   with pytest.raises(ConversionError, match="already holds weights"):
-    convert.jax_to_hf(tmp_path / "ck", tmp_path / "hf")
+    weights.jax_to_hf(tmp_path / "ck", tmp_path / "hf")
 
 
 def test_jax_to_hf_bf16_export(hf, tmp_path):
   model, single, _ = hf
-  convert.hf_to_jax(single, tmp_path / "ck")
-  convert.jax_to_hf(tmp_path / "ck", tmp_path / "hf", dtype="bfloat16")
+  weights.hf_to_jax(single, tmp_path / "ck")
+  weights.jax_to_hf(tmp_path / "ck", tmp_path / "hf", dtype="bfloat16")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
   assert back.dtype == torch.bfloat16
   assert torch.equal(back.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
@@ -226,11 +230,11 @@ def test_jax_to_hf_bf16_export(hf, tmp_path):
 def test_tied_embeddings(tmp_path):
   model = _hf_model(tie=True, seed=3)
   model.save_pretrained(tmp_path / "hf")
-  convert.main(["hf-to-jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")])
-  jm = convert.load_pretrained(tmp_path / "ck", attn_impl="reference")
+  convert_cli.main(["hf-to-jax", "--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "ck")])
+  jm = weights.load_pretrained(tmp_path / "ck", attn_impl="reference")
   assert jm.config.tie_embeddings and jm.lm_head is None
   _assert_logits_close(jm, model, _tokens())
-  convert.jax_to_hf(tmp_path / "ck", tmp_path / "out")
+  weights.jax_to_hf(tmp_path / "ck", tmp_path / "out")
   assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
   _assert_same_weights(model, back)
@@ -256,9 +260,9 @@ def test_missing_config(hf, tmp_path):
   d = _copy(hf[1], tmp_path / "hf")
   (d / "config.json").unlink()
   with pytest.raises(ConversionError, match="missing config.json"):
-    convert.hf_to_jax(d, tmp_path / "ck")
+    weights.hf_to_jax(d, tmp_path / "ck")
   with pytest.raises(ConversionError, match="missing config.json"):
-    convert.load_pretrained(d)
+    weights.load_pretrained(d)
 
 
 @pytest.mark.parametrize("changes, match", [
@@ -274,14 +278,14 @@ def test_unsupported_configs(hf, tmp_path, changes, match):
   d = _copy(hf[1], tmp_path / "hf")
   _edit_config(d, **changes)
   with pytest.raises(ConversionError, match=match):
-    convert.hf_to_jax(d, tmp_path / "ck")
+    weights.hf_to_jax(d, tmp_path / "ck")
 
 
 def test_missing_tensor(hf, tmp_path):
   d = _copy(hf[1], tmp_path / "hf")
   _edit_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
   with pytest.raises(ConversionError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
-    convert.hf_to_jax(d, tmp_path / "ck")
+    weights.hf_to_jax(d, tmp_path / "ck")
   assert not (tmp_path / "ck").exists()  # nothing written
 
 
@@ -289,7 +293,7 @@ def test_unexpected_tensor(hf, tmp_path):
   d = _copy(hf[1], tmp_path / "hf")
   _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
   with pytest.raises(ConversionError, match=r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"):
-    convert.hf_to_jax(d, tmp_path / "ck")
+    weights.hf_to_jax(d, tmp_path / "ck")
 
 
 def test_shape_mismatch(hf, tmp_path):
@@ -297,7 +301,7 @@ def test_shape_mismatch(hf, tmp_path):
   _edit_tensors(d, lambda t: t.update({"model.layers.2.self_attn.k_proj.weight": np.zeros((32, 32), np.float32)}))
   with pytest.raises(ConversionError, match=r"shape mismatch for tensor 'model\.layers\.2\.self_attn\.k_proj\."
                                             r"weight': expected \(16, 32\) \(from config.json\), got \(32, 32\)"):
-    convert.hf_to_jax(d, tmp_path / "ck")
+    weights.hf_to_jax(d, tmp_path / "ck")
 
 
 def test_missing_shard_file(hf, tmp_path):
@@ -305,24 +309,24 @@ def test_missing_shard_file(hf, tmp_path):
   victim = sorted(d.glob("model-*.safetensors"))[1]
   victim.unlink()
   with pytest.raises(ConversionError, match=f"missing shard file '{victim.name}'"):
-    convert.load_pretrained(d)
+    weights.load_pretrained(d)
 
 
 def test_derived_rope_buffers_are_checked(hf, tmp_path):
   d = _copy(hf[1], tmp_path / "hf")
   inv = 1.0 / 50000.0 ** (np.arange(0, 8, 2) / 8)
   _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": inv.astype(np.float32)}))
-  convert.hf_to_jax(d, tmp_path / "ok")  # an old-style buffer that matches is fine
+  weights.hf_to_jax(d, tmp_path / "ok")  # an old-style buffer that matches is fine
   _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": (2 * inv).astype(np.float32)}))
   with pytest.raises(ConversionError, match="does not match rope_theta=50000"):
-    convert.hf_to_jax(d, tmp_path / "bad")
+    weights.hf_to_jax(d, tmp_path / "bad")
 
 
 def test_our_checkpoint_mismatch(hf, tmp_path):
-  convert.hf_to_jax(hf[1], tmp_path / "ck")
+  weights.hf_to_jax(hf[1], tmp_path / "ck")
   cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
   cfg["intermediate_size"] = 48
   (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ConversionError, match=r"shape mismatch for parameter 'layers/0/mlp/down_proj/kernel'.*"
                                             r"expected \(48, 32\).*got \(64, 32\)"):
-    convert.load_pretrained(tmp_path / "ck")
+    weights.load_pretrained(tmp_path / "ck")

@@ -6,10 +6,10 @@ import grain
 import numpy as np
 import pytest
 
-from longgen_jax import data
-from longgen_jax.data_sources import SyntheticLongContextSource, open_source
-from longgen_jax.tokenizer import ByteTokenizer, load_tokenizer
-from longgen_jax.train import default_config
+from longgen_jax.data import pipeline as data
+from longgen_jax.data.sources import SyntheticLongContextSource, open_source
+from longgen_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+from longgen_jax.training import default_config
 
 DOCS = ["a" * 5, "bb" * 10, "c" * 3, "dddd" * 30, "e" * 7, "f" * 50, "g" * 2, "h" * 90]
 

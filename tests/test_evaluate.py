@@ -10,15 +10,19 @@ import optax
 import pytest
 from flax import nnx
 
-from longgen_jax import evaluate as ev
-from longgen_jax.config import preset
-from longgen_jax.convert import load_pretrained, save_model
-from longgen_jax.data_sources import FILLER, SyntheticLongContextSource
-from longgen_jax.model import Llama
-from longgen_jax.tokenizer import ByteTokenizer
+from conftest import run_model
+from longgen_jax import evaluate as evaluate_cli
+from longgen_jax.data.sources import PASSKEY_FACT, PASSKEY_QUESTION
+from longgen_jax.evaluation import passkey, ppl
+from longgen_jax.evaluation.common import EvalError
+from longgen_jax.model.config import preset
+from longgen_jax.weights import load_pretrained, save_model
+from longgen_jax.data.sources import FILLER, SyntheticLongContextSource
+from longgen_jax.model.llama import Llama
+from longgen_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
-MAX_SENTENCE = max(len(TOK.encode(s)) for s in ev.FILLER_SENTENCES)
+MAX_SENTENCE = max(len(TOK.encode(s)) for s in passkey.FILLER_SENTENCES)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def ckpt(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-  rc = ev.main(list(argv))
+  rc = evaluate_cli.main(list(argv))
   return rc, capsys.readouterr()
 
 
@@ -39,9 +43,9 @@ def _run(capsys, *argv):
 @pytest.mark.parametrize("length", [100, 257, 500])
 @pytest.mark.parametrize("depth", [0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
 def test_passkey_prompt_puts_the_key_at_the_requested_depth(length, depth):
-  p = ev.passkey_prompt(TOK, length, depth, "48213")
-  needle = TOK.encode(ev.PASSKEY_FACT.format(key="48213"))
-  question = TOK.encode(ev.PASSKEY_QUESTION)
+  p = passkey.passkey_prompt(TOK, length, depth, "48213")
+  needle = TOK.encode(PASSKEY_FACT.format(key="48213"))
+  question = TOK.encode(PASSKEY_QUESTION)
   assert p.tokens.dtype == np.int32 and len(p.tokens) == length and p.tokens[0] == TOK.bos_id
   np.testing.assert_array_equal(p.tokens[p.needle_start:p.needle_start + p.needle_len], needle)
   np.testing.assert_array_equal(p.tokens[-len(question):], question)
@@ -55,46 +59,46 @@ def test_passkey_prompt_puts_the_key_at_the_requested_depth(length, depth):
 
 
 def test_needle_moves_monotonically_with_depth():
-  starts = [ev.passkey_prompt(TOK, 2000, d, "10000").needle_start for d in np.linspace(0, 1, 11)]
+  starts = [passkey.passkey_prompt(TOK, 2000, d, "10000").needle_start for d in np.linspace(0, 1, 11)]
   assert starts == sorted(starts) and starts[0] == 1 and starts[-1] > 1800
 
 
 def test_phrasing_is_the_synthetic_corpus():
   """The prompt pieces must be the strings the tiny model was trained on."""
-  assert "".join(ev.FILLER_SENTENCES) == FILLER
+  assert "".join(passkey.FILLER_SENTENCES) == FILLER
   src = SyntheticLongContextSource(40, seed=3)
   docs = [src[i] for i in range(len(src)) if "pass key" in src[i]]
   assert docs
   for doc in docs:
     key = doc.rsplit(" ", 1)[1].rstrip(".")
-    assert ev.PASSKEY_FACT.format(key=key) in doc
-    assert doc.endswith(f"{ev.PASSKEY_QUESTION} {key}.")
+    assert PASSKEY_FACT.format(key=key) in doc
+    assert doc.endswith(f"{PASSKEY_QUESTION} {key}.")
   # the byte prompt's text is the corpus' phrasing: the needle sits between whole filler sentences
-  p = ev.passkey_prompt(TOK, 400, 0.5, "12345")
+  p = passkey.passkey_prompt(TOK, 400, 0.5, "12345")
   before, after = TOK.decode(p.tokens[1:p.needle_start]), TOK.decode(p.tokens[p.needle_start + p.needle_len:])
-  assert before.endswith(". ") and after.startswith(ev.FILLER_SENTENCES) and FILLER[-40:] in before + after
+  assert before.endswith(". ") and after.startswith(passkey.FILLER_SENTENCES) and FILLER[-40:] in before + after
 
 
 def test_keys_are_deterministic_and_cell_local():
-  k = ev.passkey_key(0, 1024, 0.5, 3)
-  assert k == ev.passkey_key(0, 1024, 0.5, 3) and len(k) == 5
-  assert len({ev.passkey_key(0, 1024, 0.5, s) for s in range(20)}) > 15
-  assert k != ev.passkey_key(1, 1024, 0.5, 3)
+  k = passkey.passkey_key(0, 1024, 0.5, 3)
+  assert k == passkey.passkey_key(0, 1024, 0.5, 3) and len(k) == 5
+  assert len({passkey.passkey_key(0, 1024, 0.5, s) for s in range(20)}) > 15
+  assert k != passkey.passkey_key(1, 1024, 0.5, 3)
 
 
 def test_score_answer_is_exact_match_of_the_first_digits():
-  assert ev.score_answer(" 12345.", "12345")
-  assert ev.score_answer("12345 is", "12345")
-  assert not ev.score_answer(" 123456", "12345")
-  assert not ev.score_answer(" 1234", "12345")
-  assert not ev.score_answer(" the key 12345", "12345")
+  assert passkey.score_answer(" 12345.", "12345")
+  assert passkey.score_answer("12345 is", "12345")
+  assert not passkey.score_answer(" 123456", "12345")
+  assert not passkey.score_answer(" 1234", "12345")
+  assert not passkey.score_answer(" the key 12345", "12345")
 
 
 def test_parse_length():
-  assert ev.parse_length("4096") == 4096 and ev.parse_length("4K") == 4096 and ev.parse_length("128k") == 131072
+  assert evaluate_cli.parse_length("4096") == 4096 and evaluate_cli.parse_length("4K") == 4096 and evaluate_cli.parse_length("128k") == 131072
   for bad in ("", "0", "4M", "-1", "1.5K"):
-    with pytest.raises(ev.EvalError, match="bad length"):
-      ev.parse_length(bad)
+    with pytest.raises(EvalError, match="bad length"):
+      evaluate_cli.parse_length(bad)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -125,8 +129,8 @@ def test_cli_ppl_buckets_match_the_models_mean_loss(ckpt, tmp_path, capsys):
   assert all(x["tokens"] == 3 * 32 for x in b) and res["docs"] == 3
 
   # the same rows through the plain model: [T, V] logits at once, mean next-token loss
-  rows, _ = ev.document_rows(TOK, ev.synthetic_source(TOK, 128, 3, 5), 128, 3)
-  logits = load_pretrained(ckpt)(jnp.asarray(rows[:, :-1]))
+  rows, _ = ppl.document_rows(TOK, ppl.synthetic_source(TOK, 128, 3, 5), 128, 3)
+  logits = run_model(load_pretrained(ckpt), rows[:, :-1])
   direct = float(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(rows[:, 1:])).mean())
   weighted = sum(x["loss"] * x["tokens"] for x in b) / sum(x["tokens"] for x in b)
   np.testing.assert_allclose(weighted, direct, rtol=1e-5)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from longgen_jax import inference
+from longgen_jax.model import inference
 from longgen_jax.attention.spec import AttentionSpec
-from longgen_jax.config import preset
-from longgen_jax.generate import Sampling, generate, generate_stream, main, sample
-from longgen_jax.kv_cache import cache_layouts, init_cache
-from longgen_jax.model import Llama
-from conftest import gpu_only, rel_err
+from longgen_jax.model.config import preset
+from longgen_jax.model.generation import Sampling, generate, generate_stream, sample
+from longgen_jax.sample import main
+from longgen_jax.model.kv_cache import cache_layouts, init_cache
+from longgen_jax.model.llama import Llama
+from conftest import gpu_only, rel_err, run_model
 
 SW, BS, BSH = (AttentionSpec.sink_window(3, 10), AttentionSpec.block_sparse(4, 2, 3),
                AttentionSpec.block_sparse(4, 2, 3, homo_head=True))
@@ -39,7 +40,7 @@ def _model(name, **kw):
 
 def _forward(model, tokens):
   g, s = nnx.split(model)
-  return np.asarray(jax.jit(lambda s, t: nnx.merge(g, s)(t))(s, jnp.asarray(tokens)))
+  return np.asarray(jax.jit(lambda s, t: run_model(nnx.merge(g, s), t))(s, jnp.asarray(tokens)))
 
 
 def _teacher_forced(model, tokens, lengths, capacity, chunk_len, impl=None, kv_int8=False):
@@ -189,7 +190,7 @@ def test_gpu_prefill_paths_match_forward(impl):
 
 
 def test_cli_loads_a_checkpoint(tmp_path, capsys):
-  from longgen_jax.convert import save_model
+  from longgen_jax.weights import save_model
   model = _model("gqa_mixed")
   save_model(model, tmp_path / "ckpt")
   main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32",

@@ -8,8 +8,8 @@ import pytest
 
 from longgen_jax.attention.decode import slot_mask
 from longgen_jax.attention.spec import AttentionSpec, allowed
-from longgen_jax.config import preset
-from longgen_jax.kv_cache import CacheLayout, cache_layouts, init_cache, kv_cache_bytes
+from longgen_jax.model.config import preset
+from longgen_jax.model.kv_cache import CacheLayout, cache_layouts, init_cache, kv_cache_bytes
 
 SPECS = [
     AttentionSpec.sink_window(3, 7),
@@ -107,14 +107,14 @@ def test_capacity_and_int8_errors():
 
 
 def test_cached_attention_query_tiles_cover_any_length():
-  from longgen_jax.attention.decode import cached_attention
+  from longgen_jax.attention.decode import CachePart, cached_attention
   rng = np.random.default_rng(7)
   B, T, Hq, K, D, N = 2, 37, 4, 2, 8, 50
   q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((B, N, K, D)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((B, N, K, D)), jnp.float32)
   mask = jnp.asarray(rng.random((B, K, T, N)) < 0.5).at[0, :, 3].set(False)  # one empty row
-  whole = cached_attention(q, [(k, v, mask, None, None)], q_tile=64)
-  tiled = cached_attention(q, [(k, v, mask, None, None)], q_tile=8)  # 37 = 4 x 8 + 5
+  whole = cached_attention(q, [CachePart(k, v, mask)], q_tile=64)
+  tiled = cached_attention(q, [CachePart(k, v, mask)], q_tile=8)  # 37 = 4 x 8 + 5
   np.testing.assert_allclose(tiled, whole, atol=1e-6, rtol=0)
   assert np.all(np.asarray(tiled)[0, 3] == 0)

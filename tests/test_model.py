@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from conftest import rel_err, run_model
 from longgen_jax import AttentionSpec, Llama, preset
 
 
@@ -20,7 +20,7 @@ def _tokens(B, T, vocab, seed=0):
 
 def test_logits_shape_and_dtype():
   cfg = preset("tiny")
-  logits = _model(cfg, dtype=jnp.bfloat16)(_tokens(2, 33, cfg.vocab_size))
+  logits = run_model(_model(cfg, dtype=jnp.bfloat16), _tokens(2, 33, cfg.vocab_size))
   assert logits.shape == (2, 33, cfg.vocab_size) and logits.dtype == jnp.float32
   assert np.isfinite(np.asarray(logits)).all()
 
@@ -29,9 +29,9 @@ def test_sparse_layers_equal_full_layers_inside_the_window():
   cfg = preset("tiny")  # sink_window(4, 28) on the outer layers
   tokens = _tokens(1, 28, cfg.vocab_size)
   sparse, full = _model(cfg), _model(cfg.all_full())
-  assert rel_err(sparse(tokens), full(tokens)) < 1e-6
+  assert rel_err(run_model(sparse, tokens), run_model(full, tokens)) < 1e-6
   longer = _tokens(1, 60, cfg.vocab_size)
-  assert rel_err(sparse(longer), full(longer)) > 1e-3  # beyond the window they must differ
+  assert rel_err(run_model(sparse, longer), run_model(full, longer)) > 1e-3  # beyond the window they must differ
 
 
 def test_remat_changes_nothing_but_memory():
@@ -39,7 +39,7 @@ def test_remat_changes_nothing_but_memory():
   tokens = _tokens(2, 40, cfg.vocab_size)
   def loss_and_grad(remat):
     m = _model(cfg, remat=remat)
-    return nnx.value_and_grad(lambda m: jnp.mean(m(tokens) ** 2))(m)
+    return nnx.value_and_grad(lambda m: jnp.mean(run_model(m, tokens) ** 2))(m)
   (l0, g0), (l1, g1) = loss_and_grad("none"), loss_and_grad("full")
   assert abs(float(l0 - l1)) < 1e-6
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -49,8 +49,8 @@ def test_remat_changes_nothing_but_memory():
 def test_implementations_agree_inside_the_model():
   cfg = preset("tiny", sparse=AttentionSpec.block_sparse(4, 2, 3))
   tokens = _tokens(1, 50, cfg.vocab_size)
-  ref = _model(cfg, attn_impl="reference")(tokens)
-  assert rel_err(_model(cfg, attn_impl="xla_blockwise")(tokens), ref) < 1e-5
+  ref = run_model(_model(cfg, attn_impl="reference"), tokens)
+  assert rel_err(run_model(_model(cfg, attn_impl="xla_blockwise"), tokens), ref) < 1e-5
 
 
 def test_packed_documents_do_not_see_each_other():
@@ -60,23 +60,26 @@ def test_packed_documents_do_not_see_each_other():
   packed = jnp.concatenate([a, b], axis=1)
   segments = jnp.asarray([[0] * 10 + [1] * 14])
   positions = jnp.asarray([list(range(10)) + list(range(14))])
-  logits = m(packed, positions=positions, segment_ids=segments)
-  assert rel_err(logits[:, 10:], m(b)) < 1e-5
-  assert rel_err(logits[:, :10], m(a)) < 1e-5
+  logits = m(packed, positions, segment_ids=segments)
+  assert rel_err(logits[:, 10:], run_model(m, b)) < 1e-5
+  assert rel_err(logits[:, :10], run_model(m, a)) < 1e-5
 
 
 def test_tied_embeddings_have_no_head():
   cfg = preset("tiny", tie_embeddings=True)
   m = _model(cfg)
   assert m.lm_head is None
-  hidden = m.hidden_states(_tokens(1, 5, cfg.vocab_size))
+  tokens = _tokens(1, 5, cfg.vocab_size)
+  hidden = m.hidden_states(tokens, jnp.arange(5)[None])
   np.testing.assert_allclose(m.logits(hidden), hidden @ m.embed_tokens.embedding[...].T, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_raise():
   cfg = preset("tiny")
-  with pytest.raises(ValueError, match="tokens must be"):
-    _model(cfg)(jnp.zeros((5,), jnp.int32))
+  with pytest.raises(ValueError, match="tokens and positions must"):
+    _model(cfg)(jnp.zeros((5,), jnp.int32), jnp.arange(5))
+  with pytest.raises(ValueError, match="tokens and positions must"):
+    _model(cfg)(jnp.zeros((1, 5), jnp.int32), jnp.arange(4)[None])
   with pytest.raises(ValueError, match="remat"):
     _model(cfg, remat="sometimes")
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):

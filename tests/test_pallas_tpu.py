@@ -30,7 +30,7 @@ def test_pattern_mask_is_allowed(spec):
   q = np.arange(300)[:, None] + 37
   k = np.arange(330)[None, :]
   for h in range(3):
-    fn = pt.PatternMask(spec, pt.stride_phase(spec, h, 3), kv_len=310)
+    fn = pt.PatternMask(spec, h, 3, kv_len=310)
     np.testing.assert_array_equal(fn(q, k), allowed(spec, q, k, h, 3) & (k < 310))
 
 
@@ -41,7 +41,7 @@ def test_mask_info_matches_splash(spec, kv_head, q_len, kv_len, q_offset, blocks
   """Our vectorised MaskInfo is exactly what splash's (quadratic) process_mask builds."""
   bq, bk = blocks
   kv_len_p = -(-kv_len // bk) * bk
-  fn = pt.PatternMask(spec, pt.stride_phase(spec, kv_head, 2), kv_len if kv_len_p > kv_len else None)
+  fn = pt.PatternMask(spec, kv_head, 2, kv_len if kv_len_p > kv_len else None)
   lazy = mask_lib.MultiHeadMask([pt.LongGenMask((q_len, kv_len_p), fn, q_offset)])
   for dkv, process in ((False, mask_info_lib.process_mask), (True, mask_info_lib.process_mask_dkv)):
     want, want_fn = process(lazy, (bq, bk))

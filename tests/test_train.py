@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from longgen_jax import train as train_lib
+from longgen_jax import training as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -58,7 +58,7 @@ def test_tiny_training_learns_and_fills_workdir(tmp_path):
   assert json.load(open(os.path.join(wd, "config.json")))["model"]["num_layers"] == 3
   assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tb")))
   assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()) == [32, 36, 40]
-  from longgen_jax.convert import load_pretrained
+  from longgen_jax.weights import load_pretrained
   model = load_pretrained(os.path.join(wd, "model"))
   assert model.config.layer_specs[1].is_full and not model.config.layer_specs[0].is_full
 
@@ -166,9 +166,9 @@ def test_config_errors_are_clear(tmp_path):
   assert train_lib.build_model_config(tiny_config(**{"model.vocab_size": -1}), tokenizer_vocab=259).vocab_size == 259
   # with init_from, vocab_size=-1 is fine when the tokenizer's vocabulary is the checkpoint's
   from flax import nnx
-  from longgen_jax.config import preset
-  from longgen_jax.convert import save_model
-  from longgen_jax.model import Llama
+  from longgen_jax.model.config import preset
+  from longgen_jax.weights import save_model
+  from longgen_jax.model.llama import Llama
   save_model(Llama(preset("tiny", vocab_size=259), rngs=nnx.Rngs(0)), tmp_path / "v259")
   cont = tiny_config(init_from=str(tmp_path / "v259"), **{"model.vocab_size": -1})
   assert train_lib.build_model_config(cont, tokenizer_vocab=259).vocab_size == 259

@@ -9,13 +9,24 @@ block-sparse prefill chunks, with queries tiled to bound the score memory.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec, allowed
+
+
+class CachePart(NamedTuple):
+  """Slots attended together with the other parts (one softmax): k, v [B,N,K,D]; mask
+  [B|1, K|1, T, N] (query t may use slot n); int8 slots carry float32 scales [B,N,K]."""
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
 
 
 def slot_mask(spec: AttentionSpec, q_pos_BT, pos_BKN, ok_BKN, only: str | None = None):
@@ -35,10 +46,8 @@ def slot_mask(spec: AttentionSpec, q_pos_BT, pos_BKN, ok_BKN, only: str | None =
   return mask
 
 
-def cached_attention(q_BTHD, parts: Sequence[tuple], *, q_tile: int = 256):
-  """softmax(q k^T / sqrt(D)) v jointly over parts (k [B,N,K,D], v, mask [B|1,K|1,T,N],
-  k_scale [B,N,K] or None, v_scale or None). Rows with no allowed slot return zeros.
-  """
+def cached_attention(q_BTHD, parts: Sequence[CachePart], *, q_tile: int = 256):
+  """softmax(q k^T / sqrt(D)) v jointly over the parts. Rows with no allowed slot return zeros."""
   B, T, Hq, D = q_BTHD.shape
   if T <= q_tile:
     return _attend(q_BTHD, parts)
@@ -46,13 +55,13 @@ def cached_attention(q_BTHD, parts: Sequence[tuple], *, q_tile: int = 256):
   n = -(-T // q_tile)
   pad = n * q_tile - T
   q_n = jnp.pad(q_BTHD, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, n, q_tile, Hq, D).swapaxes(0, 1)
-  masks_n = [jnp.pad(m, ((0, 0), (0, 0), (0, pad), (0, 0)))
-             .reshape(m.shape[:2] + (n, q_tile, m.shape[-1])).transpose(2, 0, 1, 3, 4)
-             for _, _, m, _, _ in parts]
+  masks_n = [jnp.pad(p.mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+             .reshape(p.mask.shape[:2] + (n, q_tile, p.mask.shape[-1])).transpose(2, 0, 1, 3, 4)
+             for p in parts]
 
   def one_tile(args):
     q, masks = args
-    return _attend(q, [(k, v, m, ks, vs) for (k, v, _, ks, vs), m in zip(parts, masks)])
+    return _attend(q, [p._replace(mask=m) for p, m in zip(parts, masks)])
 
   out = jax.lax.map(one_tile, (q_n, masks_n))
   return out.swapaxes(0, 1).reshape(B, n * q_tile, Hq, D)[:, :T]
@@ -60,26 +69,26 @@ def cached_attention(q_BTHD, parts: Sequence[tuple], *, q_tile: int = 256):
 
 def _attend(q_BTHD, parts):
   B, T, Hq, D = q_BTHD.shape
-  K = parts[0][0].shape[2]
+  K = parts[0].k.shape[2]
   q_BTKGD = q_BTHD.reshape(B, T, K, Hq // K, D)
   scores = []
-  for k, _, mask, k_scale, _ in parts:
-    k = k if k_scale is None else k.astype(q_BTHD.dtype)
+  for part in parts:
+    k = part.k if part.k_scale is None else part.k.astype(q_BTHD.dtype)
     s = jnp.einsum("btkgd,bnkd->bkgtn", q_BTKGD, k, preferred_element_type=jnp.float32)
     s = s * np.float32(1.0 / np.sqrt(D))
-    if k_scale is not None:
-      s = s * k_scale.transpose(0, 2, 1)[:, :, None, None, :]
-    scores.append(jnp.where(mask[:, :, None], s, -jnp.inf))
+    if part.k_scale is not None:
+      s = s * part.k_scale.transpose(0, 2, 1)[:, :, None, None, :]
+    scores.append(jnp.where(part.mask[:, :, None], s, -jnp.inf))
   m = jnp.max(jnp.stack([jnp.max(s, axis=-1) for s in scores]), axis=0)[..., None]
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   probs = [jnp.exp(s - m) for s in scores]  # exp(-inf) = 0 at masked slots
   l = sum(jnp.sum(p, axis=-1, keepdims=True) for p in probs)
   inv_l = 1.0 / jnp.where(l > 0, l, 1.0)
   out = jnp.zeros((B, K, Hq // K, T, D), jnp.float32)
-  for p, (_, v, _, _, v_scale) in zip(probs, parts):
-    p = p * inv_l
-    if v_scale is not None:
-      p = p * v_scale.transpose(0, 2, 1)[:, :, None, None, :]
+  for p, part in zip(probs, parts):
+    p, v = p * inv_l, part.v
+    if part.v_scale is not None:
+      p = p * part.v_scale.transpose(0, 2, 1)[:, :, None, None, :]
       v = v.astype(q_BTHD.dtype)
     dt = jnp.float32 if v.dtype == jnp.float32 else v.dtype
     out = out + jnp.einsum("bkgtn,bnkd->bkgtd", p.astype(dt), v.astype(dt),

@@ -13,9 +13,9 @@ log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
 
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
-kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen by
-measurement (H200, JAX 0.11.2, 32K-128K: full 601-614 vs 467-480 TFLOP/s here, sink_window
-455-468 vs 403-407, block_sparse 1.06-1.10x; BENCHMARKS.md). The backward below consumes its out + lse unchanged.
+kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen
+because it is faster for every pattern (figures in BENCHMARKS.md). The backward below consumes
+its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from longgen_jax.attention import register_impl
+from longgen_jax.attention.registry import register_impl
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -67,9 +67,8 @@ class Tiles:
       raise ValueError(f"Tiles.forward must be 'auto' or 'triton', got {self.forward!r}")
 
 
-def default_tiles(spec: AttentionSpec, head_dim: int, dtype) -> Tiles:
-  """Measured defaults (see BENCHMARKS.md); small head dims get the same shapes."""
-  del spec, head_dim, dtype
+def default_tiles() -> Tiles:
+  """The measured defaults (BENCHMARKS.md) serve every pattern, head_dim and dtype so far."""
   return Tiles()
 
 
@@ -513,7 +512,7 @@ def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_i
   if Hq % Hkv:
     raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
   if tiles is None:
-    tiles = default_tiles(spec, D, q_BTHD.dtype)
+    tiles = default_tiles()
   if block_q or block_k:
     tiles = dataclasses.replace(tiles, **{f"block_q{s}": block_q or getattr(tiles, f"block_q{s}")
                                           for s in ("", "_dq", "_dkv")},

@@ -1,7 +1,8 @@
 """Block-sparse flash attention FORWARD for Hopper in Pallas Mosaic GPU (wgmma + TMA).
 
-Why a second forward: the Triton lowering caps the forward near 465 TFLOP/s (no warp
-specialisation, mma not wgmma); Mosaic GPU reaches FA3-style rates. The backward stays the
+Why a second forward: the Triton lowering has no warp specialisation and issues mma, not
+wgmma, which caps its forward well below Hopper's rate; Mosaic GPU reaches FA3-style rates
+(BENCHMARKS.md). The backward stays the
 Triton one in `pallas_gpu` (it only needs out + lse).
 
 One program = one (batch, query head, 128-row query tile): two compute warpgroups own 64 rows
@@ -33,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longgen_jax.attention.spec import AttentionSpec, block_layout
+from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
 HALF = 64            # query rows per compute warpgroup (one wgmma M tile)
@@ -49,8 +50,8 @@ class MgpuTiles:
 
 
 def default_mgpu_tiles(spec: AttentionSpec) -> MgpuTiles:
-  """Measured (H200): 128-key tiles for full/sink_window; 64 for block_sparse, whose strided
-  64-blocks would leave half of every 128-key tile masked (15.3 vs 9.5 ms fwd at 128K)."""
+  """128-key tiles for full/sink_window; 64 for block_sparse, whose strided 64-blocks would
+  leave half of every 128-key tile masked (measured: BENCHMARKS.md)."""
   return MgpuTiles(64, 2) if spec.kind == "block_sparse" else MgpuTiles(128, 2)
 
 
@@ -85,16 +86,9 @@ def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,
 
 
 def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
-  """Pattern predicate on non-negative int32 positions (lax.div == floor division here)."""
-  ok = (k_pos <= q_pos) & (k_pos < S)
-  if spec.kind == "sink_window":
-    ok = ok & ((k_pos < spec.sink) | (q_pos - k_pos < spec.window))
-  elif spec.kind == "block_sparse":
-    b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
-    qb, kb = lax.div(q_pos, b), lax.div(k_pos, b)
-    phase = kv_head * spec.stride_shift(Hkv)
-    ok = ok & ((qb - kb < L) | (lax.rem(kb + phase, V) == 0))
-  return ok
+  """The pattern on non-negative int32 positions (lax.div/rem are floor division/modulo there),
+  with keys past the sequence end masked."""
+  return allowed(spec, q_pos, k_pos, kv_head, Hkv, div=lax.div, mod=lax.rem) & (k_pos < S)
 
 
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,

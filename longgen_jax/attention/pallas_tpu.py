@@ -33,8 +33,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
-from longgen_jax.attention import register_impl
-from longgen_jax.attention.spec import AttentionSpec, block_layout
+from longgen_jax.attention.registry import register_impl
+from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LANES = 128  # splash tiles are multiples of the TPU lane width
 MASK_VALUE = sk.DEFAULT_MASK_VALUE
@@ -58,36 +58,18 @@ def _mod(x, n: int):
 class PatternMask:
   """`allowed(spec, q, k, kv_head)` plus key padding, on numpy or in-kernel jax arrays.
 
-  Hashable by value (splash takes it as a static jit argument), so equal patterns
-  share compiled kernels. `phase` = (kv_head * s) % V of block_sparse.
+  Hashable by value (splash takes it as a static jit argument). kv heads that share a
+  stride phase share one mask: pass the first head of the group.
   """
 
   spec: AttentionSpec
-  phase: int = 0
+  kv_head: int = 0
+  num_kv_heads: int = 1
   kv_len: int | None = None  # keys at or past kv_len are padding
 
   def __call__(self, q_pos, k_pos):
-    ok = k_pos <= q_pos
-    if self.kv_len is not None:
-      ok = ok & (k_pos < self.kv_len)
-    spec = self.spec
-    if spec.kind == "sink_window":
-      near = (q_pos - k_pos) < spec.window
-      ok = ok & (((k_pos < spec.sink) | near) if spec.sink > 0 else near)
-    elif spec.kind == "block_sparse":
-      b, V = spec.block_size, spec.vert_stride
-      kb = _div(k_pos, b)
-      local = _div(q_pos, b) - kb < spec.local_blocks
-      strided = _mod(kb + self.phase, V) == 0
-      ok = ok & (local | strided)
-    return ok
-
-
-def stride_phase(spec: AttentionSpec, kv_head: int, num_kv_heads: int) -> int:
-  """The residue that makes (kb + phase) % V == 0 a strided block for this kv head."""
-  if spec.kind != "block_sparse":
-    return 0
-  return (kv_head * spec.stride_shift(num_kv_heads)) % spec.vert_stride
+    ok = allowed(self.spec, q_pos, k_pos, self.kv_head, self.num_kv_heads, div=_div, mod=_mod)
+    return ok if self.kv_len is None else ok & (k_pos < self.kv_len)
 
 
 class LongGenMask(mask_lib._ComputableMask):  # pylint: disable=protected-access
@@ -220,8 +202,7 @@ def _splash_fn(spec: AttentionSpec, q_len: int, q_len_p: int, kv_len: int, kv_le
                num_kv_heads: int, kv_head: int, q_offset: int, bs: sk.BlockSizes, interpret: bool):
   """custom_vjp (q[H,Tp,D], k[K,Sp,D], v, seg) -> (out[H,Tp,D], lse[H,Tp]) for one example."""
   del q_len  # part of the cache key only
-  fn = PatternMask(spec, stride_phase(spec, kv_head, num_kv_heads),
-                   kv_len if kv_len_p > kv_len else None)
+  fn = PatternMask(spec, kv_head, num_kv_heads, kv_len if kv_len_p > kv_len else None)
   info = functools.partial(mask_info, spec, q_len_p, kv_len, kv_len_p, num_kv_heads, kv_head,
                            q_offset=q_offset)
   fwd_info = info(bs.block_q, bs.block_kv)
@@ -274,7 +255,7 @@ def _head_groups(spec: AttentionSpec, num_kv_heads: int) -> list[list[int]]:
   """kv heads that share one pattern (one splash call each), in ascending order."""
   groups: dict[int, list[int]] = {}
   for h in range(num_kv_heads):
-    groups.setdefault(stride_phase(spec, h, num_kv_heads), []).append(h)
+    groups.setdefault(spec.stride_phase(h, num_kv_heads), []).append(h)
   return list(groups.values())
 
 

@@ -8,6 +8,10 @@ Token i (query) may attend token j (key) only if j <= i, and:
                                 s = max(1, V // num_kv_heads) (0 when homo_head).
 Positions are absolute. Query heads of one GQA group share their kv head's pattern.
 
+This module is the one home of the pattern: the predicate (`allowed`, written once and generic
+over the integer ops, so kernels pass their own division), parsing and printing, per-row
+attended-key counts, and the tile summaries below.
+
 `BlockLayout` is the host-side (numpy) summary kernels iterate over: for every
 (kv head, query tile) the key tiles that hold at least one allowed pair, each
 marked full (every pair allowed, no padding) or partial, plus the transpose.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import re
 from typing import Literal
 
 import numpy as np
@@ -80,6 +86,12 @@ class AttentionSpec:
       return 0
     return max(1, self.vert_stride // num_kv_heads)
 
+  def stride_phase(self, kv_head: int, num_kv_heads: int) -> int:
+    """(kv_head * s) % V: kv heads with equal phases have equal block_sparse patterns."""
+    if self.kind != "block_sparse":
+      return 0
+    return (kv_head * self.stride_shift(num_kv_heads)) % self.vert_stride
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
@@ -95,17 +107,82 @@ class AttentionSpec:
     homo = ",homo" if self.homo_head else ""
     return f"block_sparse({self.block_size},{self.local_blocks},{self.vert_stride}{homo})"
 
+  @classmethod
+  def parse(cls, text: str) -> AttentionSpec:
+    """The inverse of str(): 'full', 'sink_window(64,1984)', 'block_sparse(64,16,64[,homo])'."""
+    return parse_spec(text)
 
-def allowed(spec: AttentionSpec, q_pos, k_pos, kv_head, num_kv_heads: int):
-  """Elementwise pattern predicate. Works on numpy or jax arrays; broadcasts all three."""
+
+_SPEC_RE = re.compile(r"^\s*(full|sink_window|block_sparse)\s*(?:\(([^)]*)\))?\s*$")
+
+
+def parse_spec(text: str | AttentionSpec) -> AttentionSpec:
+  """'full', 'sink_window(64,1984)', 'block_sparse(64,16,64)' or 'block_sparse(64,16,64,homo)'.
+
+  An AttentionSpec passes through unchanged.
+  """
+  if isinstance(text, AttentionSpec):
+    return text
+  m = _SPEC_RE.match(text)
+  if not m:
+    raise ValueError(f"cannot parse attention spec {text!r}; expected e.g. 'full', "
+                     "'sink_window(64,1984)' or 'block_sparse(64,16,64)'")
+  kind, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
+  homo = bool(args) and args[-1] in ("homo", "homo_head", "True")
+  if homo:
+    args = args[:-1]
+  try:
+    nums = [int(a) for a in args]
+    if kind == "full" and not nums:
+      return AttentionSpec.full()
+    if kind == "sink_window" and len(nums) == 2:
+      return AttentionSpec.sink_window(*nums)
+    if kind == "block_sparse" and len(nums) == 3:
+      return AttentionSpec.block_sparse(*nums, homo_head=homo)
+  except ValueError as e:
+    raise ValueError(f"cannot parse attention spec {text!r}: {e}") from None
+  raise ValueError(f"wrong arguments in attention spec {text!r}")
+
+
+def allowed(spec: AttentionSpec, q_pos, k_pos, kv_head, num_kv_heads: int, *,
+            div=operator.floordiv, mod=operator.mod):
+  """THE pattern predicate, elementwise; broadcasts its three position/head arguments.
+
+  Works on numpy arrays, jax arrays and in-kernel values. Kernels whose positions are
+  non-negative may pass cheaper integer ops (e.g. `lax.div`/`lax.rem`, or shifts for powers
+  of two); `div(x, n)` and `mod(x, n)` must equal floor division and modulo for x >= 0.
+  """
   causal = k_pos <= q_pos
   if spec.kind == "full":
     return causal
   if spec.kind == "sink_window":
-    return causal & ((k_pos < spec.sink) | (q_pos - k_pos < spec.window))
+    near = q_pos - k_pos < spec.window
+    return causal & (((k_pos < spec.sink) | near) if spec.sink > 0 else near)
   b, s = spec.block_size, spec.stride_shift(num_kv_heads)
-  qb, kb = q_pos // b, k_pos // b
-  return causal & ((qb - kb < spec.local_blocks) | ((kb + kv_head * s) % spec.vert_stride == 0))
+  kb = div(k_pos, b)
+  local = div(q_pos, b) - kb < spec.local_blocks
+  return causal & (local | (mod(kb + kv_head * s, spec.vert_stride) == 0))
+
+
+def attended_keys_per_query(spec: AttentionSpec, seq_len: int, num_kv_heads: int) -> float:
+  """Mean number of keys a query attends (causal), over the queries of one sequence from position
+  0 and over kv heads: the attention FLOP count's pair count."""
+  i = np.arange(seq_len, dtype=np.float64)
+  if spec.kind == "full":
+    return float(np.mean(i + 1))
+  if spec.kind == "sink_window":
+    recent = np.minimum(i + 1, spec.window)
+    return float(np.mean(recent + np.minimum(spec.sink, np.maximum(0, i + 1 - spec.window))))
+  b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
+  nb = -(-seq_len // b)
+  qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
+  s = spec.stride_shift(num_kv_heads)
+  heads = num_kv_heads if s else 1
+  total = 0.0
+  for h in range(heads):
+    ok = (kb < qb) & allowed(spec, qb * b, kb * b, h, num_kv_heads)  # whole off-diagonal blocks
+    total += ok.sum() * b * b + nb * b * (b + 1) / 2  # + the causal diagonal block
+  return min(total / heads / (nb * b), float(np.mean(i + 1)))
 
 
 def dense_mask(spec: AttentionSpec, q_len: int, kv_len: int, num_kv_heads: int,

@@ -15,8 +15,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from longgen_jax.data_sources import open_source
-from longgen_jax.tokenizer import Tokenizer
+from longgen_jax.data.sources import open_source
+from longgen_jax.data.tokenizer import Tokenizer
 
 _EVAL_SPLIT_SEED = 1234567  # fixed, so the held-out documents don't move when the training seed does
 

@@ -1,15 +1,38 @@
-"""Model configuration: Llama dimensions plus one AttentionSpec per layer, and presets."""
+"""Model configuration: Llama dimensions plus one AttentionSpec per layer, and presets.
+
+Also the one home of the names configs and CLIs share: dtypes, remat policies, placements of
+the full layers, and the default LongGen pattern (3/8 of the layers full in the middle, the
+rest sink_window(64,1984): 12 of 32 for Llama-2-7B).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Literal
 
-from longgen_jax.attention.spec import AttentionSpec
+import jax
+import jax.numpy as jnp
+
+from longgen_jax.attention.spec import AttentionSpec, parse_spec
 
 Placement = Literal["middle", "top", "bottom", "interleaved"]
+PLACEMENTS = ("middle", "top", "bottom", "interleaved")
+LONGGEN_FULL_FRACTION = 3 / 8
+DEFAULT_SPARSE = AttentionSpec.sink_window(64, 1984)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,                                                   # keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,               # recompute each layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def dtype(name: str):
+  """The jnp dtype of a config/CLI dtype name."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; choose from {list(DTYPES)}")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,36 +102,10 @@ class ModelConfig:
     return cls.from_dict(json.loads(text))
 
 
-_SPEC_RE = re.compile(r"^\s*(full|sink_window|block_sparse)\s*(?:\(([^)]*)\))?\s*$")
-
-
-def parse_spec(text: str) -> AttentionSpec:
-  """'full', 'sink_window(64,1984)', 'block_sparse(64,16,64)' or 'block_sparse(64,16,64,homo)'."""
-  m = _SPEC_RE.match(text)
-  if not m:
-    raise ValueError(f"cannot parse attention spec {text!r}; expected e.g. 'full', "
-                     "'sink_window(64,1984)' or 'block_sparse(64,16,64)'")
-  kind, args = m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
-  homo = bool(args) and args[-1] in ("homo", "homo_head", "True")
-  if homo:
-    args = args[:-1]
-  try:
-    nums = [int(a) for a in args]
-    if kind == "full" and not nums:
-      return AttentionSpec.full()
-    if kind == "sink_window" and len(nums) == 2:
-      return AttentionSpec.sink_window(*nums)
-    if kind == "block_sparse" and len(nums) == 3:
-      return AttentionSpec.block_sparse(*nums, homo_head=homo)
-  except ValueError as e:
-    raise ValueError(f"cannot parse attention spec {text!r}: {e}") from None
-  raise ValueError(f"wrong arguments in attention spec {text!r}")
-
-
 def layer_pattern(num_layers: int, num_full: int, sparse: AttentionSpec | str,
                   placement: Placement = "middle") -> tuple[AttentionSpec, ...]:
   """`num_full` full layers placed at `placement`, the rest use `sparse`."""
-  sparse = parse_spec(sparse) if isinstance(sparse, str) else sparse
+  sparse = parse_spec(sparse)
   if not 0 <= num_full <= num_layers:
     raise ValueError(f"num_full must be in [0, {num_layers}], got {num_full}")
   if placement == "middle":
@@ -121,9 +118,49 @@ def layer_pattern(num_layers: int, num_full: int, sparse: AttentionSpec | str,
   elif placement == "interleaved":
     full_ids = [int((i + 0.5) * num_layers / num_full) for i in range(num_full)]
   else:
-    raise ValueError(f"placement must be middle, top, bottom or interleaved, got {placement!r}")
+    raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
   full_ids = set(full_ids)
   return tuple(AttentionSpec.full() if i in full_ids else sparse for i in range(num_layers))
+
+
+def longgen_pattern(num_layers: int, num_full: int | None = None, sparse: AttentionSpec | str | None = None,
+                    placement: Placement = "middle") -> tuple[AttentionSpec, ...]:
+  """The LongGen pattern: by default 3/8 of the layers full in the middle, the rest DEFAULT_SPARSE."""
+  if num_full is None:
+    num_full = round(LONGGEN_FULL_FRACTION * num_layers)
+  return layer_pattern(num_layers, num_full, DEFAULT_SPARSE if sparse is None else sparse, placement)
+
+
+def resolve_pattern(pattern: str, num_layers: int, *, sparse: str | AttentionSpec | None = None,
+                    num_full: int | None = None, placement: Placement = "middle") -> tuple[AttentionSpec, ...]:
+  """Layer specs for a pattern string: "full", "longgen", a preset name, or attention spec(s).
+
+  "longgen" is `longgen_pattern` (num_full, sparse and placement apply). A preset name uses that
+  preset's pattern and needs its layer count. Otherwise one spec for every layer
+  ("sink_window(64,1984)") or one per layer separated by ';' ("full;sink_window(4,28);full").
+  """
+  if pattern != "longgen" and (num_full is not None or (sparse is not None and pattern not in PRESETS)):
+    raise ValueError(f"num_full applies to pattern 'longgen' and sparse to 'longgen' or a preset, "
+                     f"not to pattern {pattern!r}")
+  if pattern == "full":
+    return (AttentionSpec.full(),) * num_layers
+  if pattern == "longgen":
+    return longgen_pattern(num_layers, num_full, sparse, placement)
+  if pattern in PRESETS:
+    specs = preset(pattern, sparse=sparse).layer_specs
+    if len(specs) != num_layers:
+      raise ValueError(f"pattern preset {pattern!r} has {len(specs)} layers but the model has "
+                       f"{num_layers}; use pattern 'longgen' for a LongGen pattern of any depth")
+    return specs
+  try:
+    specs = tuple(parse_spec(s) for s in pattern.split(";") if s.strip())
+  except ValueError as e:
+    raise ValueError(f"bad layer pattern {pattern!r}: {e}") from None
+  if len(specs) == 1:
+    return specs * num_layers
+  if len(specs) != num_layers:
+    raise ValueError(f"layer pattern {pattern!r} lists {len(specs)} specs for {num_layers} layers")
+  return specs
 
 
 # ----------------------------------------------------------------------------- presets
@@ -136,12 +173,8 @@ _DIMS = {
     "llama2_70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_layers=80,
                        num_heads=64, num_kv_heads=8, head_dim=128, max_seq_len=4096),
 }
-# Full layers kept by the LongGen pattern (middle placement) and the default sparse spec.
-_LONGGEN = {
-    "tiny": (1, AttentionSpec.sink_window(4, 28)),
-    "llama2_7b": (12, AttentionSpec.sink_window(64, 1984)),
-    "llama2_70b": (30, AttentionSpec.sink_window(64, 1984)),
-}
+# The sparse spec of each preset's LongGen pattern when it is not DEFAULT_SPARSE.
+_SPARSE = {"tiny": AttentionSpec.sink_window(4, 28)}
 PRESETS = tuple(n for base in _DIMS for n in (base, base + "_full"))
 
 
@@ -150,15 +183,12 @@ def preset(name: str, sparse: AttentionSpec | str | None = None, **overrides) ->
   base = name.removesuffix("_full")
   if base not in _DIMS:
     raise ValueError(f"unknown preset {name!r}; choose from {list(PRESETS)}")
-  num_full, default_sparse = _LONGGEN[base]
   dims = dict(_DIMS[base])
   num_layers = overrides.pop("num_layers", dims.pop("num_layers"))
-  dims.pop("num_layers", None)
   if name.endswith("_full"):
     specs = (AttentionSpec.full(),) * num_layers
   else:
-    num_full = round(num_full * num_layers / _DIMS[base]["num_layers"])
-    specs = layer_pattern(num_layers, num_full, sparse or default_sparse, "middle")
+    specs = longgen_pattern(num_layers, sparse=sparse or _SPARSE.get(base))
   cfg = dict(dims, num_layers=num_layers, layer_specs=specs)
   cfg.update(overrides)
   return ModelConfig(**cfg)

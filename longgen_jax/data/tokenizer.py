@@ -107,3 +107,12 @@ def load_tokenizer(name: str) -> Tokenizer:
   raise FileNotFoundError(
       f"tokenizer {name!r} not found: use 'byte', a SentencePiece .model file, or a directory "
       "holding tokenizer.json (Hugging Face) or tokenizer.model")
+
+
+def resolve_tokenizer(name: str | None, ckpt: str | None = None) -> Tokenizer:
+  """`name`, else the checkpoint directory's own tokenizer files, else the built-in byte tokenizer."""
+  if not name and ckpt:
+    for f in ("tokenizer.json", "tokenizer.model"):
+      if os.path.exists(os.path.join(ckpt, f)):
+        return load_tokenizer(os.path.join(ckpt, f))
+  return load_tokenizer(name or "byte")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec
-from longgen_jax.config import ModelConfig
+from longgen_jax.model.config import ModelConfig
 
 _DROP = np.iinfo(np.int32).max  # scatter index that mode="drop" discards
 

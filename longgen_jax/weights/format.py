@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from longgen_jax.config import ModelConfig
+from longgen_jax.model.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"

@@ -1,12 +1,10 @@
-"""Text generation with per-layer KV caches: `generate(model, prompts, ...)` and a CLI.
+"""Text generation with per-layer KV caches: `generate(model, prompts, ...)` and `generate_stream`.
 
-Prompts are right-padded (see longgen_jax.inference). Decoding runs in one compiled
+Prompts are right-padded (see model.inference). Decoding runs in one compiled
 `lax.while_loop` that stops at max_new_tokens or when every sequence has emitted a stop
 token. Streaming (`generate_stream`, the CLI) re-enters the same compiled loop for
 `stream_every` steps at a time and yields the new tokens in between: no host callbacks, so
 the loop stays a plain XLA while loop, and the caches are donated between calls.
-
-  python -m longgen_jax.generate --ckpt DIR --prompt "Once upon a time" --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import sys
+import warnings
 import time
 from typing import Iterator, Sequence
 
@@ -23,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longgen_jax import inference
-from longgen_jax.kv_cache import cache_layouts, describe_cache, init_cache
+from longgen_jax.model import inference
+from longgen_jax.model.kv_cache import cache_layouts, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +127,8 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
   capacity = tokens.shape[1] + max_new_tokens
   if capacity > model.config.max_seq_len:
-    print(f"warning: prompt + new tokens ({capacity}) exceeds the model's max_seq_len "
-          f"({model.config.max_seq_len})", file=sys.stderr)
+    warnings.warn(f"prompt + new tokens ({capacity}) exceeds the model's max_seq_len "
+                  f"({model.config.max_seq_len})", stacklevel=2)
   layouts = cache_layouts(model.config, capacity, kv_int8)
   return _blocks(model, layouts, tokens, lengths, sampling, max_new_tokens, stream_every, seed=seed,
                  chunk_len=chunk_len, attn_impl=attn_impl, cache_dtype=cache_dtype)
@@ -172,109 +170,13 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
                                 chunk_len=chunk_len, kv_int8=kv_int8, attn_impl=attn_impl,
                                 cache_dtype=cache_dtype, pad_id=pad_id, stream_every=max_new_tokens))
   out = np.concatenate(blocks, axis=1)
-  return [_cut(row, stop_tokens) for row in out]
+  return [cut_at_stop(row, stop_tokens) for row in out]
 
 
-def _cut(row, stop_tokens) -> list[int]:
+def cut_at_stop(row, stop_tokens) -> list[int]:
+  """The tokens of `row` before its first stop token."""
   row = [int(t) for t in row]
   for i, t in enumerate(row):
     if t in stop_tokens:
       return row[:i]
   return row
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def resolve_tokenizer(name: str | None, ckpt: str | None):
-  """--tokenizer, else the checkpoint's own tokenizer files, else the built-in byte tokenizer."""
-  import os
-  from longgen_jax.tokenizer import load_tokenizer
-  if not name and ckpt:
-    for f in ("tokenizer.json", "tokenizer.model"):
-      if os.path.exists(os.path.join(ckpt, f)):
-        return load_tokenizer(os.path.join(ckpt, f))
-  return load_tokenizer(name or "byte")
-
-
-def _load_model(args):
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-  if args.ckpt:
-    from longgen_jax.convert import load_pretrained
-    return load_pretrained(args.ckpt, dtype=dtype, param_dtype=dtype, attn_impl=args.attn_impl,
-                           remat="none")
-  from longgen_jax.config import preset
-  from longgen_jax.model import Llama
-  cfg = preset(args.preset)
-  return Llama(cfg, rngs=nnx.Rngs(args.seed), dtype=dtype, param_dtype=dtype, attn_impl=args.attn_impl)
-
-
-def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m longgen_jax.generate", description=__doc__.split("\n")[0])
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--ckpt", help="longgen_jax checkpoint dir (config.json + params/) or a HF Llama dir")
-  src.add_argument("--preset", help="random weights from a preset (e.g. tiny), for smoke tests")
-  txt = p.add_mutually_exclusive_group(required=True)
-  txt.add_argument("--prompt", help="prompt text")
-  txt.add_argument("--prompt-file", help="file holding the prompt text")
-  p.add_argument("--tokenizer", default=None,
-                 help="'byte', a SentencePiece .model, or a dir with tokenizer.json "
-                      "(default: the checkpoint's own, else byte)")
-  p.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--stop-token", type=int, action="append", default=None,
-                 help="stop token id (repeatable; default: the tokenizer's EOS)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chunk-len", type=int, default=2048, help="prefill chunk length")
-  p.add_argument("--kv-int8", action="store_true", help="int8 KV cache for the full layers")
-  p.add_argument("--attn-impl", default="auto", choices=inference.PREFILL_IMPLS)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  p.add_argument("--stream-every", type=int, default=8, help="decode steps between printed updates")
-  args = p.parse_args(argv)
-
-  tok = resolve_tokenizer(args.tokenizer, args.ckpt)
-  text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
-  ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
-  model = _load_model(args)
-  stops = args.stop_token if args.stop_token is not None else [int(tok.eos_id)]
-  capacity = len(ids) + args.max_new_tokens
-  print(describe_cache(model.config, capacity, 1, dtype=model.dtype, kv_int8=args.kv_int8), file=sys.stderr)
-  t0 = time.perf_counter()
-  new: list[int] = []
-  shown = ""
-  sys.stdout.write(text)
-  for block in generate_stream(model, [ids], max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               stop_tokens=stops, seed=args.seed, chunk_len=args.chunk_len,
-                               kv_int8=args.kv_int8, attn_impl=args.attn_impl,
-                               stream_every=args.stream_every):
-    new += _cut(block[0], stops)
-    decoded = tok.decode(new)
-    if decoded.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-      continue
-    sys.stdout.write(decoded[len(shown):])
-    sys.stdout.flush()
-    shown = decoded
-    if any(int(t) in stops for t in block[0]):
-      break
-  sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
-  dt = time.perf_counter() - t0
-  print(f"[{len(ids)} prompt tokens, {len(new)} new tokens, {dt:.2f} s incl. compile]", file=sys.stderr)
-
-
-if __name__ == "__main__":
-  main()
-
-
-class _CallableModule(type(sys)):
-  """`longgen_jax.generate` is both this module and the function: importing the submodule
-  rebinds the package attribute to the module, so the module forwards calls to generate()."""
-
-  def __call__(self, *args, **kwargs):
-    return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

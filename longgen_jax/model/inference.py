@@ -1,16 +1,16 @@
-"""Cached forward passes of `Llama`: chunked prefill into per-layer KV caches, one-token decode.
+"""Cache orchestration for `Llama`: chunked prefill into per-layer KV caches, one-token decode.
 
-Built from the model's own submodules (embed, qkv, out, norms, mlp, logits), so the weights
-and numerics are the training model's. Sequences are right-padded: sequence b holds its
+The model's own forward runs both: this module only builds the attend functions that write
+a layer's cache and attend over it (see model.llama). Sequences are right-padded: sequence b holds its
 prompt at positions 0..lengths[b]-1, so cache slots, RoPE and the sparse patterns all use the
 true absolute positions; padded tokens are computed but never written to a cache.
 
 Prefill runs one jitted call per (chunk, layer), so a layer compiles once per distinct
 static argument, not once per model:
   full         attention(impl) over the cache prefix [0, c0 + C) at q_offset = c0 (c0 static:
-               one compile per chunk offset), or impl="cudnn": jax.nn.dot_product_attention
-               over the whole cache with a dynamic key length, merged with the chunk's causal
-               self-attention by log-sum-exp (one compile).
+               one compile per chunk offset), or, where the registry chooses cuDNN for the
+               layer: jax.nn.dot_product_attention over the whole cache with a dynamic key
+               length, merged with the chunk's causal self-attention by log-sum-exp (one compile).
   sink_window  attention(impl) over [sink | the ring's last `window` positions | chunk], with
                distances preserved (q_offset = sink + window) and unwritten slots masked by
                kv segment ids (one compile). The first chunk (c0 = 0) attends only to itself,
@@ -27,30 +27,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from longgen_jax.attention import attention, available_impls
-from longgen_jax.attention.decode import cached_attention, slot_mask
-from longgen_jax.kv_cache import CacheLayout, dequantize_int8
-
-PREFILL_IMPLS = ("auto", "pallas", "xla_blockwise", "reference", "cudnn")
+from longgen_jax.attention import SegmentIds, attention, registry
+from longgen_jax.attention.decode import CachePart, cached_attention, slot_mask
+from longgen_jax.model.kv_cache import CacheLayout, dequantize_int8
 
 
-def _parts(layout: CacheLayout, cache, q_pos_BT, last_B, extra=None):
-  """(k, v, mask, k_scale, v_scale) parts for cached_attention, plus an optional extra part."""
+def _parts(layout: CacheLayout, cache, q_pos_BT, last_B, extra: CachePart | None = None) -> list[CachePart]:
+  """The cache's slots as cached_attention parts, plus an optional extra part."""
   parts = []
   for sl in layout.view(cache, last_B):
     mask = slot_mask(layout.spec, q_pos_BT, sl.pos, sl.ok, sl.only)
-    parts.append((sl.k, sl.v, mask, sl.k_scale, sl.v_scale))
+    parts.append(CachePart(sl.k, sl.v, mask, sl.k_scale, sl.v_scale))
   if extra is not None:
     parts.append(extra)
   return parts
 
 
-def _attn_block(block, x_BTE, core):
-  """Residual block whose attention is core(normed hidden) -> (attention output, aux)."""
-  h = block.input_layernorm(x_BTE)
-  o, aux = core(h)
-  x = x_BTE + block.self_attn.out(o)
-  return x + block.mlp(block.post_attention_layernorm(x)), aux
+def _uses_cudnn(impl: str, spec) -> bool:
+  """Full layers under impl "cudnn" attend the cache through dot_product_attention with a
+  dynamic key length (cuDNN on GPU, XLA elsewhere): one compile for every chunk."""
+  return impl == "cudnn" and spec.is_full
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -74,11 +70,11 @@ def _full_prefix_cudnn(q, cache_k, cache_v, c0, k, v):
   return (o / (w_pre + w_self)[..., None]).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0", "sparse"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0"),
                    donate_argnames=("cache",))
 def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, lengths_B, *,
-                  impl: str, static_c0: int | None, sparse: str | None = None):
-  """One layer over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed)."""
+                  impl: str, static_c0: int | None):
+  """One block over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed)."""
   block = nnx.merge(graphdef, state)
   B, T, _ = x_BTE.shape
   spec = layout.spec
@@ -87,37 +83,25 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
   pos_BT = jnp.broadcast_to(c0 + jnp.arange(T), (B, T))
   valid_BT = pos_BT < lengths_B[:, None]
   start_B = jnp.full((B,), c0, jnp.int32)
-  sparse_attn = sparse or sparse_impl(impl)
 
-  def core(h):
-    q, k, v = block.self_attn.qkv(h, pos_BT)
+  def attend(q, k, v):
     new_cache = layout.write(cache, k, v, start_B, valid_BT)
     if spec.kind == "full":
-      if impl == "cudnn":
+      if _uses_cudnn(impl, spec):
         kc, vc = _cache_kv(layout, new_cache, q.dtype, None)
         return _full_prefix_cudnn(q, kc, vc, c0, k, v), new_cache
       kc, vc = _cache_kv(layout, new_cache, q.dtype, static_c0 + T)
       return attention(q, kc, vc, spec, impl=impl, q_offset=static_c0), new_cache
     if spec.kind == "sink_window":
       if static_c0 == 0:  # first chunk: only itself
-        return attention(q, k, v, spec, impl=sparse_attn), new_cache
-      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, sparse_attn), new_cache
+        return attention(q, k, v, spec, impl=impl), new_cache
+      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl), new_cache
     K = layout.num_kv_heads
     pos_BKT = jnp.broadcast_to(pos_BT[:, None], (B, K, T))
-    extra = (k, v, slot_mask(spec, pos_BT, pos_BKT, jnp.ones((B, K, T), bool)), None, None)
-    parts = _parts(layout, cache, pos_BT, start_B - 1, extra)
-    return cached_attention(q, parts), new_cache
+    chunk = CachePart(k, v, slot_mask(spec, pos_BT, pos_BKT, jnp.ones((B, K, T), bool)))
+    return cached_attention(q, _parts(layout, cache, pos_BT, start_B - 1, chunk)), new_cache
 
-  return _attn_block(block, x_BTE, core)
-
-
-def sparse_impl(impl: str) -> str:
-  """The attention impl for sparse layers when full layers use cuDNN: the Pallas kernel where
-  one is registered for this backend, else xla_blockwise."""
-  if impl != "cudnn":
-    return impl
-  backend = jax.default_backend()
-  return "auto" if f"pallas_{backend}" in available_impls(backend) else "xla_blockwise"
+  return block(x_BTE, pos_BT, attend)
 
 
 def _cache_kv(layout, cache, dtype, length):
@@ -145,7 +129,7 @@ def _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl):
       jnp.ones(k.shape[:2], bool)], axis=1).astype(jnp.int32)
   q_seg = jnp.ones(q.shape[:2], jnp.int32)
   return attention(q, jnp.concatenate(keys, 1), jnp.concatenate(vals, 1), spec, impl=impl,
-                   q_offset=sink + ring, segment_ids=(q_seg, kv_seg))
+                   q_offset=sink + ring, segment_ids=SegmentIds(q_seg, kv_seg))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -178,21 +162,21 @@ def check_chunk_len(layouts, chunk_len: int, prompt_len: int):
 
 
 def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 2048,
-            attn_impl: str | None = None, sparse_attn_impl: str | None = None):
+            attn_impl: str | None = None):
   """Runs right-padded prompts through the model in chunks, filling `caches` (donated).
 
-  attn_impl (default: the model's) serves the full layers ("cudnn": cuDNN); sink_window layers
-  use `sparse_attn_impl`, by default attn_impl itself, or with "cudnn" the Pallas kernel where one
-  is registered, else xla_blockwise. block_sparse layers always use the masked XLA path.
+  attn_impl (default: the model's) is resolved per layer by the attention registry, so
+  "cudnn" serves the full layers and leaves sparse layers to the auto choice. block_sparse
+  layers always use the masked XLA path over the cache's parts.
 
   Returns (caches, logits [B, V] at each sequence's last prompt token).
   """
   tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   B, T = tokens_BT.shape
-  impl = attn_impl or model.layers[0].self_attn.attn_impl
-  if impl not in PREFILL_IMPLS:
-    raise ValueError(f"attn_impl must be one of {PREFILL_IMPLS}, got {impl!r}")
+  impl = attn_impl or model.attn_impl
+  if impl not in registry.USER_NAMES:
+    raise ValueError(f"attn_impl must be one of {registry.USER_NAMES}, got {impl!r}")
   if T > layouts[0].capacity:
     raise ValueError(f"prompt length {T} exceeds the cache capacity {layouts[0].capacity}")
   check_chunk_len(layouts, chunk_len, T)
@@ -204,10 +188,10 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
     x = _embed(emb_def, emb_state, tokens_BT[:, c0:c0 + chunk_len])
     for i, ((gdef, state), layout) in enumerate(zip(blocks, layouts)):
       kind = layout.spec.kind
-      static_c0 = (c0 if kind == "full" and impl != "cudnn" else
+      static_c0 = (c0 if kind == "full" and not _uses_cudnn(impl, layout.spec) else
                    0 if kind == "sink_window" and c0 == 0 else None)
       x, caches[i] = prefill_layer(gdef, state, layout, caches[i], x, jnp.int32(c0), lengths_B,
-                                   impl=impl, static_c0=static_c0, sparse=sparse_attn_impl)
+                                   impl=impl, static_c0=static_c0)
     last_BE = _take_last(x, last_BE, lengths_B, jnp.int32(c0))
   m_def, m_state = nnx.split(model)
   return caches, _final_logits(m_def, m_state, last_BE)
@@ -217,21 +201,20 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
 
 
 def decode_step(model, layouts, caches, tokens_B, pos_B):
-  """One token per sequence at positions pos_B. Pure (use inside jit). Returns (logits [B,V], caches)."""
-  x = model.embed_tokens(tokens_B[:, None])
+  """One token per sequence at positions pos_B: the model's forward with cache attends. Pure (use
+  inside jit). Returns (logits [B,V], caches)."""
   pos_B1 = pos_B[:, None]
   ones_B1 = jnp.ones_like(pos_B1, bool)
-  new_caches = []
-  for block, layout, cache in zip(model.layers, layouts, caches):
 
-    def core(h, layout=layout, cache=cache, block=block):
-      q, k, v = block.self_attn.qkv(h, pos_B1)
-      cache = layout.write(cache, k, v, pos_B, ones_B1)
-      return cached_attention(q, _parts(layout, cache, pos_B1, pos_B)), cache
+  def cache_attend(layout, cache):
+    def attend(q, k, v):
+      cache_ = layout.write(cache, k, v, pos_B, ones_B1)
+      return cached_attention(q, _parts(layout, cache_, pos_B1, pos_B)), cache_
+    return attend
 
-    x, cache = _attn_block(block, x, core)
-    new_caches.append(cache)
-  return model.logits(model.norm(x))[:, 0], new_caches
+  hidden, new_caches = model.forward(tokens_B[:, None], pos_B1,
+                                     [cache_attend(lay, c) for lay, c in zip(layouts, caches)])
+  return model.logits(hidden)[:, 0], new_caches
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layouts"), donate_argnames=("caches",))

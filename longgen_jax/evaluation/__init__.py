@@ -1,0 +1,1 @@
+"""Evaluation library: pass-key retrieval grids and loss by position (the CLI is `evaluate`)."""

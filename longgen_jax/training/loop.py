@@ -1,0 +1,257 @@
+"""The training loop: `train(cfg, workdir)` trains (or resumes) a run.
+
+One jit-compiled step (gradient accumulation as a scan over micro-batches, chunked cross-entropy,
+AdamW with fp32 master weights and bf16 compute), explicit shardings over a mesh, donated train
+state; grain data; Orbax checkpoints that resume exactly. WORKDIR holds checkpoints/, metrics.jsonl,
+TensorBoard events (tb/), config.json (the resolved config) and, at the end, model/ (the final
+weights in the format generate/evaluate/convert read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from longgen_jax.model.config import ModelConfig
+from longgen_jax.parallel import mesh as sharding
+from longgen_jax.training.config import build_model_config, changed_settings, validate_config
+from longgen_jax.training.flops import peak_tflops, train_flops_per_token
+from longgen_jax.training.loss import make_loss_fn
+from longgen_jax.training.optimizer import make_optimizer
+from longgen_jax.training.state import abstract_model, init_state, new_train_state, state_shardings
+from longgen_jax.training.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """Loss or gradient norm became NaN/inf; the last complete checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run holds between steps (built by `prepare`)."""
+
+  cfg: Any
+  workdir: str
+  model_config: ModelConfig
+  graphdef: Any
+  state: dict
+  start: int                   # last step already done (0 for a fresh run)
+  step_fn: Callable            # compiled (state, batch) -> (state, metrics)
+  eval_fn: Callable            # compiled (params, batch) -> (loss sum, tokens)
+  to_device: Callable          # host batch -> global sharded batch
+  train_iter: Any
+  eval_ds: Any
+  ckpt: Any
+  writer: Any
+  resolved: dict               # the config as saved with every checkpoint
+  tokens_per_step: int
+  flops_per_step: float
+  peak_flops: float            # all devices, 0 when unknown
+
+
+def train(cfg, workdir: str) -> list[dict]:
+  """Trains (or resumes) in `workdir`; returns the records written to metrics.jsonl by this call."""
+  from tqdm import tqdm
+  run = prepare(cfg, workdir)
+  records, times = [], []
+  stop = _StopRequest()
+  bar = tqdm(total=cfg.total_steps, initial=run.start, unit="step", dynamic_ncols=True,
+             disable=not cfg.progress_bar or jax.process_index() != 0)
+  try:
+    for step in range(run.start + 1, cfg.total_steps + 1):
+      t0 = time.perf_counter()
+      run.state, m = run.step_fn(run.state, run.to_device(next(run.train_iter)))
+      loss, gnorm = _finite_or_raise(run, step, m)
+      times.append(time.perf_counter() - t0)
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / times[-1]:,.0f}")
+      evaluating = bool(run.eval_ds is not None and cfg.eval_every
+                        and (step % cfg.eval_every == 0 or step == cfg.total_steps))
+      if step % cfg.log_every == 0 or step == cfg.total_steps or evaluating:
+        records.append(_record(run, step, m, loss, gnorm, float(np.mean(times)), evaluating, bar))
+        times = []
+      stopping = stop.requested()
+      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stopping:
+        run.ckpt.save(step, run.state, run.train_iter, run.resolved)
+      if stopping:
+        _log(f"SIGTERM: saved step {step}; run the same command again to resume")
+        break
+    run.ckpt.wait()
+    if cfg.export_model and run.start < cfg.total_steps and not stop.requested():
+      export_model(run.graphdef, run.state["params"], os.path.join(workdir, "model"))
+  finally:
+    stop.restore()
+    bar.close()
+    run.writer.close()
+    run.ckpt.close()
+  return records
+
+
+def prepare(cfg, workdir: str) -> Run:
+  """Validates the config, builds data, model, mesh and state (restored if a checkpoint exists),
+  and compiles the step."""
+  from longgen_jax.data.pipeline import make_datasets
+  from longgen_jax.data.tokenizer import load_tokenizer
+  from longgen_jax.training.checkpoint import Checkpointer
+  from longgen_jax.training.metrics import MetricsWriter
+
+  validate_config(cfg)
+  os.makedirs(workdir, exist_ok=True)
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  mc = build_model_config(cfg, tokenizer.vocab_size)
+  mesh = sharding.make_mesh(**cfg.mesh)
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (cfg.batch_size // cfg.grad_accum) % batch_ways:
+    raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
+                     f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
+  host_batch = cfg.batch_size // jax.process_count()
+  train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
+                                    seed=cfg.seed)
+  train_iter = iter(train_ds)
+
+  optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
+  graphdef, abstract_params = abstract_model(mc, cfg.model)
+  shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
+  state_sh = state_shardings(shapes, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                shapes, state_sh)  # shapes with shardings: restore and compile targets
+  resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                      async_save=cfg.async_checkpoint)
+  start = ckpt.latest_step()
+  if start is not None:
+    changed = changed_settings(ckpt.restore_config(start), resolved)
+    if changed:
+      _log(f"WARNING: resuming with changed settings {changed}; the run will not match an uninterrupted one")
+    state = ckpt.restore(start, abstract_state, train_iter)
+    _log(f"resumed from step {start} in {ckpt.directory}")
+  else:
+    start = 0
+    state = init_state(cfg, mc, optimizer, state_sh)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(resolved, f, indent=2)
+
+  A, T = cfg.grad_accum, cfg.seq_len
+  batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
+  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention)
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["params"], batch_sh),
+                    out_shardings=sharding.replicated(mesh))
+
+  def to_device(batch):
+    local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
+    return sharding.host_to_global(local, batch_sh)
+
+  tokens_per_step = cfg.batch_size * T
+  _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(abstract_params) / 1e6:.1f}M params, "
+       f"pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on {jax.device_count()} "
+       f"{jax.devices()[0].device_kind} device(s)")
+  t0 = time.perf_counter()
+  abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
+                    for k, dt in BATCH_DTYPES.items()}
+  step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
+  _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
+  return Run(cfg, workdir, mc, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
+             ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step,
+             train_flops_per_token(mc, T) * tokens_per_step,
+             (cfg.peak_tflops or peak_tflops() or 0.0) * 1e12 * jax.device_count())
+
+
+BATCH_DTYPES = {"inputs": np.dtype(np.int32), "targets": np.dtype(np.int32), "positions": np.dtype(np.int32),
+                "segment_ids": np.dtype(np.int32), "loss_mask": np.dtype(np.float32)}
+
+
+def _finite_or_raise(run: Run, step: int, metrics) -> tuple[float, float]:
+  loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])
+  if not (math.isfinite(loss) and math.isfinite(gnorm)):
+    run.ckpt.wait()
+    raise TrainingDiverged(
+        f"loss {loss} / grad norm {gnorm} at step {step} is not finite; stopped without saving. "
+        f"Last complete checkpoint: step {run.ckpt.latest_step()} in {run.ckpt.directory} (resume from it "
+        f"with a lower config.optim.lr or more warmup).")
+  return loss, gnorm
+
+
+def _record(run: Run, step: int, m, loss: float, gnorm: float, step_time: float, evaluating: bool, bar) -> dict:
+  """One metrics.jsonl line (with the eval loss on eval steps), written and returned."""
+  rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": float(m["lr"]), "tokens": int(m["tokens"]),
+         "step_time_s": step_time, "tokens_per_s": run.tokens_per_step / step_time,
+         "mfu": run.flops_per_step / step_time / run.peak_flops if run.peak_flops else None}
+  if evaluating:
+    rec["eval_loss"] = evaluate(run.eval_fn, run.state["params"], run.eval_ds, run.cfg.eval_batches,
+                                run.to_device)
+    bar.write(f"step {step}: loss {loss:.4f}, eval loss {rec['eval_loss']:.4f}")
+  run.writer.write(rec)
+  return rec
+
+
+class _StopRequest:
+  """SIGTERM (preemption, scancel, Ctrl-C of a launcher) -> save a checkpoint at the next step, then stop.
+
+  With several hosts the flag is agreed on every step, so all hosts save the same step.
+  """
+
+  def __init__(self):
+    import signal
+    import threading
+    self._flag, self._old = False, None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self._flag = True
+
+  def requested(self) -> bool:
+    if jax.process_count() == 1:
+      return self._flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+
+  def restore(self):
+    if self._old is not None:
+      import signal
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
+def evaluate(eval_fn, params, eval_ds, num_batches: int, to_device) -> float:
+  """Mean token loss over the first `num_batches` held-out batches (the same ones every time)."""
+  it = iter(eval_ds)
+  total = count = 0.0
+  for _ in range(num_batches):
+    try:
+      batch = next(it)
+    except StopIteration:
+      break
+    l, n = eval_fn(params, to_device(batch))
+    total, count = total + float(l), count + float(n)
+  return total / max(count, 1.0)
+
+
+def export_model(graphdef, params, out_dir: str):
+  """Final weights as config.json + params/ (what generate, evaluate and convert load)."""
+  from flax import nnx
+
+  from longgen_jax.weights import save_model
+  save_model(nnx.merge(graphdef, params), out_dir, overwrite=True)
+  _log(f"exported model to {out_dir}")
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _log(msg: str):
+  if jax.process_index() == 0:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,54 @@
+"""The train state {step, params, opt_state}: abstract shapes, shardings, fresh or pretrained init."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from longgen_jax.model.config import DTYPES, ModelConfig
+from longgen_jax.model.llama import Llama
+from longgen_jax.parallel import mesh as sharding
+
+
+def abstract_model(mc: ModelConfig, mcfg) -> tuple[Any, Any]:
+  """(graphdef, abstract params) without allocating anything."""
+  model = nnx.eval_shape(lambda: new_model(mc, mcfg, seed=0))
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def new_model(mc: ModelConfig, mcfg, seed: int) -> Llama:
+  """A randomly initialised model as config.model (dtypes, attn_impl, remat) asks."""
+  return Llama(mc, rngs=nnx.Rngs(seed), dtype=DTYPES[mcfg.compute_dtype],
+               param_dtype=DTYPES[mcfg.param_dtype], attn_impl=mcfg.attn_impl, remat=mcfg.remat)
+
+
+def state_shardings(abstract_state, mesh):
+  return {"step": sharding.replicated(mesh),
+          "params": sharding.fsdp_shardings(abstract_state["params"], mesh),
+          "opt_state": sharding.fsdp_shardings(abstract_state["opt_state"], mesh)}
+
+
+def new_train_state(params, optimizer: optax.GradientTransformation) -> dict:
+  """{"step": 0, "params", "opt_state"}: the pytree the train step updates and checkpoints hold."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+
+def init_state(cfg, mc: ModelConfig, optimizer, shardings) -> dict:
+  """Fresh train state laid out by `shardings`: random init, or weights from cfg.init_from."""
+  with_opt = lambda params: new_train_state(params, optimizer)
+  if not cfg.init_from:
+    make = lambda: with_opt(nnx.to_pure_dict(nnx.state(new_model(mc, cfg.model, cfg.seed))))
+    return jax.jit(make, out_shardings=shardings)()
+  from longgen_jax.weights import load_pretrained
+  model = load_pretrained(cfg.init_from, dtype=DTYPES[cfg.model.compute_dtype],
+                          param_dtype=DTYPES[cfg.model.param_dtype], attn_impl=cfg.model.attn_impl,
+                          remat=cfg.model.remat, layer_specs=mc.layer_specs, rope_theta=mc.rope_theta,
+                          max_seq_len=mc.max_seq_len)
+  params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), shardings["params"])
+  del model
+  return jax.jit(with_opt, out_shardings=shardings)(params)
