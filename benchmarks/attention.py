@@ -22,35 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longgen_jax.attention.spec import AttentionSpec
+from longgen_jax.attention.spec import AttentionSpec, attended_keys_per_query
 
 HQ, D = 32, 128
 
 
 def allowed_pairs(spec: AttentionSpec | str, T: int, num_kv_heads: int) -> int:
-  """Allowed (query, key) pairs summed over the 32 query heads, counted per row."""
-  i = np.arange(T, dtype=np.int64)
-  if spec == "cudnn_causal" or (isinstance(spec, AttentionSpec) and spec.is_full):
-    return int((i + 1).sum()) * HQ
-  if spec == "cudnn_window":
-    return int(np.minimum(i + 1, 2048).sum()) * HQ
-  if spec.kind == "sink_window":
-    win = np.minimum(i + 1, spec.window)
-    sink = np.clip(i + 1 - spec.window, 0, spec.sink)   # sink keys outside the window
-    return int((win + sink).sum()) * HQ
-  b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
-  s = spec.stride_shift(num_kv_heads)
-  qb = i // b
-  total = 0
-  for h in range(num_kv_heads):
-    kb = np.arange(qb.max() + 1)
-    # earlier blocks [0, qb-1]: local if qb - kb < L, else strided if (kb + h*s) % V == 0
-    strided = ((kb + h * s) % V == 0).astype(np.int64)
-    strided_prefix = np.concatenate([[0], np.cumsum(strided)])   # strided count in [0, n)
-    far = np.maximum(qb - L + 1, 0)                               # blocks [0, far) are not local
-    n_blocks = np.minimum(qb, L - 1) + strided_prefix[far]
-    total += int((i % b + 1 + b * n_blocks).sum()) * (HQ // num_kv_heads)
-  return total
+  """Allowed (query, key) pairs summed over the 32 query heads."""
+  if spec == "cudnn_causal":
+    spec = AttentionSpec.full()
+  elif spec == "cudnn_window":
+    spec = AttentionSpec.sink_window(0, 2048)
+  return round(attended_keys_per_query(spec, T, num_kv_heads) * T) * HQ
 
 
 def time_fn(fn, *args, min_time=0.3, reps=5) -> float:

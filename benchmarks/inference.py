@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from longgen_jax.model import inference
-from longgen_jax.attention import available_impls
+from longgen_jax.attention import AttentionSpec, registry
 from longgen_jax.model.config import preset
 from longgen_jax.model.generation import LoopState, Sampling, decode_loop
 from longgen_jax.model.kv_cache import cache_layouts, init_cache, kv_cache_bytes
@@ -46,7 +46,7 @@ def build_models(name: str, num_layers: int | None, impl: str):
   return {"longgen": model, "all_full": full}
 
 
-def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 1, sparse=None):
+def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 1):
   layouts = cache_layouts(model.config, context)
   caches = init_cache(layouts, 1, jnp.bfloat16)
   tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, context)).astype(np.int32)
@@ -55,11 +55,11 @@ def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 
   for _ in range(1 + repeats):
     t0 = time.perf_counter()
     caches, logits = inference.prefill(model, layouts, caches, tokens, lengths, chunk_len=chunk_len,
-                                       attn_impl=impl, sparse_attn_impl=sparse)
+                                       attn_impl=impl)
     logits.block_until_ready()
     times.append(time.perf_counter() - t0)
   del caches
-  return {"first_s": times[0], "s": min(times[1:]), "sparse_impl": sparse or inference.sparse_impl(impl)}
+  return {"first_s": times[0], "s": min(times[1:]), "impl": impl}
 
 
 def time_decode(model, context: int, batch: int, steps: int):
@@ -123,25 +123,21 @@ def main(argv=None):
   p.add_argument("--decode", default="1x131072,8x8192,8x32768",
                  help="batch x context pairs for decode; all-full is skipped where its cache won't fit")
   p.add_argument("--chunk-len", type=int, default=4096)
-  p.add_argument("--attn-impl", default="cudnn",
-                 help="prefill impl: cudnn (full layers via cuDNN, sparse via pallas if registered), "
-                      "auto, pallas, xla_blockwise")
+  p.add_argument("--attn-impl", default="cudnn", choices=registry.USER_NAMES,
+                 help="prefill impl (attention.registry): cudnn = full layers via cuDNN, the rest auto")
   p.add_argument("--decode-steps", type=int, default=32)
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   global OUT_PATH
   OUT_PATH = args.out
 
-  backend = jax.default_backend()
   impl = args.attn_impl
-  if impl in ("auto", "pallas") and backend in ("gpu", "tpu") and f"pallas_{backend}" not in available_impls():
-    print(f"no Pallas kernel registered for {backend}; falling back to xla_blockwise", file=sys.stderr)
-    impl = "xla_blockwise"
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
   info = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
           "preset": args.preset, "num_layers": args.num_layers, "prefill_impl": impl,
-          "sparse_prefill_impl": inference.sparse_impl(impl), "chunk_len": args.chunk_len,
+          "sparse_prefill_impl": registry.choose(impl, AttentionSpec.sink_window(64, 1984)),
+          "chunk_len": args.chunk_len,
           "device_memory_GiB": mem.get("bytes_limit", 0) / GiB}
   print(json.dumps(info), flush=True)
   models = build_models(args.preset, args.num_layers, "auto")
@@ -162,11 +158,7 @@ def main(argv=None):
       if limit and need > limit:
         results[f"prefill/{name}/{ctx}"] = {"skipped": f"needs {need / GiB:.1f} GiB > {limit / GiB:.1f} GiB"}
         continue
-      r = run(lambda: time_prefill(model, ctx, args.chunk_len, impl), f"prefill/{name}/{ctx}", results)
-      if "error" in r and "RESOURCE_EXHAUSTED" not in r["error"] and name == "longgen":
-        results[f"prefill/{name}/{ctx}/first_try"] = r  # e.g. the Pallas kernel failed: retry in XLA
-        run(lambda: time_prefill(model, ctx, args.chunk_len, impl, sparse="xla_blockwise"),
-            f"prefill/{name}/{ctx}", results)
+      run(lambda: time_prefill(model, ctx, args.chunk_len, impl), f"prefill/{name}/{ctx}", results)
   for pair in [s for s in args.decode.split(",") if s]:
     batch, ctx = (int(x) for x in pair.split("x"))
     for name, model in models.items():

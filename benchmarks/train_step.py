@@ -3,7 +3,7 @@
 Llama-2-7B dims (4096 hidden, 32 heads, 11008 MLP, vocab 32000) with fewer layers so that fp32
 params + AdamW state fit one card: by default 8 layers, 3 full in the middle + 5 sink_window(64,1984)
 (the paper's 12-of-32 ratio) against 8 full layers. B=1, bf16 compute, remat="full", chunked loss;
-the real train step from longgen_jax.train (optimizer update included). Prints a markdown table and,
+the real train step from longgen_jax.training (optimizer update included). Prints a markdown table and,
 with --json, writes the numbers. Needs no grain.
 
   python benchmarks/train_step.py   (or python -m benchmarks.train_step) --seq-lens 32768,131072 [--attn-impl auto] [--cudnn-baseline]
@@ -25,31 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longgen_jax.attention import available_impls, register_impl
-from longgen_jax.model.config import preset
-from longgen_jax.train import (abstract_model, make_loss_fn, make_optimizer, make_train_step, new_train_state,
-                               peak_tflops, train_flops_per_token, _new_model)
 from flax import nnx
 
-
-def resolve_impl(requested: str) -> str:
-  """The impl actually used: `requested`, or xla_blockwise when no kernel is registered here."""
-  backend = jax.default_backend()
-  name = {"auto": "pallas" if backend in ("gpu", "tpu") else "xla_blockwise"}.get(requested, requested)
-  have = available_impls(backend)
-  if (f"pallas_{backend}" if name == "pallas" else name) in have:
-    return name
-  print(f"# attention impl {requested!r} unavailable on {backend} (have {have}); using xla_blockwise")
-  return "xla_blockwise"
-
-
-def register_cudnn():
-  """'cudnn': jax.nn.dot_product_attention (causal) for full layers: the strongest dense baseline."""
-  def fn(q, k, v, spec, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, return_lse=False):
-    if not spec.is_full or q_segment_ids is not None or q_offset or return_lse:
-      raise ValueError("cudnn baseline handles plain causal full attention only")
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-  register_impl("cudnn", fn, ("gpu",))
+from longgen_jax.attention import AttentionSpec, registry
+from longgen_jax.model.config import preset
+from longgen_jax.training.flops import peak_tflops, train_flops_per_token
+from longgen_jax.training.loss import make_loss_fn
+from longgen_jax.training.optimizer import make_optimizer
+from longgen_jax.training.state import abstract_model, new_model, new_train_state
+from longgen_jax.training.step import make_train_step
 
 
 def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int) -> dict:
@@ -58,7 +42,7 @@ def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: i
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 1000)
   graphdef, _ = abstract_model(mc, mcfg)
-  init = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(_new_model(mc, mcfg, seed=0))),
+  init = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(new_model(mc, mcfg, seed=0))),
                                           optimizer))
   state = init()
   loss_fn = make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=False)
@@ -97,7 +81,7 @@ def main():
   ap.add_argument("--layers", type=int, default=8)
   ap.add_argument("--num-full", type=int, default=3)
   ap.add_argument("--sparse", default="sink_window(64,1984)")
-  ap.add_argument("--attn-impl", default="auto")
+  ap.add_argument("--attn-impl", default="auto", choices=registry.USER_NAMES)
   ap.add_argument("--cudnn-baseline", action="store_true", help="also time all-full with cuDNN attention")
   ap.add_argument("--remat", default="full")
   ap.add_argument("--loss-chunk", type=int, default=4096)
@@ -105,12 +89,13 @@ def main():
   ap.add_argument("--json", default="")
   args = ap.parse_args()
 
-  impl = resolve_impl(args.attn_impl)
+  impl = args.attn_impl
+  print(f"# attention: full layers -> {registry.choose(impl, AttentionSpec.full())}, "
+        f"{args.sparse} -> {registry.choose(impl, AttentionSpec.parse(args.sparse))}")
   base = preset(args.preset, num_layers=args.layers)
   variants = [("longgen", base.with_pattern(args.num_full, args.sparse, "middle"), impl),
               ("all-full", base.all_full(), impl)]
   if args.cudnn_baseline and jax.default_backend() == "gpu":
-    register_cudnn()
     variants.append(("all-full", base.all_full(), "cudnn"))
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, {args.layers} layers "

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--tokenizer", default=None,
                       help="'byte', a SentencePiece .model, or a dir with tokenizer.json "
                            "(default: the checkpoint's own, else byte)")
-  common.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  common.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
   common.add_argument("--attn-impl", default="auto", choices=USER_NAMES)
   common.add_argument("--max-seq-len", type=parse_length, default=None,
                       help="override the checkpoint's max_seq_len (e.g. after RoPE extension)")

@@ -11,6 +11,7 @@ import sys
 import time
 
 from longgen_jax.attention.registry import USER_NAMES
+from longgen_jax.model.config import DTYPES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--chunk-len", type=int, default=2048, help="prefill chunk length")
   p.add_argument("--kv-int8", action="store_true", help="int8 KV cache for the full layers")
   p.add_argument("--attn-impl", default="auto", choices=USER_NAMES)
-  p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
   p.add_argument("--stream-every", type=int, default=8, help="decode steps between printed updates")
   return p
 

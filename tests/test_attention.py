@@ -143,3 +143,23 @@ def test_empty_rows_have_finite_gradients(impl):
   for g in grads:
     assert np.isfinite(np.asarray(g)).all()
   assert np.all(np.asarray(grads[0])[0, [1, 3]] == 0)
+
+
+def test_registry_choices():
+  """One registry answers for training, prefill, evaluation and benchmarks (backends simulated)."""
+  from longgen_jax.attention import registry
+  full, sink = AttentionSpec.full(), AttentionSpec.sink_window(4, 28)
+  seg = [registry.SEGMENT_IDS]
+  assert registry.choose("auto", sink, backend="cpu") == "xla_blockwise"
+  assert registry.choose("cudnn", full, backend="cpu") == "xla_blockwise"  # no cuDNN off GPU
+  assert registry.choose("cudnn", full, backend="gpu") == "cudnn"
+  assert registry.choose("cudnn", full, seg, backend="gpu") == "pallas_gpu"  # cuDNN has no segment ids
+  assert registry.choose("cudnn", sink, backend="gpu") == "pallas_gpu"       # nor sinks
+  assert registry.choose("pallas", sink, backend="tpu") == "pallas_tpu"
+  assert registry.supports("cudnn", full, [registry.LSE], backend="gpu")
+  assert not registry.supports("cudnn", full, [registry.Q_OFFSET], backend="gpu")
+  assert "pallas_gpu" not in registry.available_impls("cpu")
+  with pytest.raises(ValueError, match="does not run on the 'cpu' backend"):
+    registry.choose("pallas_gpu", full, backend="cpu")
+  with pytest.raises(ValueError, match="unknown attention features"):
+    registry.choose("auto", full, ["sliding"], backend="cpu")

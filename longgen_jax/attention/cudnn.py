@@ -2,7 +2,7 @@
 
 It serves plain causal full attention (no segment ids, queries and keys from position 0):
 the strongest dense baseline on NVIDIA GPUs. cuDNN has no attention sink and no strided
-blocks, so sparse layers never come here (registry.choose gives them the auto choice).
+blocks, so sparse layers never come here (the registry gives them the auto choice).
 """
 
 from __future__ import annotations
@@ -10,12 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from longgen_jax.attention.registry import LSE, register_impl
 from longgen_jax.attention.spec import AttentionSpec
-
-
-def cudnn_supports(spec: AttentionSpec, features: frozenset[str]) -> bool:
-  return spec.is_full and features <= {LSE}
 
 
 def cudnn_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
@@ -29,5 +24,3 @@ def cudnn_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_id
   out, lse_BTH = out
   return out, jnp.transpose(lse_BTH, (0, 2, 1)).astype(jnp.float32)
 
-
-register_impl("cudnn", cudnn_attention, ("gpu",), cudnn_supports)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longgen_jax.attention.spec import AttentionSpec, allowed
+from longgen_jax.attention.spec import AttentionSpec, allowed, local_block
 
 
 class CachePart(NamedTuple):
@@ -40,8 +40,7 @@ def slot_mask(spec: AttentionSpec, q_pos_BT, pos_BKN, ok_BKN, only: str | None =
   kp = pos_BKN[:, :, None, :]
   mask = ok_BKN[:, :, None, :] & allowed(spec, q, kp, heads, K)
   if only is not None:
-    b = spec.block_size
-    is_local = q // b - kp // b < spec.local_blocks
+    is_local = local_block(spec, q // spec.block_size, kp // spec.block_size)
     mask = mask & (is_local if only == "local" else ~is_local)
   return mask
 

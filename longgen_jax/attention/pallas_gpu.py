@@ -31,7 +31,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from longgen_jax.attention.registry import register_impl
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -537,12 +536,3 @@ def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_i
   if not return_lse:
     return out
   return out, lse2[:, :, :T] * LN2
-
-
-def _registered(q, k, v, spec, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0,
-                return_lse=False):
-  return pallas_attention(q, k, v, spec, q_segment_ids=q_segment_ids,
-                          kv_segment_ids=kv_segment_ids, q_offset=q_offset, return_lse=return_lse)
-
-
-register_impl("pallas_gpu", _registered, ("gpu",))

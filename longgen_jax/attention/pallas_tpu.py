@@ -33,7 +33,6 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
-from longgen_jax.attention.registry import register_impl
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LANES = 128  # splash tiles are multiples of the TPU lane width
@@ -331,5 +330,3 @@ def pallas_tpu_attention(q, k, v, spec: AttentionSpec, *, q_segment_ids=None, kv
   return splash_attention(q, k, v, spec, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                           q_offset=q_offset, return_lse=return_lse)
 
-
-register_impl("pallas_tpu", pallas_tpu_attention, ("tpu",))

@@ -2,12 +2,12 @@
 
 An implementation is a function with the signature of `reference_attention`:
   fn(q, k, v, spec, *, q_segment_ids, kv_segment_ids, q_offset, return_lse)
-registered under a name with the backends it runs on and a `supports(spec, features)`
-predicate. Kernel modules register themselves on import (they import this module, never the
-package facade); `load_kernels(backend)` imports the ones for a backend on first use.
+The built-in ones are declared below by module and function name and imported on first use,
+so kernel modules import nothing from here (no cycle) and a backend's kernels load only there.
+`register_impl` adds more at run time.
 
 Names users pass (training config, `attention(impl=...)`, prefill, evaluation, benchmarks):
-  auto           the fastest registered implementation that supports the call (`PREFERENCE`)
+  auto           the first implementation in `PREFERENCE` that runs here and supports the call
   pallas         our block-sparse kernel for this backend (pallas_gpu or pallas_tpu)
   reference      dense masked XLA: the ground truth (materialises T x S scores)
   xla_blockwise  gathers the listed key tiles; any backend, O(T x budget) memory
@@ -20,6 +20,7 @@ Names users pass (training config, `attention(impl=...)`, prefill, evaluation, b
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable, Iterable
 
 import jax
@@ -33,47 +34,62 @@ LSE = "lse"
 FEATURES = frozenset({SEGMENT_IDS, Q_OFFSET, LSE})
 
 USER_NAMES = ("auto", "pallas", "reference", "xla_blockwise", "cudnn")
-# auto: the first name here that is available and supports the call.
 PREFERENCE = {"gpu": ("pallas_gpu", "xla_blockwise"), "tpu": ("pallas_tpu", "xla_blockwise"),
               "cpu": ("xla_blockwise",)}
 
-
-@dataclasses.dataclass(frozen=True)
-class Impl:
-  name: str
-  fn: Callable
-  backends: tuple[str, ...] | None  # None: any backend
-  supports: Callable[[AttentionSpec, frozenset[str]], bool]
+Supports = Callable[[AttentionSpec, frozenset], bool]
 
 
-def _everything(spec: AttentionSpec, features: frozenset[str]) -> bool:
+def _everything(spec: AttentionSpec, features: frozenset) -> bool:
   return True
 
 
-_IMPLS: dict[str, Impl] = {}
+def _cudnn_supports(spec: AttentionSpec, features: frozenset) -> bool:
+  return spec.is_full and features <= {LSE}
+
+
+@dataclasses.dataclass
+class Impl:
+  name: str
+  backends: tuple[str, ...] | None     # None: any backend
+  supports: Supports
+  module: str = ""                     # where `function` lives, imported on first use
+  function: str = ""
+  fn: Callable | None = None
+
+  def load(self) -> Callable | None:
+    """The function, or None when its module cannot be imported here (e.g. no Pallas GPU support)."""
+    if self.fn is None and self.module:
+      try:
+        self.fn = getattr(importlib.import_module(self.module), self.function)
+      except ImportError:
+        self.module = ""  # do not retry
+    return self.fn
+
+
+_IMPLS: dict[str, Impl] = {
+    "reference": Impl("reference", None, _everything, "longgen_jax.attention.reference", "reference_attention"),
+    "xla_blockwise": Impl("xla_blockwise", None, _everything, "longgen_jax.attention.xla_blockwise",
+                          "blockwise_attention"),
+    "pallas_gpu": Impl("pallas_gpu", ("gpu",), _everything, "longgen_jax.attention.pallas_gpu",
+                       "pallas_attention"),
+    "pallas_tpu": Impl("pallas_tpu", ("tpu",), _everything, "longgen_jax.attention.pallas_tpu",
+                       "pallas_tpu_attention"),
+    "cudnn": Impl("cudnn", ("gpu",), _cudnn_supports, "longgen_jax.attention.cudnn", "cudnn_attention"),
+}
 
 
 def register_impl(name: str, fn: Callable, backends: tuple[str, ...] | None = None,
-                  supports: Callable[[AttentionSpec, frozenset[str]], bool] = _everything) -> None:
+                  supports: Supports = _everything) -> None:
   """Adds (or replaces) an implementation; `supports(spec, features)` says which calls it serves."""
-  _IMPLS[name] = Impl(name, fn, backends, supports)
-
-
-def load_kernels(backend: str) -> None:
-  """Imports the kernel modules for this backend (they register themselves); idempotent."""
-  import importlib
-  for module in {"gpu": ("cudnn", "pallas_gpu"), "tpu": ("pallas_tpu",)}.get(backend, ()):
-    try:
-      importlib.import_module(f"longgen_jax.attention.{module}")
-    except ImportError:  # a jaxlib without this backend's Pallas support: the XLA impls remain
-      pass
+  _IMPLS[name] = Impl(name, backends, supports, fn=fn)
 
 
 def available_impls(backend: str | None = None) -> list[str]:
-  """Registered implementation names that run on `backend` (default: JAX's default backend)."""
+  """Implementation names that run on `backend` (default: JAX's default backend)."""
   backend = backend or jax.default_backend()
-  load_kernels(backend)
-  return [n for n, i in _IMPLS.items() if i.backends is None or backend in i.backends]
+  return [n for n, i in _IMPLS.items()
+          if (i.backends is None or backend in i.backends) and i.load() is not None]
 
 
 def call_features(*, segment_ids: bool = False, q_offset: bool = False, lse: bool = False) -> frozenset[str]:
@@ -81,7 +97,7 @@ def call_features(*, segment_ids: bool = False, q_offset: bool = False, lse: boo
 
 
 def supports(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> bool:
-  """Whether implementation `impl` (a registered name or "pallas") serves this call on `backend`."""
+  """Whether implementation `impl` (a registered name or "pallas") itself serves this call on `backend`."""
   backend = backend or jax.default_backend()
   name = _concrete(impl, backend)
   return name in available_impls(backend) and _IMPLS[name].supports(spec, frozenset(features))
@@ -95,42 +111,27 @@ def choose(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend
   unknown = features - FEATURES
   if unknown:
     raise ValueError(f"unknown attention features {sorted(unknown)}; known: {sorted(FEATURES)}")
-  have = available_impls(backend)
-  if impl == "auto":
-    for name in PREFERENCE.get(backend, ("xla_blockwise",)):
-      if name in have and _IMPLS[name].supports(spec, features):
-        return name
-    return "reference"
+  if impl == "auto" or (impl == "cudnn" and not supports("cudnn", spec, features, backend)):
+    return next(n for n in PREFERENCE.get(backend, ()) + ("reference",) if supports(n, spec, features, backend))
   if impl == "pallas" and backend not in ("gpu", "tpu"):
     raise ValueError(f"impl='pallas' needs a GPU or TPU backend, but JAX's default backend is "
                      f"{backend!r}; use impl='xla_blockwise' or 'reference' on CPU")
   name = _concrete(impl, backend)
-  if name == "cudnn" and (name not in have or not _IMPLS[name].supports(spec, features)):
-    return choose("auto", spec, features, backend)
   if name not in _IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; choose from {list(USER_NAMES)} "
-                     f"(registered on {backend}: {have})")
-  if name not in have:
-    raise ValueError(f"attention impl {impl!r} runs on {_IMPLS[name].backends}, not on the {backend!r} backend")
-  if _IMPLS[name].supports(spec, features):
-    return name
-  raise ValueError(f"attention impl {impl!r} does not support {spec} with {sorted(features) or 'no extras'}")
+                     f"(registered on {backend}: {available_impls(backend)})")
+  if name not in available_impls(backend):
+    raise ValueError(f"attention impl {impl!r} does not run on the {backend!r} backend here "
+                     f"(declared for {_IMPLS[name].backends})")
+  if not _IMPLS[name].supports(spec, features):
+    raise ValueError(f"attention impl {impl!r} does not support {spec} with {sorted(features) or 'no extras'}")
+  return name
 
 
 def resolve(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> Callable:
   """The function `choose` names."""
-  return _IMPLS[choose(impl, spec, features, backend)].fn
+  return _IMPLS[choose(impl, spec, features, backend)].load()
 
 
 def _concrete(impl: str, backend: str) -> str:
   return f"pallas_{backend}" if impl == "pallas" else impl
-
-
-def _register_xla() -> None:
-  from longgen_jax.attention.reference import reference_attention
-  from longgen_jax.attention.xla_blockwise import blockwise_attention
-  register_impl("reference", reference_attention)
-  register_impl("xla_blockwise", blockwise_attention)
-
-
-_register_xla()

@@ -158,10 +158,19 @@ def allowed(spec: AttentionSpec, q_pos, k_pos, kv_head, num_kv_heads: int, *,
   if spec.kind == "sink_window":
     near = q_pos - k_pos < spec.window
     return causal & (((k_pos < spec.sink) | near) if spec.sink > 0 else near)
-  b, s = spec.block_size, spec.stride_shift(num_kv_heads)
-  kb = div(k_pos, b)
-  local = div(q_pos, b) - kb < spec.local_blocks
-  return causal & (local | (mod(kb + kv_head * s, spec.vert_stride) == 0))
+  q_block, k_block = div(q_pos, spec.block_size), div(k_pos, spec.block_size)
+  return causal & (local_block(spec, q_block, k_block)
+                   | strided_block(spec, k_block, kv_head, num_kv_heads, mod=mod))
+
+
+def local_block(spec: AttentionSpec, q_block, k_block):
+  """block_sparse: key block k_block is one of the `local_blocks` nearest to query block q_block."""
+  return q_block - k_block < spec.local_blocks
+
+
+def strided_block(spec: AttentionSpec, k_block, kv_head, num_kv_heads: int, *, mod=operator.mod):
+  """block_sparse: key block k_block is one of kv_head's vertically strided blocks."""
+  return mod(k_block + kv_head * spec.stride_shift(num_kv_heads), spec.vert_stride) == 0
 
 
 def attended_keys_per_query(spec: AttentionSpec, seq_len: int, num_kv_heads: int) -> float:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longgen_jax.attention.spec import AttentionSpec
+from longgen_jax.attention.spec import AttentionSpec, strided_block
 from longgen_jax.model.config import ModelConfig
 
 _DROP = np.iinfo(np.int32).max  # scatter index that mode="drop" discards
@@ -139,7 +139,7 @@ class CacheLayout:
     if self.strided_blocks:
       kb_BTK = (pos_BT // b)[..., None]
       h_K = jnp.arange(K)
-      strided = ((kb_BTK + h_K * s.stride_shift(K)) % V == 0) & valid_BT[..., None]
+      strided = strided_block(s, kb_BTK, h_K, K) & valid_BT[..., None]
       slot_BTK = jnp.where(strided, (kb_BTK // V) * b + (pos_BT % b)[..., None], _DROP)
       for name, x in (("k", k_BTKD), ("v", v_BTKD)):
         buf = cache["strided_" + name]
@@ -172,7 +172,7 @@ class CacheLayout:
     parts = [Slots(cache["local_k"], cache["local_v"], q_BR[:, None], (q_BR >= 0)[:, None], "local")]
     n = self.strided_blocks
     if n:
-      r_K = (-jnp.arange(K) * s.stride_shift(K)) % V
+      r_K = (-jnp.asarray([s.stride_phase(h, K) for h in range(K)])) % V  # the k_block residues
       kb_Kn = r_K[:, None] + (jnp.arange(n) * V)[None, :]
       spos_1KM = (kb_Kn[:, :, None] * b + jnp.arange(b)).reshape(1, K, n * b)
       parts.append(Slots(cache["strided_k"], cache["strided_v"], spos_1KM,
