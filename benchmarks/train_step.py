@@ -36,8 +36,9 @@ from longgen_jax.training.state import abstract_model, new_model, new_train_stat
 from longgen_jax.training.step import make_train_step
 
 
-def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int) -> dict:
-  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl=impl, remat=remat)
+def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int, scan: bool = True) -> dict:
+  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl=impl, remat=remat,
+                               scan_layers=scan)
   optim = types.SimpleNamespace(lr=1e-5, min_lr_ratio=1.0, warmup_steps=10, schedule="constant", decay_steps=0,
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 1000)

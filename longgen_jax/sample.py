@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--attn-impl", default="auto", choices=USER_NAMES)
   p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
   p.add_argument("--stream-every", type=int, default=8, help="decode steps between printed updates")
+  p.add_argument("--compile-cache", default="auto",
+                 help="JAX persistent compilation cache dir (auto: ~/.cache/longgen_jax/jax_compile; '' = off)")
   return p
 
 
@@ -53,6 +55,8 @@ def load_model(args):
 def main(argv=None):
   args = _parser().parse_args(argv)
   from longgen_jax.data.tokenizer import resolve_tokenizer
+  from longgen_jax.parallel.runtime import enable_compile_cache
+  enable_compile_cache(args.compile_cache)
   from longgen_jax.model.generation import cut_at_stop, generate_stream
   from longgen_jax.model.kv_cache import describe_cache
   tok = resolve_tokenizer(args.tokenizer, args.ckpt)

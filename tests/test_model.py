@@ -84,3 +84,35 @@ def test_bad_inputs_raise():
     _model(cfg, remat="sometimes")
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     preset("tiny", num_kv_heads=3)
+
+
+@pytest.mark.parametrize("placement,remat", [("middle", "full"), ("interleaved", "dots")])
+def test_scanned_layers_equal_unrolled_loss_and_gradients(placement, remat):
+  """Runs of equal layers as one scan: the same function and the same gradients (float32)."""
+  from longgen_jax.model.llama import layer_runs
+  cfg = preset("tiny", num_layers=7).with_pattern(3, "sink_window(4,12)", placement)
+  tokens = _tokens(2, 24, cfg.vocab_size)
+  seg = jnp.asarray([[0] * 15 + [1] * 9, [0] * 24])
+  pos = jnp.asarray([list(range(15)) + list(range(9)), list(range(24))])
+
+  def loss_and_grad(scan):
+    m = _model(cfg, remat=remat, scan_layers=scan)
+    return nnx.value_and_grad(lambda m: jnp.mean(m(tokens, pos, segment_ids=seg) ** 2))(m)
+
+  (l0, g0), (l1, g1) = loss_and_grad(False), loss_and_grad(True)
+  assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    assert rel_err(b, a) < 1e-5
+  specs = cfg.layer_specs
+  stand_in = {s: object() for s in specs}  # one attend per spec, as hidden_states builds them
+  runs = layer_runs(specs, [stand_in[s] for s in specs])
+  assert runs[0][0] == 0 and sum(b - a for a, b in runs) == 7 and all(len({specs[i] for i in range(a, b)}) == 1 for a, b in runs)
+  if placement == "middle":
+    assert [b - a for a, b in runs] == [2, 3, 2]  # sparse, full, sparse: three scans
+
+
+def test_scan_keeps_the_per_layer_parameter_format():
+  cfg = preset("tiny", num_layers=6)
+  scanned, unrolled = _model(cfg, scan_layers=True), _model(cfg, scan_layers=False)
+  a, b = nnx.to_pure_dict(nnx.state(scanned)), nnx.to_pure_dict(nnx.state(unrolled))
+  assert jax.tree.structure(a) == jax.tree.structure(b) and sorted(a["layers"]) == list(range(6))

@@ -8,6 +8,13 @@ caller wants back (a KV cache's new state when decoding; None when training). Tr
 caches; context parallelism will pass ring/halo attention. Positions are always explicit
 (under a load-balanced sequence layout they are not contiguous).
 
+Depth: consecutive layers with the same spec that receive the same attend function (a LongGen
+model in training is three such runs: sparse, full, sparse) run as one `lax.scan` over their
+stacked weights when `scan_layers` is on, so tracing, partitioning and kernel lowering happen
+once per run instead of once per layer. The weights stay per layer (`layers.<i>`, the format
+checkpoints, conversion and decoding use); the stack is a view built inside the traced
+forward, with matrices cast to the compute dtype first, as the unrolled Linear layers do.
+
 Weights follow Hugging Face's LlamaForCausalLM one to one (Linear kernels are the
 transposed torch weights); RoPE uses the rotate-half convention, so conversion needs no
 q/k permutation.
@@ -118,14 +125,17 @@ class Llama(nnx.Module):
   """`model(tokens[B,T], positions[B,T], segment_ids=None) -> logits[B,T,V]` (float32).
 
   attn_impl names the attention implementation of every layer (see attention.registry);
-  remat the activation policy per block in training (model.config.REMAT_POLICIES).
+  remat the activation policy per block in training (model.config.REMAT_POLICIES);
+  scan_layers runs layer runs as scans (see the module docstring), False unrolls every layer.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32, attn_impl: str = "auto", remat: str = "none"):
+               param_dtype=jnp.float32, attn_impl: str = "auto", remat: str = "none",
+               scan_layers: bool = True):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
     self.config, self.dtype, self.attn_impl, self.remat = cfg, dtype, attn_impl, remat
+    self.scan_layers = scan_layers
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype, embedding_init=_init, rngs=rngs)
     self.layers = nnx.List([Block(cfg, spec, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -148,18 +158,29 @@ class Llama(nnx.Module):
     if len(attends) != len(self.layers):
       raise ValueError(f"{len(attends)} attend functions for {len(self.layers)} layers")
     x = self.embed_tokens(tokens_BT)
+    policy = REMAT_POLICIES[self.remat]
     auxes = []
-    for block, attend in zip(self.layers, attends):
-      run = _call_with(attend)
-      if self.remat != "none":
-        run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
-      x, aux = run(block, x, positions_BT)
-      auxes.append(aux)
+    for start, stop in layer_runs(self.config.layer_specs, attends):
+      if self.scan_layers and stop - start > 1:
+        x, run_auxes = _scan_blocks(self.layers[start:stop], x, positions_BT, attends[start], policy,
+                                    self.dtype)
+        auxes += run_auxes
+        continue
+      for block, attend in zip(self.layers[start:stop], attends[start:stop]):
+        run = _call_with(attend)
+        if self.remat != "none":
+          run = nnx.remat(run, policy=policy)
+        x, aux = run(block, x, positions_BT)
+        auxes.append(aux)
     return self.norm(x), auxes
 
   def hidden_states(self, tokens_BT, positions_BT, segment_ids=None):
     """Final-norm hidden states [B, T, E] of whole sequences (training and scoring)."""
-    attends = [self.sequence_attend(block.spec, segment_ids) for block in self.layers]
+    attends, by_spec = [], {}
+    for spec in self.config.layer_specs:  # one attend per spec: runs of equal specs can scan
+      if spec not in by_spec:
+        by_spec[spec] = self.sequence_attend(spec, segment_ids)
+      attends.append(by_spec[spec])
     return self.forward(tokens_BT, positions_BT, attends)[0]
 
   def logits(self, hidden_BTE):
@@ -171,6 +192,37 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BT, positions_BT, segment_ids=None):
     return self.logits(self.hidden_states(tokens_BT, positions_BT, segment_ids))
+
+
+def layer_runs(specs: Sequence[AttentionSpec], attends: Sequence[Attend]) -> list[tuple[int, int]]:
+  """[start, stop) of the maximal runs of consecutive layers with equal specs and the same attend."""
+  runs = []
+  for i, (spec, attend) in enumerate(zip(specs, attends)):
+    if runs and specs[runs[-1][0]] == spec and attends[runs[-1][0]] is attend:
+      runs[-1] = (runs[-1][0], i + 1)
+    else:
+      runs.append((i, i + 1))
+  return runs
+
+
+def _scan_blocks(blocks: Sequence[Block], x_BTE, positions_BT, attend: Attend, policy, compute_dtype):
+  """The blocks one after another as a scan over their stacked weights; returns (x, auxes)."""
+  graphdef, _ = nnx.split(blocks[0])
+
+  def stack(*leaves):  # Linear casts its kernel to the compute dtype anyway: stack the cast copy
+    cast = [w.astype(compute_dtype) if w.ndim >= 2 and jnp.issubdtype(w.dtype, jnp.floating) else w
+            for w in leaves]
+    return jnp.stack(cast)
+
+  weights = jax.tree.map(stack, *[nnx.state(b) for b in blocks])
+
+  def body(x, layer_weights):
+    return nnx.merge(graphdef, layer_weights)(x, positions_BT, attend)
+
+  if policy is not None:
+    body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+  x_BTE, auxes = jax.lax.scan(body, x_BTE, weights)
+  return x_BTE, [jax.tree.map(lambda a, j=j: a[j], auxes) for j in range(len(blocks))]
 
 
 def _call_with(attend: Attend):

@@ -45,6 +45,7 @@ def default_config() -> "ml_collections.ConfigDict":
       param_dtype="float32",    # master weights (and AdamW moments)
       attn_impl="auto",         # attention.registry.USER_NAMES: auto, pallas, cudnn, xla_blockwise, reference
       remat="none",             # model.config.REMAT_POLICIES: none, full, dots
+      scan_layers=True,         # runs of equal layers as one lax.scan (compile time flat in depth); False unrolls
       segment_attention=True,   # keep attention inside packed documents
   ))
   c.optim = ml_collections.ConfigDict(dict(
@@ -76,6 +77,7 @@ def default_config() -> "ml_collections.ConfigDict":
   c.export_model = True         # write WORKDIR/model (convert.py's format) at the end
   c.progress_bar = True
   c.peak_tflops = 0.0           # per device, for MFU; 0 = look up the device kind
+  c.compile_cache_dir = "auto"  # JAX persistent compilation cache: auto = ~/.cache/longgen_jax/jax_compile, "" = off
   return c
 
 
@@ -155,7 +157,7 @@ def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   return mc
 
 
-_RESUME_SAFE = {"total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
+_RESUME_SAFE = {"compile_cache_dir", "total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
                 "keep_checkpoints", "async_checkpoint", "progress_bar", "peak_tflops", "export_model"}
 
 

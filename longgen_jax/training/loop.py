@@ -22,6 +22,7 @@ import numpy as np
 
 from longgen_jax.model.config import ModelConfig
 from longgen_jax.parallel import mesh as sharding
+from longgen_jax.parallel.runtime import enable_compile_cache
 from longgen_jax.training.config import build_model_config, changed_settings, validate_config
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
 from longgen_jax.training.loss import make_loss_fn
@@ -104,6 +105,7 @@ def prepare(cfg, workdir: str) -> Run:
   from longgen_jax.training.metrics import MetricsWriter
 
   validate_config(cfg)
+  enable_compile_cache(cfg.compile_cache_dir)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   mc = build_model_config(cfg, tokenizer.vocab_size)

@@ -22,9 +22,10 @@ def abstract_model(mc: ModelConfig, mcfg) -> tuple[Any, Any]:
 
 
 def new_model(mc: ModelConfig, mcfg, seed: int) -> Llama:
-  """A randomly initialised model as config.model (dtypes, attn_impl, remat) asks."""
+  """A randomly initialised model as config.model (dtypes, attn_impl, remat, scan_layers) asks."""
   return Llama(mc, rngs=nnx.Rngs(seed), dtype=DTYPES[mcfg.compute_dtype],
-               param_dtype=DTYPES[mcfg.param_dtype], attn_impl=mcfg.attn_impl, remat=mcfg.remat)
+               param_dtype=DTYPES[mcfg.param_dtype], attn_impl=mcfg.attn_impl, remat=mcfg.remat,
+               scan_layers=mcfg.scan_layers)
 
 
 def state_shardings(abstract_state, mesh):

@@ -73,7 +73,8 @@ def check_stored(path, stored: dict[ParamPath, jax.ShapeDtypeStruct],
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                    attn_impl: str = "auto", remat: str = "none", **config_overrides) -> Llama:
+                    attn_impl: str = "auto", remat: str = "none", scan_layers: bool = True,
+                    **config_overrides) -> Llama:
   """A ready Llama from our checkpoint directory or straight from a Hugging Face Llama directory.
 
   `config_overrides` replace ModelConfig fields that do not change parameter shapes, e.g.
@@ -83,7 +84,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   """
   cfg = apply_overrides(load_config(path), config_overrides)
   abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                                attn_impl=attn_impl, remat=remat))
+                                                attn_impl=attn_impl, remat=remat, scan_layers=scan_layers))
   graphdef, param_state, rest = nnx.split(abstract_model, nnx.Param, ...)
   if jax.tree.leaves(rest):
     raise ConversionError(f"model has non-parameter state that a checkpoint cannot fill: {rest}")

@@ -1,0 +1,164 @@
+"""Compile time vs depth: the real train step (Llama-2-7B width), scanned vs unrolled layers.
+
+For each (layers, seq_len, variant, scan) the step is lowered and compiled from abstract shapes
+(no weights are allocated, so depths that do not fit one card still compile), then optionally
+run. Each configuration runs in its own process under a time limit, so a compile that does not
+finish is recorded as "> limit" and the sweep goes on. Variants:
+  longgen   the LongGen pattern (3/8 full in the middle, sink_window(64,1984)) with --attn-impl
+  full      every layer full with --attn-impl
+  cudnn     every layer full with cuDNN (the strongest dense baseline; needs a GPU)
+Reported per configuration: lower_s (trace + StableHLO, incl. Pallas kernel lowering), compile_s
+(XLA: partitioning, fusion, autotuning, Triton/Mosaic compilation), kernel call sites in the
+lowered module, XLA's per-device memory estimate, and step_s when run.
+
+  python benchmarks/compile_time.py --layers 8,32 --seq-lens 32768 --variants longgen,cudnn \
+      --scan both --run-layers 8 --limit 300 --json out.json
+  python benchmarks/compile_time.py --preset tiny --layers 8,32 --seq-lens 256 --variants longgen   (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+
+def one(args) -> dict:
+  """Lower, compile and (optionally) run one configuration in this process."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from longgen_jax.model.config import preset
+  from longgen_jax.training.loss import make_loss_fn
+  from longgen_jax.training.optimizer import make_optimizer
+  from longgen_jax.training.state import abstract_model, new_model, new_train_state
+  from longgen_jax.training.step import make_train_step
+
+  base = preset(args.preset, num_layers=args.layers, max_seq_len=args.seq_len)
+  mc = base.all_full() if args.variant in ("full", "cudnn") else base
+  impl = "cudnn" if args.variant == "cudnn" else args.attn_impl
+  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl=impl,
+                               remat=args.remat, scan_layers=args.scan)
+  optim = types.SimpleNamespace(lr=1e-5, min_lr_ratio=1.0, warmup_steps=10, schedule="constant", decay_steps=0,
+                                weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  optimizer, schedule = make_optimizer(optim, 1000)
+  graphdef, abstract_params = abstract_model(mc, mcfg)
+  abstract_state = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
+  T = args.seq_len
+  abstract_batch = {k: jax.ShapeDtypeStruct((1, 1, T), dt) for k, dt in
+                    (("inputs", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32),
+                     ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
+  loss_fn = make_loss_fn(graphdef, loss_chunk=min(args.loss_chunk, T), segment_attention=False)
+  step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=0)
+  t0 = time.perf_counter()
+  lowered = step.lower(abstract_state, abstract_batch)
+  lower_s = time.perf_counter() - t0
+  text = lowered.as_text()
+  sites = {name: text.count(marker) for name, marker in
+           (("triton", "__gpu$xla.gpu.triton"), ("mosaic_gpu", "mosaic_gpu"), ("cudnn", "__cudnn$fmha"),
+            ("tpu", "tpu_custom_call"))}
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  r = {"lower_s": lower_s, "compile_s": compile_s, "kernel_sites": {k: v for k, v in sites.items() if v},
+       "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 2**30,
+       "xla_args_gb": getattr(mem, "argument_size_in_bytes", 0) / 2**30}
+  if args.run:
+    state = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(new_model(mc, mcfg, seed=0))),
+                                            optimizer))()
+    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (1, 1, T + 1), dtype=np.int32)
+    batch = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
+             "positions": jnp.arange(T, dtype=jnp.int32)[None, None],
+             "segment_ids": jnp.ones((1, 1, T), jnp.int32), "loss_mask": jnp.ones((1, 1, T), jnp.float32)}
+    state, m = compiled(state, batch)  # warm-up
+    float(m["loss"])
+    times = []
+    for _ in range(args.steps):
+      t0 = time.perf_counter()
+      state, m = compiled(state, batch)
+      r["loss"] = float(m["loss"])
+      times.append(time.perf_counter() - t0)
+    r["step_s"] = float(np.median(times))
+    r["step_s_all"] = times
+    stats = jax.devices()[0].memory_stats() or {}
+    r["peak_gb"] = stats.get("peak_bytes_in_use", 0) / 2**30
+  return r
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="llama2_7b")
+  ap.add_argument("--layers", default="8,32")
+  ap.add_argument("--seq-lens", default="32768")
+  ap.add_argument("--variants", default="longgen,cudnn")
+  ap.add_argument("--scan", default="both", choices=["on", "off", "both"])
+  ap.add_argument("--attn-impl", default="auto")
+  ap.add_argument("--remat", default="full")
+  ap.add_argument("--loss-chunk", type=int, default=4096)
+  ap.add_argument("--run-layers", default="8", help="layer counts whose step is also run (others: compile only)")
+  ap.add_argument("--steps", type=int, default=2)
+  ap.add_argument("--limit", type=int, default=300, help="seconds per configuration")
+  ap.add_argument("--json", default="")
+  ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: one configuration as JSON
+  args = ap.parse_args()
+  if args.one:
+    cfg = types.SimpleNamespace(**json.loads(args.one))
+    print("RESULT " + json.dumps(one(cfg)), flush=True)
+    return
+
+  import jax
+  dev = jax.devices()[0]
+  meta = {"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+          "preset": args.preset, "remat": args.remat, "attn_impl": args.attn_impl}
+  print("# " + json.dumps(meta), flush=True)
+  run_layers = {int(x) for x in args.run_layers.split(",") if x}
+  rows = []
+  scans = {"on": [True], "off": [False], "both": [True, False]}[args.scan]
+  for T in map(int, args.seq_lens.split(",")):
+    for L in map(int, args.layers.split(",")):
+      for variant in args.variants.split(","):
+        if variant == "cudnn" and dev.platform != "gpu":
+          continue
+        for scan in scans:
+          cfg = dict(preset=args.preset, layers=L, seq_len=T, variant=variant, scan=scan,
+                     attn_impl=args.attn_impl, remat=args.remat, loss_chunk=args.loss_chunk,
+                     run=L in run_layers, steps=args.steps)
+          row = {k: cfg[k] for k in ("layers", "seq_len", "variant", "scan")}
+          t0 = time.perf_counter()
+          try:
+            p = subprocess.run([sys.executable, __file__, "--one", json.dumps(cfg)], capture_output=True,
+                               text=True, timeout=args.limit)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            row.update(json.loads(line[7:]) if line else {"error": (p.stderr or p.stdout)[-400:]})
+          except subprocess.TimeoutExpired:
+            row["error"] = f"did not finish in {args.limit} s"
+          row["wall_s"] = time.perf_counter() - t0
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+          if args.json:
+            with open(args.json, "w") as f:
+              json.dump({"meta": meta, "rows": rows}, f, indent=1)
+  print("\n| layers | seq | variant | scan | lower s | compile s | kernel sites | step s | peak GB |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    if "error" in r:
+      print(f"| {r['layers']} | {r['seq_len']} | {r['variant']} | {r['scan']} | {r['error'][:60]} | | | | |")
+      continue
+    step = f"{r['step_s']:.3f}" if "step_s" in r else "-"
+    peak = f"{r['peak_gb']:.1f}" if "peak_gb" in r else "-"
+    print(f"| {r['layers']} | {r['seq_len']} | {r['variant']} | {r['scan']} | {r['lower_s']:.1f} | "
+          f"{r['compile_s']:.1f} | {sum(r['kernel_sites'].values())} | {step} | {peak} |")
+
+
+if __name__ == "__main__":
+  main()
