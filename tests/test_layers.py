@@ -9,7 +9,7 @@ import pathlib
 
 PKG = pathlib.Path(__file__).resolve().parent.parent / "longgen_jax"
 # Rank of each room: a module may import its own room and rooms of lower rank only.
-RANK = {"attention": 0, "model": 1, "parallel": 1, "data": 1, "weights": 2, "training": 3, "evaluation": 4}
+RANK = {"attention": 0, "parallel": 1, "data": 1, "model": 2, "weights": 3, "training": 4, "evaluation": 5}
 CLIS = {"train", "convert", "sample", "evaluate"}
 
 

@@ -12,6 +12,7 @@ import jax
 
 from longgen_jax.attention import registry
 from longgen_jax.attention.registry import available_impls, choose, register_impl, supports
+from longgen_jax.attention.sharding import per_shard
 from longgen_jax.attention.spec import (AttentionSpec, BlockLayout, allowed, attended_keys_per_query,
                                         block_layout, dense_mask, parse_spec)
 
@@ -37,7 +38,8 @@ def attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   positions 0..S-1 and queries at q_offset..q_offset+T-1. segment_ids: a `SegmentIds`, or
   one int[B, T] array when T == S. Rows with no allowed key return zeros. Softmax scale
   1/sqrt(D), float32 accumulation. Returns out [B, T, Hq, D], and lse [B, Hq, T] (natural
-  log, -inf for empty rows) if asked.
+  log, -inf for empty rows) if asked. Under a `jax.set_mesh` context the call runs per shard:
+  batch over (data, fsdp), heads over tensor (attention.sharding).
   """
   if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"expected q [B,T,Hq,D] and k, v [B,S,Hkv,D]; got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -53,8 +55,8 @@ def attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   features = registry.call_features(segment_ids=seg is not None, q_offset=not _is_zero(q_offset),
                                     lse=return_lse)
   fn = registry.resolve(impl, spec, features)
-  return fn(q, k, v, spec, q_segment_ids=None if seg is None else seg.q,
-            kv_segment_ids=None if seg is None else seg.kv, q_offset=q_offset, return_lse=return_lse)
+  return per_shard(fn, q, k, v, spec, q_segment_ids=None if seg is None else seg.q,
+                   kv_segment_ids=None if seg is None else seg.kv, q_offset=q_offset, return_lse=return_lse)
 
 
 def _segment_ids(segment_ids, B: int, T: int, S: int) -> SegmentIds | None:

@@ -30,6 +30,7 @@ from flax import nnx
 
 from longgen_jax.attention import AttentionSpec, SegmentIds, attention
 from longgen_jax.model.config import REMAT_POLICIES, ModelConfig
+from longgen_jax.parallel.mesh import constrain_batch
 
 # attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D]) -> (out [B,T,H,D], aux)
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -118,7 +119,7 @@ class Block(nnx.Module):
     """(x + attention + MLP, the attend function's aux)."""
     h, aux = self.self_attn(self.input_layernorm(x_BTE), positions_BT, attend)
     x_BTE = x_BTE + h
-    return x_BTE + self.mlp(self.post_attention_layernorm(x_BTE)), aux
+    return constrain_batch(x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))), aux
 
 
 class Llama(nnx.Module):
@@ -157,7 +158,7 @@ class Llama(nnx.Module):
                        f"{getattr(positions_BT, 'shape', None)}")
     if len(attends) != len(self.layers):
       raise ValueError(f"{len(attends)} attend functions for {len(self.layers)} layers")
-    x = self.embed_tokens(tokens_BT)
+    x = constrain_batch(self.embed_tokens(tokens_BT))
     policy = REMAT_POLICIES[self.remat]
     auxes = []
     for start, stop in layer_runs(self.config.layer_specs, attends):

@@ -1,8 +1,9 @@
-"""Device mesh (data, fsdp, sequence, tensor) and the shardings the train step is compiled with.
+"""Device mesh (data, fsdp, sequence, tensor), the shardings the train step is compiled with, and
+the activation constraint the model applies under a mesh.
 
-Today every run uses data parallelism over all devices (one device on CPU) with optional FSDP of
-parameters and optimizer state; the sequence and tensor axes are declared so the distributed work
-can fill them in without changing the train step's signature.
+Runs use data parallelism over all devices (one device on CPU) with optional FSDP of parameters
+and optimizer state; attention runs per shard (attention.sharding); the sequence axis is declared
+for context parallelism. The axis names are attention.sharding's, so the dispatch understands them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "sequence", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from longgen_jax.attention.sharding import BATCH_AXES, MESH_AXES as AXES, active_axes
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -63,3 +63,12 @@ def fsdp_shardings(tree, mesh: Mesh):
 def host_to_global(local_tree, sharding: NamedSharding):
   """This host's numpy batch -> global jax arrays laid out by `sharding` (multi-host safe)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_tree)
+
+
+def constrain_batch(x):
+  """`x` [B, ...] sharded over the context mesh's batch axes (a no-op without a mesh context), so that
+  XLA keeps activations per sequence instead of picking a gathered layout around opaque kernels."""
+  batch = active_axes(BATCH_AXES)
+  if not batch:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(batch, *([None] * (x.ndim - 1))))

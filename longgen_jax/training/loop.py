@@ -42,6 +42,7 @@ class Run:
   cfg: Any
   workdir: str
   model_config: ModelConfig
+  mesh: Any                    # jax.sharding.Mesh: the step runs under jax.set_mesh(mesh)
   graphdef: Any
   state: dict
   start: int                   # last step already done (0 for a fresh run)
@@ -138,7 +139,8 @@ def prepare(cfg, workdir: str) -> Run:
     _log(f"resumed from step {start} in {ckpt.directory}")
   else:
     start = 0
-    state = init_state(cfg, mc, optimizer, state_sh)
+    with jax.set_mesh(mesh):
+      state = init_state(cfg, mc, optimizer, state_sh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
@@ -162,9 +164,12 @@ def prepare(cfg, workdir: str) -> Run:
   t0 = time.perf_counter()
   abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
                     for k, dt in BATCH_DTYPES.items()}
-  step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
+  with jax.set_mesh(mesh):  # attention runs per shard of this mesh (attention.sharding)
+    step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
+    if eval_ds is not None:
+      eval_fn = eval_fn.lower(abstract_state["params"], abstract_batch).compile()
   _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
-  return Run(cfg, workdir, mc, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
+  return Run(cfg, workdir, mc, mesh, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
              ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step,
              train_flops_per_token(mc, T) * tokens_per_step,
              (cfg.peak_tflops or peak_tflops() or 0.0) * 1e12 * jax.device_count())
