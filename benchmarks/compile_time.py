@@ -40,9 +40,10 @@ def one(args) -> dict:
   from flax import nnx
 
   from longgen_jax.model.config import preset
+  from longgen_jax.parallel.mesh import batch_sharding, make_mesh, replicated
   from longgen_jax.training.loss import make_loss_fn
   from longgen_jax.training.optimizer import make_optimizer
-  from longgen_jax.training.state import abstract_model, new_model, new_train_state
+  from longgen_jax.training.state import abstract_model, new_model, new_train_state, state_shardings
   from longgen_jax.training.step import make_train_step
 
   base = preset(args.preset, num_layers=args.layers, max_seq_len=args.seq_len)
@@ -54,13 +55,21 @@ def one(args) -> dict:
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 1000)
   graphdef, abstract_params = abstract_model(mc, mcfg)
-  abstract_state = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
-  T = args.seq_len
-  abstract_batch = {k: jax.ShapeDtypeStruct((1, 1, T), dt) for k, dt in
+  shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
+  T, B = args.seq_len, args.batch
+  # One mesh over the devices this process sees: FSDP over all of them (data x fsdp = the batch split).
+  mesh = make_mesh(data=1, fsdp=-1)
+  state_sh = state_shardings(shapes, mesh)
+  batch_sh = batch_sharding(mesh, leading_dims=1)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+  abstract_batch = {k: jax.ShapeDtypeStruct((1, B, T), dt, sharding=batch_sh) for k, dt in
                     (("inputs", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32),
                      ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
   loss_fn = make_loss_fn(graphdef, loss_chunk=min(args.loss_chunk, T), segment_attention=False)
-  step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=0)
+  step = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+  context = jax.set_mesh(mesh)
+  context.__enter__()  # attention runs per shard of this mesh; left open for the timed steps
   t0 = time.perf_counter()
   lowered = step.lower(abstract_state, abstract_batch)
   lower_s = time.perf_counter() - t0
@@ -74,11 +83,12 @@ def one(args) -> dict:
        "xla_args_gb": getattr(mem, "argument_size_in_bytes", 0) / 2**30}
   if args.run:
     state = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(new_model(mc, mcfg, seed=0))),
-                                            optimizer))()
-    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (1, 1, T + 1), dtype=np.int32)
-    batch = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
-             "positions": jnp.arange(T, dtype=jnp.int32)[None, None],
-             "segment_ids": jnp.ones((1, 1, T), jnp.int32), "loss_mask": jnp.ones((1, 1, T), jnp.float32)}
+                                            optimizer), out_shardings=state_sh)()
+    tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32)
+    batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)),
+             "segment_ids": np.ones((1, B, T), np.int32), "loss_mask": np.ones((1, B, T), np.float32)}
+    batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
     state, m = compiled(state, batch)  # warm-up
     float(m["loss"])
     times = []
@@ -89,8 +99,9 @@ def one(args) -> dict:
       times.append(time.perf_counter() - t0)
     r["step_s"] = float(np.median(times))
     r["step_s_all"] = times
-    stats = jax.devices()[0].memory_stats() or {}
-    r["peak_gb"] = stats.get("peak_bytes_in_use", 0) / 2**30
+    r["tokens_per_s_per_device"] = B * T / r["step_s"] / jax.device_count()
+    r["peak_gb"] = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
+  r["devices"] = jax.device_count()
   return r
 
 
@@ -104,6 +115,7 @@ def main():
   ap.add_argument("--attn-impl", default="auto")
   ap.add_argument("--remat", default="full")
   ap.add_argument("--loss-chunk", type=int, default=4096)
+  ap.add_argument("--batch", type=int, default=1, help="sequences per step, split over all visible devices (FSDP)")
   ap.add_argument("--run-layers", default="8", help="layer counts whose step is also run (others: compile only)")
   ap.add_argument("--steps", type=int, default=2)
   ap.add_argument("--limit", type=int, default=300, help="seconds per configuration")
@@ -119,8 +131,9 @@ def main():
 
   import jax
   dev = jax.devices()[0]
-  meta = {"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
-          "preset": args.preset, "remat": args.remat, "attn_impl": args.attn_impl}
+  meta = {"device": dev.device_kind, "devices": jax.device_count(), "jax": jax.__version__,
+          "date": str(datetime.date.today()), "preset": args.preset, "remat": args.remat,
+          "attn_impl": args.attn_impl, "batch": args.batch}
   print("# " + json.dumps(meta), flush=True)
   run_layers = {int(x) for x in args.run_layers.split(",") if x}
   rows = []
@@ -133,7 +146,7 @@ def main():
         for scan in scans:
           cfg = dict(preset=args.preset, layers=L, seq_len=T, variant=variant, scan=scan,
                      attn_impl=args.attn_impl, remat=args.remat, loss_chunk=args.loss_chunk,
-                     run=L in run_layers, steps=args.steps)
+                     run=L in run_layers, steps=args.steps, batch=args.batch)
           for attempt in range(args.repeat):
             rows.append(run_one(cfg, attempt, args.limit))
             print(json.dumps(rows[-1]), flush=True)
