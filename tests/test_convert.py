@@ -330,3 +330,25 @@ def test_our_checkpoint_mismatch(hf, tmp_path):
   with pytest.raises(ConversionError, match=r"shape mismatch for parameter 'layers/0/mlp/down_proj/kernel'.*"
                                             r"expected \(48, 32\).*got \(64, 32\)"):
     weights.load_pretrained(tmp_path / "ck")
+
+
+def test_writers_refuse_to_overwrite_their_input_or_foreign_files(hf, tmp_path):
+  """A conversion never destroys its input and never replaces a config it did not write without --force."""
+  _, single, _ = hf
+  before = (single / "config.json").read_text()
+  with pytest.raises(ConversionError, match="overlaps --hf-dir"):
+    weights.hf_to_jax(single, single, overwrite=True)
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "config.json").write_text('{"mine": 1}')
+  with pytest.raises(ConversionError, match="config.json already exists"):
+    weights.hf_to_jax(single, foreign)
+  assert (foreign / "config.json").read_text() == '{"mine": 1}' and (single / "config.json").read_text() == before
+  weights.hf_to_jax(single, tmp_path / "ck")
+  with pytest.raises(ConversionError, match="overlaps --ckpt"):
+    weights.jax_to_hf(tmp_path / "ck", tmp_path / "ck", overwrite=True)
+  with pytest.raises(ConversionError, match="overlaps --ckpt"):
+    weights.jax_to_hf(tmp_path / "ck", tmp_path / "ck" / "hf")
+  with pytest.raises(ConversionError, match="config.json already exists"):
+    weights.jax_to_hf(tmp_path / "ck", foreign)
+  assert weights.load_config(tmp_path / "ck").num_layers > 0  # the checkpoint still loads

@@ -180,3 +180,35 @@ def test_eval_runs_on_its_own_schedule_not_only_on_log_steps(tmp_path):
   records = train_lib.train(tiny_config(total_steps=6, log_every=4, eval_every=3), str(tmp_path / "run"))
   assert [r["step"] for r in records] == [3, 4, 6]
   assert ["eval_loss" in r for r in records] == [True, False, True]
+
+
+def test_a_crash_during_export_keeps_the_old_model_and_the_next_run_exports(tmp_path, monkeypatch):
+  """Fault injection at fixed points of the export: before any file, and after the new files are
+  complete but before they replace the old ones. Either way model/ stays the previous complete export,
+  and running the same command again exports the final weights."""
+  from longgen_jax.training.loop import exported_step
+  from longgen_jax.weights import format as fmt
+  from longgen_jax.weights import load_pretrained
+  wd = str(tmp_path / "run")
+  train_lib.train(tiny_config(total_steps=4, export_model=True, eval_every=0), wd)
+  model_dir = os.path.join(wd, "model")
+  assert exported_step(model_dir) == 4
+  before = jax.tree.leaves(load_pretrained(model_dir))
+
+  class Crash(Exception):
+    pass
+
+  def crash(*a, **k):
+    raise Crash
+  for point in ("_checkpointer", "_swap_in"):  # nothing written yet / new files written, not yet swapped in
+    with monkeypatch.context() as m:
+      m.setattr(fmt, point, crash)
+      with pytest.raises(Crash):
+        train_lib.train(tiny_config(total_steps=6, export_model=True, eval_every=0), wd)
+    assert exported_step(model_dir) == 4  # the old export, complete and loadable
+    for a, b in zip(before, jax.tree.leaves(load_pretrained(model_dir))):
+      np.testing.assert_array_equal(a, b)
+  train_lib.train(tiny_config(total_steps=6, export_model=True, eval_every=0), wd)  # nothing left to train
+  assert exported_step(model_dir) == 6 and not os.path.exists(os.path.join(wd, ".model.partial"))
+  after = jax.tree.leaves(load_pretrained(model_dir))
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))

@@ -29,6 +29,7 @@ from longgen_jax.training.loss import make_loss_fn
 from longgen_jax.training.optimizer import make_optimizer
 from longgen_jax.training.state import abstract_model, init_state, new_train_state, state_shardings
 from longgen_jax.training.step import make_eval_step, make_train_step
+from longgen_jax.weights.format import is_checkpoint
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,8 +88,9 @@ def train(cfg, workdir: str) -> list[dict]:
         _log(f"SIGTERM: saved step {step}; run the same command again to resume")
         break
     run.ckpt.wait()
-    if cfg.export_model and run.start < cfg.total_steps and not stop.requested():
-      export_model(run.graphdef, run.state["params"], os.path.join(workdir, "model"))
+    model_dir, final_step = os.path.join(workdir, "model"), int(run.state["step"])
+    if cfg.export_model and not stop.requested() and exported_step(model_dir) != final_step:
+      export_model(run.graphdef, run.state["params"], model_dir, final_step)  # also redoes one a crash cut off
   finally:
     stop.restore()
     bar.close()
@@ -246,13 +248,31 @@ def evaluate(eval_fn, params, eval_ds, num_batches: int, to_device) -> float:
   return total / max(count, 1.0)
 
 
-def export_model(graphdef, params, out_dir: str):
-  """Final weights as config.json + params/ (what generate, evaluate and convert load)."""
+EXPORT_RECORD = "export.json"
+
+
+def export_model(graphdef, params, out_dir: str, step: int):
+  """Final weights as config.json + params/ (what generate, evaluate and convert load), written
+  atomically, then a record of the step they come from (written last: a crash before it means the
+  next run of the same command exports again)."""
   from flax import nnx
 
   from longgen_jax.weights import save_model
   save_model(nnx.merge(graphdef, params), out_dir, overwrite=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, EXPORT_RECORD), "w") as f:
+      json.dump({"step": step}, f)
   _log(f"exported model to {out_dir}")
+
+
+def exported_step(model_dir: str) -> int | None:
+  """The train step of the complete export in `model_dir`, or None (none, partial, or unrecorded)."""
+  try:
+    with open(os.path.join(model_dir, EXPORT_RECORD)) as f:
+      step = json.load(f)["step"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return step if is_checkpoint(model_dir) else None
 
 
 def _count(tree) -> int:

@@ -66,16 +66,28 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pattern:
     changes["max_seq_len"] = int(max_seq_len)
   cfg = apply_overrides(cfg, changes)
   out = Path(out_dir)
+  _refuse_overlap(hf_dir, out, "--hf-dir", "--out")
   if (out / checkpoint_format.PARAMS_DIR).exists() and not overwrite:
     raise ConversionError(f"{out / checkpoint_format.PARAMS_DIR} already exists; pass --force to replace it")
+  if (out / "config.json").exists() and not overwrite:
+    raise ConversionError(f"{out / 'config.json'} already exists (not written by this conversion); "
+                          "choose an empty --out or pass --force to replace it")
   reader, plan = open_checked(hf_dir, cfg)  # fail before writing anything
-  out.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=out, prefix=".convert-") as scratch:
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.convert-") as scratch:
     params = {path: _spill(arr, os.path.join(scratch, f"{i}.npy"))
               for i, (path, arr) in enumerate(stream(reader, plan, param_dtype, progress))}
     checkpoint_format.write(out, cfg, params, hf_config=hf, overwrite=overwrite)
     del params
   return cfg
+
+
+def _refuse_overlap(src, out: Path, src_flag: str, out_flag: str):
+  """A conversion never writes into (or around) the directory it reads, even with --force."""
+  a, b = Path(src).resolve(), out.resolve()
+  if a == b or a in b.parents or b in a.parents:
+    raise ConversionError(f"{out_flag} {out} overlaps {src_flag} {src}: writing there would destroy the input; "
+                          "choose another output directory")
 
 
 def parse_size(text: str | int) -> int:
@@ -124,9 +136,13 @@ def jax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, shard_
   else:
     raise ConversionError(f"unsupported dtype {dtype!r}; choose from {list(DTYPES)}")
   out = Path(out_dir)
+  _refuse_overlap(ckpt_dir, out, "--ckpt", "--out")
   old = sorted(p.name for p in out.glob("model*.safetensors*")) if out.exists() else []
   if old and not overwrite:
     raise ConversionError(f"{out} already holds weights {listing(old)}; pass --force to replace them")
+  if (out / "config.json").exists() and not overwrite:
+    raise ConversionError(f"{out / 'config.json'} already exists; choose an empty --out or pass --force to "
+                          "replace it")
   out.mkdir(parents=True, exist_ok=True)
   for name in old:
     (out / name).unlink()

@@ -91,28 +91,50 @@ def _checkpointer(save_concurrent_gb: int = 96):
 
 def write(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[ParamPath, Any],
           hf_config: dict | None = None, *, overwrite: bool = False) -> epath.Path:
-  """Write config.json (+ hf_config.json) and params/ from flat {path: array} params.
+  """Write config.json (+ hf_config.json) and params/ from flat {path: array} params, atomically.
 
-  Arrays may be jax arrays (possibly sharded) or numpy arrays, including np.memmap
-  (which keeps host memory low when converting large models).
+  Everything is written into a hidden sibling `.NAME.partial` and then renamed into place, so a
+  crash at any moment leaves either the previous complete checkpoint or the new one, never a mix
+  (a leftover `.partial` is discarded by the next write). Other files already in `out_dir` (e.g.
+  tokenizer files) are kept. Arrays may be jax arrays (possibly sharded) or numpy arrays, including
+  np.memmap (which keeps host memory low when converting large models).
   """
   out = _path(out_dir)
-  params_dir = out / PARAMS_DIR
-  if params_dir.exists():
-    if not overwrite:
-      raise ConversionError(f"{params_dir} already exists; choose a new output directory or overwrite")
-    params_dir.rmtree()
-  out.mkdir(parents=True, exist_ok=True)
+  if (out / PARAMS_DIR).exists() and not overwrite:
+    raise ConversionError(f"{out / PARAMS_DIR} already exists; choose a new output directory or overwrite")
+  partial = out.parent / f".{out.name}.partial"
+  if jax.process_index() == 0 and partial.exists():
+    partial.rmtree()
+  partial.mkdir(parents=True, exist_ok=True)
   file_backed = any(isinstance(a, np.memmap) for a in params.values())
   # Memory-mapped inputs are written a little at a time so they never all sit in RAM.
-  _checkpointer(save_concurrent_gb=1 if file_backed else 96).save(params_dir, unflatten(params))
+  _checkpointer(save_concurrent_gb=1 if file_backed else 96).save(partial / PARAMS_DIR, unflatten(params))
   if jax.process_index() == 0:
-    (out / CONFIG_FILE).write_text(cfg.to_json() + "\n")
+    (partial / CONFIG_FILE).write_text(cfg.to_json() + "\n")
     if hf_config is not None:
-      (out / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    elif (out / HF_CONFIG_FILE).exists():
-      (out / HF_CONFIG_FILE).unlink()
+      (partial / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    _swap_in(partial, out)
   return out
+
+
+_OURS = (CONFIG_FILE, PARAMS_DIR, HF_CONFIG_FILE)
+
+
+def _swap_in(new: epath.Path, out: epath.Path) -> None:
+  """Rename the complete `new` into place as `out`, keeping out's other files; the old checkpoint is
+  deleted only after the new one is in place."""
+  if not out.exists():
+    new.rename(out)
+    return
+  for entry in out.iterdir():  # files that are not part of the checkpoint stay with the directory
+    if entry.name not in _OURS:
+      entry.rename(new / entry.name)
+  replaced = out.parent / f".{out.name}.replaced"
+  if replaced.exists():
+    replaced.rmtree()
+  out.rename(replaced)
+  new.rename(out)
+  replaced.rmtree()
 
 
 def param_metadata(path: str | os.PathLike) -> dict[ParamPath, jax.ShapeDtypeStruct]:
