@@ -212,3 +212,32 @@ def test_a_crash_during_export_keeps_the_old_model_and_the_next_run_exports(tmp_
   assert exported_step(model_dir) == 6 and not os.path.exists(os.path.join(wd, ".model.partial"))
   after = jax.tree.leaves(load_pretrained(model_dir))
   assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("damage", ["truncate_array_file", "overwrite_4kb", "remove_metadata", "empty_iterator"])
+def test_resume_skips_a_corrupt_newest_checkpoint_and_a_torn_metrics_line(tmp_path, damage):
+  """The newest checkpoint is damaged after it was written: resume reports it, moves it aside (kept),
+  restores the previous one and still logs exactly the uninterrupted run's losses."""
+  wd = str(tmp_path / "run")
+  train_lib.train(tiny_config(total_steps=12), wd)  # checkpoints 4, 8, 12
+  newest = os.path.join(wd, "checkpoints", "12")
+  state_files = sorted((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(newest, "state")) for f in fs),
+                       key=os.path.getsize)
+  if damage == "truncate_array_file":
+    with open(state_files[-1], "r+b") as f:
+      f.truncate(os.path.getsize(state_files[-1]) // 2)
+  elif damage == "overwrite_4kb":
+    with open(state_files[-1], "r+b") as f:
+      f.seek(os.path.getsize(state_files[-1]) // 3)
+      f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  elif damage == "remove_metadata":
+    os.remove(os.path.join(newest, "state", "_METADATA"))
+  else:
+    open(os.path.join(newest, "data", "process_0-of-1.json"), "w").close()
+  with open(os.path.join(wd, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 13, "loss": 1.2')  # a line torn by a crash
+  resumed = train_lib.train(tiny_config(total_steps=14), wd)
+  moved = os.path.join(wd, "checkpoints", "corrupt-12")
+  assert os.path.isdir(moved) and resumed[0]["step"] == 9 and resumed[-1]["step"] == 14
+  uninterrupted = train_lib.train(tiny_config(total_steps=14), str(tmp_path / "uninterrupted"))
+  assert losses(wd) == {r["step"]: r["loss"] for r in uninterrupted}

@@ -132,12 +132,11 @@ def prepare(cfg, workdir: str) -> Run:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                       async_save=cfg.async_checkpoint)
-  start = ckpt.latest_step()
+  start, state, saved = ckpt.restore_newest(abstract_state, train_iter, _log)
   if start is not None:
-    changed = changed_settings(ckpt.restore_config(start), resolved)
+    changed = changed_settings(saved, resolved)
     if changed:
       _log(f"WARNING: resuming with changed settings {changed}; the run will not match an uninterrupted one")
-    state = ckpt.restore(start, abstract_state, train_iter)
     _log(f"resumed from step {start} in {ckpt.directory}")
   else:
     start = 0

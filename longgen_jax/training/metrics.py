@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 
@@ -18,8 +19,16 @@ class MetricsWriter:
     if not self.enabled:
       return
     if os.path.exists(self.path):  # drop steps the resumed run will redo (logged after the checkpoint)
+      keep = []
       with open(self.path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        for n, line in enumerate(f, 1):
+          try:
+            record = json.loads(line) if line.strip() else None
+          except json.JSONDecodeError:  # a line torn by a crash mid-write
+            print(f"[train] WARNING: dropped unreadable line {n} of {self.path}: {line[:80]!r}", file=sys.stderr)
+            continue
+          if record is not None and record.get("step", 0) <= resume_step:
+            keep.append(json.dumps(record) + "\n")
       with open(self.path, "w") as f:
         f.writelines(keep)
     from tensorboardX import SummaryWriter
