@@ -38,11 +38,39 @@ def _define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
+def check_config_flags(argv: list[str]) -> str | None:
+  """An error line for a --config.KEY=... flag naming a key the config does not have (ml_collections
+  would raise a long traceback), else None."""
+  from longgen_jax.training.config import config_keys, default_config
+  known = config_keys(default_config())
+  for arg in argv:
+    if arg.startswith("--config."):
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in known and not any(k.startswith(key + ".") for k in known):
+        close = sorted(k for k in known if k.split(".")[-1] == key.split(".")[-1])
+        return f"unknown config key {key!r}" + (f"; did you mean {close}?" if close else
+                                                "; every key is listed in longgen_jax/training/config.py")
+  return None
+
+
 def run():
-  """Console entry point."""
+  """Console entry point: user errors (bad config values, unknown keys, missing files) end in one line;
+  LONGGEN_JAX_DEBUG=1 shows the traceback."""
+  import os
+
   from absl import app
+  error = check_config_flags(sys.argv[1:])
+  if error:
+    print(f"[train] error: {error}", file=sys.stderr)
+    sys.exit(2)
   _define_flags()
-  app.run(main)
+  try:
+    app.run(main)
+  except (ValueError, FileNotFoundError) as e:
+    if os.environ.get("LONGGEN_JAX_DEBUG"):
+      raise
+    print(f"[train] error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

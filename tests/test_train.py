@@ -241,3 +241,21 @@ def test_resume_skips_a_corrupt_newest_checkpoint_and_a_torn_metrics_line(tmp_pa
   assert os.path.isdir(moved) and resumed[0]["step"] == 9 and resumed[-1]["step"] == 14
   uninterrupted = train_lib.train(tiny_config(total_steps=14), str(tmp_path / "uninterrupted"))
   assert losses(wd) == {r["step"]: r["loss"] for r in uninterrupted}
+
+
+def test_unknown_keys_and_bad_values_are_one_line_errors(tmp_path):
+  from longgen_jax.train import check_config_flags
+  bogus_file = tmp_path / "bogus.py"
+  bogus_file.write_text(f"from longgen_jax.training import load_config_file\n\ndef get_config():\n"
+                        f"  c = load_config_file({TINY!r})\n  c.bogus_key = 5\n  return c\n")
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bogus_key'\]"):
+    train_lib.validate_config(train_lib.load_config_file(str(bogus_file)))
+  assert "unknown config key 'optim.lrr'" in check_config_flags(["--config.optim.lrr=2"])
+  assert check_config_flags(["--config.optim.lr=2", "--config.model=x", "--workdir=w"]) is None
+  for change, match in [({"optim.lr": -1.0}, "optim.lr"), ({"eval_batches": -1}, "eval_batches"),
+                        ({"model.num_layers": -2}, "model.num_layers")]:
+    with pytest.raises(ValueError, match=match):
+      train_lib.validate_config(tiny_config(**change))
+  p = subprocess.run([sys.executable, "-m", "longgen_jax.train", f"--config={TINY}", f"--workdir={tmp_path}",
+                      "--config.optim.lr=-1.0"], capture_output=True, text=True, cwd=ROOT)
+  assert p.returncode == 2 and p.stderr.strip().splitlines() == ["[train] error: config.optim.lr=-1.0: must be > 0"]

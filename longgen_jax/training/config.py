@@ -81,8 +81,26 @@ def default_config() -> "ml_collections.ConfigDict":
   return c
 
 
+def config_keys(cfg, prefix: str = "") -> set[str]:
+  """Dotted names of every leaf key of a (nested) config."""
+  keys = set()
+  for k, v in cfg.items():
+    keys |= config_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}"}
+  return keys
+
+
+def unknown_keys(cfg) -> list[str]:
+  """Keys a config sets that default_config() does not have (typos; nothing would read them)."""
+  return sorted(config_keys(cfg) - config_keys(default_config()))
+
+
 def validate_config(cfg) -> None:
   """Raises ValueError naming the offending key for values the run cannot use."""
+  unknown = unknown_keys(cfg)
+  if unknown:
+    raise ValueError(f"unknown config key(s) {unknown}; every key is listed in "
+                     "longgen_jax/training/config.py:default_config")
+
   def need(cond, key, msg):
     if not cond:
       raise ValueError(f"config.{key}={_get(cfg, key)!r}: {msg}")
@@ -98,6 +116,14 @@ def validate_config(cfg) -> None:
   need(cfg.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule",
        "choose cosine, linear or constant")
   need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+  need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+  need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+  need(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+  need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")
+  need(cfg.eval_batches >= 1 or not cfg.eval_every, "eval_batches", "must be >= 1 when eval_every > 0")
+  need(cfg.model.num_layers >= 0, "model.num_layers", "must be >= 1 (or 0 for the preset's)")
+  need(cfg.model.num_full_layers >= -1, "model.num_full_layers", "must be >= 0 (or -1 to keep the pattern)")
+  need(cfg.model.rope_theta >= 0, "model.rope_theta", "must be > 0 (or 0 to keep)")
   need(0 <= cfg.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
   need(cfg.model.compute_dtype in DTYPES, "model.compute_dtype", f"choose from {list(DTYPES)}")
   need(cfg.model.param_dtype in DTYPES, "model.param_dtype", f"choose from {list(DTYPES)}")
