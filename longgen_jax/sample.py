@@ -53,13 +53,29 @@ def load_model(args):
 
 
 def main(argv=None):
+  """Parses the arguments and generates; a user error (bad setting, missing file) is one line, exit 2."""
+  import os
   args = _parser().parse_args(argv)
+  from longgen_jax.weights import ConversionError
+  try:
+    return _generate(args)
+  except (ValueError, FileNotFoundError, ConversionError) as e:
+    if os.environ.get("LONGGEN_JAX_DEBUG"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _generate(args):
+  import os
   from longgen_jax.data.tokenizer import resolve_tokenizer
   from longgen_jax.parallel.runtime import enable_compile_cache
   enable_compile_cache(args.compile_cache)
   from longgen_jax.model.generation import cut_at_stop, generate_stream
   from longgen_jax.model.kv_cache import describe_cache
   tok = resolve_tokenizer(args.tokenizer, args.ckpt)
+  if args.prompt_file is not None and not os.path.isfile(args.prompt_file):
+    raise FileNotFoundError(f"--prompt-file {args.prompt_file}: no such file")
   text = args.prompt if args.prompt is not None else open(args.prompt_file, encoding="utf-8").read()
   ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
   model = load_model(args)
@@ -69,12 +85,12 @@ def main(argv=None):
   t0 = time.perf_counter()
   new: list[int] = []
   shown = ""
+  blocks = generate_stream(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed,
+                           chunk_len=args.chunk_len, kv_int8=args.kv_int8, attn_impl=args.attn_impl,
+                           stream_every=args.stream_every)  # checks every setting before any output
   sys.stdout.write(text)
-  for block in generate_stream(model, [ids], max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               stop_tokens=stops, seed=args.seed, chunk_len=args.chunk_len,
-                               kv_int8=args.kv_int8, attn_impl=args.attn_impl,
-                               stream_every=args.stream_every):
+  for block in blocks:
     new += cut_at_stop(block[0], stops)
     decoded = tok.decode(new)
     if decoded.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
@@ -87,7 +103,8 @@ def main(argv=None):
   sys.stdout.write(tok.decode(new)[len(shown):] + "\n")
   dt = time.perf_counter() - t0
   print(f"[{len(ids)} prompt tokens, {len(new)} new tokens, {dt:.2f} s incl. compile]", file=sys.stderr)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -163,3 +163,15 @@ def test_registry_choices():
     registry.choose("pallas_gpu", full, backend="cpu")
   with pytest.raises(ValueError, match="unknown attention features"):
     registry.choose("auto", full, ["sliding"], backend="cpu")
+
+
+def test_bad_call_arguments_are_clear():
+  q = jnp.zeros((1, 8, 2, 16))
+  with pytest.raises(TypeError, match="floating-point"):
+    attention(q.astype(jnp.int32), q.astype(jnp.int32), q.astype(jnp.int32), AttentionSpec.full())
+  for off, exc in [(-5, ValueError), (2.5, TypeError)]:
+    for impl in ("reference", "xla_blockwise"):
+      with pytest.raises(exc, match="q_offset"):
+        attention(q, q, q, AttentionSpec.full(), impl=impl, q_offset=off)
+  with pytest.raises(ValueError, match="at least one query"):
+    attention(q[:, :0], q, q, AttentionSpec.full())

@@ -161,7 +161,7 @@ def test_bad_arguments_raise_on_the_call():
 
 def test_cli_streams_and_prints_cache_size(capsys):
   main(["--preset", "tiny", "--prompt", "hello", "--max-new-tokens", "6", "--dtype", "float32",
-        "--stop-token", "-1", "--stream-every", "2"])
+        "--stop-token", "511", "--stream-every", "2"])
   out, err = capsys.readouterr()
   assert out.startswith("hello") and "KV cache" in err and "all-full" in err and "6 new tokens" in err
 
@@ -194,6 +194,18 @@ def test_cli_loads_a_checkpoint(tmp_path, capsys):
   model = _model("gqa_mixed")
   save_model(model, tmp_path / "ckpt")
   main(["--ckpt", str(tmp_path / "ckpt"), "--prompt", "hi", "--max-new-tokens", "3", "--dtype", "float32",
-        "--stop-token", "-1", "--attn-impl", "xla_blockwise"])
+        "--stop-token", "511", "--attn-impl", "xla_blockwise"])
   out, err = capsys.readouterr()
   assert out.startswith("hi") and "block_sparse" in err and "3 new tokens" in err
+
+
+def test_bad_generation_settings_fail_before_any_work(tmp_path, capsys):
+  model = _model("gqa_mixed")
+  for kw, match in [({"temperature": float("nan")}, "sampling"), ({"stop_tokens": [99999]}, "stop token"),
+                    ({"stop_tokens": [-1]}, "stop token"), ({"max_new_tokens": 2.5}, "max_new_tokens")]:
+    with pytest.raises(ValueError, match=match):
+      generate_stream(model, [[3, 4]], **kw)
+  assert main(["--preset", "tiny", "--prompt", "hi", "--temperature", "nan"]) == 2
+  assert main(["--preset", "tiny", "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and "no such file" in err and "sampling" in err  # nothing echoed, one line each

@@ -118,3 +118,10 @@ def test_cached_attention_query_tiles_cover_any_length():
   tiled = cached_attention(q, [CachePart(k, v, mask)], q_tile=8)  # 37 = 4 x 8 + 5
   np.testing.assert_allclose(tiled, whole, atol=1e-6, rtol=0)
   assert np.all(np.asarray(tiled)[0, 3] == 0)
+
+
+def test_kv_cache_bytes_rejects_degenerate_sizes():
+  for kw in ({"batch": 0}, {"batch": -1}, {"context_len": 1.5}, {"context_len": 0}):
+    args = {"context_len": 64, "batch": 1, **kw}
+    with pytest.raises(ValueError, match="must be an int >= 1"):
+      kv_cache_bytes(preset("tiny"), args["context_len"], args["batch"])

@@ -113,3 +113,14 @@ def test_spec_validation_and_hashing():
     AttentionSpec.block_sparse(64, 16, 0)
   with pytest.raises(ValueError, match="unknown attention kind"):
     AttentionSpec("dilated")
+
+
+def test_bad_spec_arguments_are_rejected_at_construction():
+  for make, exc in [(lambda: AttentionSpec.sink_window(1.5, 8), TypeError),
+                    (lambda: AttentionSpec.sink_window(True, True), TypeError),
+                    (lambda: AttentionSpec.sink_window("4", 28), TypeError),
+                    (lambda: AttentionSpec.block_sparse(16.0, 2, 4), TypeError),
+                    (lambda: AttentionSpec.sink_window(4, 10**12), ValueError)]:
+    with pytest.raises(exc):
+      make()
+  assert AttentionSpec.sink_window(np.int64(4), 28) == AttentionSpec.sink_window(4, 28)

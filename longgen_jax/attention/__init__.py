@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from longgen_jax.attention import registry
 from longgen_jax.attention.registry import available_impls, choose, register_impl, supports
@@ -51,6 +53,16 @@ def attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
     raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({k.shape[2]})")
   if not isinstance(spec, AttentionSpec):
     raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
+  if T < 1 or S < 1:
+    raise ValueError(f"attention needs at least one query and one key; got T={T}, S={S}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a floating-point array, got {x.dtype}")
+  if isinstance(q_offset, bool) or not (isinstance(q_offset, (int, np.integer)) or
+                                        (hasattr(q_offset, "dtype") and jnp.issubdtype(q_offset.dtype, jnp.integer))):
+    raise TypeError(f"q_offset must be an integer, got {q_offset!r}")
+  if isinstance(q_offset, (int, np.integer)) and q_offset < 0:
+    raise ValueError(f"q_offset must be >= 0 (the first query's absolute position), got {q_offset}")
   seg = _segment_ids(segment_ids, B, T, S)
   features = registry.call_features(segment_ids=seg is not None, q_offset=not _is_zero(q_offset),
                                     lse=return_lse)

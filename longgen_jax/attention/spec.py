@@ -57,6 +57,15 @@ class AttentionSpec:
                vert_stride=vert_stride, homo_head=homo_head)
 
   def __post_init__(self):
+    for name in ("sink", "window", "block_size", "local_blocks", "vert_stride"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{self.kind}: {name} must be an int, got {value!r} ({type(value).__name__})")
+      if value >= 2**31:
+        raise ValueError(f"{self.kind}: {name}={value} does not fit int32 positions (must be < 2**31)")
+      object.__setattr__(self, name, int(value))
+    if not isinstance(self.homo_head, (bool, np.bool_)):
+      raise TypeError(f"block_sparse: homo_head must be a bool, got {self.homo_head!r}")
     if self.kind == "full":
       if (self.sink, self.window, self.block_size, self.local_blocks, self.vert_stride) != (0,) * 5:
         raise ValueError(f"full attention takes no parameters, got {self}")

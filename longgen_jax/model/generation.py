@@ -9,11 +9,10 @@ the loop stays a plain XLA while loop, and the caches are donated between calls.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
+import math
 import warnings
-import time
 from typing import Iterator, Sequence
 
 import jax
@@ -36,7 +35,8 @@ class Sampling:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+    if not (math.isfinite(self.temperature) and math.isfinite(self.top_p)) or (
+        self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1):
       raise ValueError(f"bad sampling settings: temperature={self.temperature} (>= 0), "
                        f"top_k={self.top_k} (>= 0), top_p={self.top_p} (in (0, 1])")
 
@@ -116,11 +116,15 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
   Arguments are checked on the call; prefill starts at the first next().
   """
-  if max_new_tokens < 1 or stream_every < 1:
-    raise ValueError(f"max_new_tokens and stream_every must be >= 1, got {max_new_tokens} and {stream_every}")
+  for name, n in (("max_new_tokens", max_new_tokens), ("stream_every", stream_every), ("chunk_len", chunk_len)):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+  vocab = model.config.vocab_size
+  bad_stops = [t for t in stop_tokens if not 0 <= int(t) < vocab]
+  if bad_stops:
+    raise ValueError(f"stop token(s) {bad_stops} are outside the model's vocabulary [0, {vocab})")
   sampling = Sampling(temperature, top_k, top_p, tuple(int(t) for t in stop_tokens), pad_id)
   tokens, lengths = pad_prompts(prompts, pad_id)
-  vocab = model.config.vocab_size
   real = tokens[np.arange(tokens.shape[1]) < lengths[:, None]]
   if real.min() < 0 or real.max() >= vocab:
     bad = real.min() if real.min() < 0 else real.max()

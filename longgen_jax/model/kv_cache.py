@@ -228,6 +228,9 @@ def kv_cache_bytes(config: ModelConfig, context_len: int, batch: int = 1, *, dty
   where all_full is the same model with every layer full (no int8) and saving = 1 - total/all_full.
   Equals the bytes `init_cache` allocates for the same arguments.
   """
+  for name, n in (("context_len", context_len), ("batch", batch)):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"kv_cache_bytes: {name} must be an int >= 1, got {n!r}")
   per_layer = [lay.nbytes(batch, dtype) for lay in cache_layouts(config, context_len, kv_int8)]
   by_kind: dict[str, int] = {}
   for spec, n in zip(config.layer_specs, per_layer):
