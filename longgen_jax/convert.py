@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:  # an unwritable or invalid --out
+    print(f"error: cannot write {args.out}: {e.strerror or e} ({e.filename or args.out})", file=sys.stderr)
+    return 2
   return 0
 
 

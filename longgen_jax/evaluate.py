@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -90,12 +91,21 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_writable(path: str) -> None:
+  """Fails before any work when the results could not be written."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise EvalError(f"--out {path}: cannot write a file there (is the directory missing or read-only?)")
+
+
 def run(args) -> dict:
   """Runs one parsed command; returns the JSON-able result (also printed / written).
 
   Arguments and data are checked against the checkpoint's config before the weights load.
   """
   progress = False if args.no_progress else None
+  if args.out:
+    check_writable(args.out)
   tok = resolve_tokenizer(args.tokenizer, args.ckpt)
   cfg = load_config(args.ckpt)
   if args.max_seq_len:

@@ -352,3 +352,16 @@ def test_writers_refuse_to_overwrite_their_input_or_foreign_files(hf, tmp_path):
   with pytest.raises(ConversionError, match="config.json already exists"):
     weights.jax_to_hf(tmp_path / "ck", foreign)
   assert weights.load_config(tmp_path / "ck").num_layers > 0  # the checkpoint still loads
+
+
+def test_bad_conversion_arguments_and_unwritable_outputs_are_one_line_errors(hf, tmp_path, capsys):
+  _, single, _ = hf
+  with pytest.raises(ConversionError, match="rope-theta must be > 0"):
+    weights.hf_to_jax(single, tmp_path / "a", rope_theta=-1)
+  with pytest.raises(ConversionError, match="at least 1 byte"):
+    weights.parse_size("0")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  assert convert_cli.main(["hf-to-jax", "--hf-dir", str(single), "--out", str(blocker / "sub")]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error:") and len(err.strip().splitlines()) == 1

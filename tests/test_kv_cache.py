@@ -125,3 +125,11 @@ def test_kv_cache_bytes_rejects_degenerate_sizes():
     args = {"context_len": 64, "batch": 1, **kw}
     with pytest.raises(ValueError, match="must be an int >= 1"):
       kv_cache_bytes(preset("tiny"), args["context_len"], args["batch"])
+
+
+def test_describe_cache_says_larger_when_the_sparse_cache_is_larger():
+  from longgen_jax.model.kv_cache import describe_cache
+  cfg = preset("tiny", sparse=AttentionSpec.block_sparse(16, 3, 1))  # ring + every block strided, 70 = 4.4 blocks
+  assert kv_cache_bytes(cfg, 70)["saving"] < 0
+  text = describe_cache(cfg, 70)
+  assert text.endswith("% larger)") and "-" not in text.split("(")[-1]

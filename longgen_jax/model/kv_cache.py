@@ -249,6 +249,10 @@ def format_bytes(n: float) -> str:
   return str(n)
 
 
+def _relative(saving: float) -> str:
+  return f"{100 * saving:.1f}% smaller" if saving >= 0 else f"{-100 * saving:.1f}% larger"
+
+
 def describe_cache(config: ModelConfig, context_len: int, batch: int = 1, **kw) -> str:
   """One human-readable line per layer kind plus totals (printed by the CLI)."""
   r = kv_cache_bytes(config, context_len, batch, **kw)
@@ -260,5 +264,5 @@ def describe_cache(config: ModelConfig, context_len: int, batch: int = 1, **kw) 
     specs = ", ".join(f"{c} x {s}" for s, c in counts.items() if s.split("(")[0] == kind)
     lines.append(f"  {kind:13s} {format_bytes(n):>12s}  ({specs})")
   lines.append(f"  {'total':13s} {format_bytes(r['total']):>12s}  vs all-full {format_bytes(r['all_full'])}"
-               f"  ({100 * r['saving']:.1f}% smaller)")
+               f"  ({_relative(r['saving'])})")
   return "\n".join(lines)

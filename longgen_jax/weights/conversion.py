@@ -61,8 +61,12 @@ def hf_to_jax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, pattern:
   elif sparse is not None or num_full is not None:
     raise ConversionError("--sparse and --num-full apply to a pattern; pass --pattern longgen (or a preset)")
   if rope_theta is not None:
+    if not rope_theta > 0:
+      raise ConversionError(f"--rope-theta must be > 0, got {rope_theta}")
     changes["rope_theta"] = float(rope_theta)
   if max_seq_len is not None:
+    if max_seq_len < 1:
+      raise ConversionError(f"--max-seq-len must be >= 1, got {max_seq_len}")
     changes["max_seq_len"] = int(max_seq_len)
   cfg = apply_overrides(cfg, changes)
   out = Path(out_dir)
@@ -93,13 +97,17 @@ def _refuse_overlap(src, out: Path, src_flag: str, out_flag: str):
 def parse_size(text: str | int) -> int:
   """Bytes in "5GB" (10^9, as Hugging Face), "500MiB" (2^20), "20KB" or a plain integer."""
   if isinstance(text, int):
-    return text
-  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", text.upper())
-  if not m:
-    raise ConversionError(f"cannot parse size {text!r}; expected e.g. 5GB, 500MB or 1048576")
-  unit = m.group(2) or "B"
-  scale = (1024 if "I" in unit else 1000) ** ("BKMGT".index(unit[0]) if unit != "B" else 0)
-  return int(float(m.group(1)) * scale)
+    size = text
+  else:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*", text.upper())
+    if not m:
+      raise ConversionError(f"cannot parse size {text!r}; expected e.g. 5GB, 500MB or 1048576")
+    unit = m.group(2) or "B"
+    scale = (1024 if "I" in unit else 1000) ** ("BKMGT".index(unit[0]) if unit != "B" else 0)
+    size = int(float(m.group(1)) * scale)
+  if size < 1:
+    raise ConversionError(f"shard size {text!r} must be at least 1 byte (e.g. 5GB)")
+  return size
 
 
 def _shards(sizes: list[tuple[str, int]], limit: int) -> list[list[str]]:
