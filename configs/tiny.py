@@ -1,4 +1,4 @@
-"""Tiny LongGen run on CPU (~45 s on 2 idle cores): 3 layers, 1 full + 2 sink_window(4,28), synthetic data.
+"""Tiny LongGen run on CPU (~40 s on 2 idle CPU cores): 3 layers, 1 full + 2 sink_window(4,28), synthetic data.
 
 python -m longgen_jax.train --config=configs/tiny.py --workdir=workdir/tiny
 """

@@ -259,3 +259,9 @@ def test_unknown_keys_and_bad_values_are_one_line_errors(tmp_path):
   p = subprocess.run([sys.executable, "-m", "longgen_jax.train", f"--config={TINY}", f"--workdir={tmp_path}",
                       "--config.optim.lr=-1.0"], capture_output=True, text=True, cwd=ROOT)
   assert p.returncode == 2 and p.stderr.strip().splitlines() == ["[train] error: config.optim.lr=-1.0: must be > 0"]
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path, capfd):
+  train_lib.train(tiny_config(total_steps=6, progress_bar=True, eval_every=0), str(tmp_path / "run"))
+  err = capfd.readouterr().err
+  assert "\r" not in err and "[train] step 6/6: loss" in err

@@ -66,8 +66,10 @@ def train(cfg, workdir: str) -> list[dict]:
   run = prepare(cfg, workdir)
   records, times = [], []
   stop = _StopRequest()
-  bar = tqdm(total=cfg.total_steps, initial=run.start, unit="step", dynamic_ncols=True,
-             disable=not cfg.progress_bar or jax.process_index() != 0)
+  # A live bar on a terminal; in a log file or CI one plain line every ~5% of the run instead.
+  live = cfg.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
+  bar = tqdm(total=cfg.total_steps, initial=run.start, unit="step", dynamic_ncols=True, disable=not live)
+  line_every = max(1, cfg.total_steps // 20)
   try:
     for step in range(run.start + 1, cfg.total_steps + 1):
       t0 = time.perf_counter()
@@ -76,6 +78,8 @@ def train(cfg, workdir: str) -> list[dict]:
       times.append(time.perf_counter() - t0)
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / times[-1]:,.0f}")
+      if not live and cfg.progress_bar and (step % line_every == 0 or step == cfg.total_steps):
+        _log(f"step {step}/{cfg.total_steps}: loss {loss:.4f}, {run.tokens_per_step / times[-1]:,.0f} tokens/s")
       evaluating = bool(run.eval_ds is not None and cfg.eval_every
                         and (step % cfg.eval_every == 0 or step == cfg.total_steps))
       if step % cfg.log_every == 0 or step == cfg.total_steps or evaluating:
@@ -199,7 +203,7 @@ def _record(run: Run, step: int, m, loss: float, gnorm: float, step_time: float,
   if evaluating:
     rec["eval_loss"] = evaluate(run.eval_fn, run.state["params"], run.eval_ds, run.cfg.eval_batches,
                                 run.to_device)
-    bar.write(f"step {step}: loss {loss:.4f}, eval loss {rec['eval_loss']:.4f}")
+    (_log if bar.disable else bar.write)(f"step {step}: loss {loss:.4f}, eval loss {rec['eval_loss']:.4f}")
   run.writer.write(rec)
   return rec
 
