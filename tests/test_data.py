@@ -175,3 +175,21 @@ def test_tokenizers(tmp_path):
   assert sp.bos_id == 1 and sp.decode(sp.encode("the pass key")) == "the pass key"
   with pytest.raises(FileNotFoundError, match="tokenizer"):
     load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_data_that_yields_no_tokens_or_undecodable_files_are_clear_errors(tmp_path):
+  cfg = default_config().data
+  cfg.source, cfg.eval_docs = "text", 0
+  for i in range(3):
+    (tmp_path / f"empty{i}.txt").write_text("")
+  cfg.paths = str(tmp_path / "empty*.txt")
+  with pytest.raises(ValueError, match=r"yields 3 tokens \(0 of text\) from 3 document"):
+    data.make_datasets(cfg, ByteTokenizer(), seq_len=16, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  (tmp_path / "junk.txt").write_bytes(b"ok\n\xff\xfe\x00binary")
+  with pytest.raises(ValueError, match=r"junk.txt line 2: not UTF-8"):
+    open_source("text", str(tmp_path / "junk.txt"))[0]
+  (tmp_path / "junk.jsonl").write_bytes(b'{"text": "fine"}\n\n\xff\xfe garbage\n')
+  src = open_source("jsonl", str(tmp_path / "junk.jsonl"))
+  assert src[0] == "fine"
+  with pytest.raises(ValueError, match=r"junk.jsonl line 3: not a JSON object"):
+    src[1]

@@ -98,6 +98,21 @@ def packed_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, see
   return ds
 
 
+def require_tokens(docs: grain.MapDataset, need: int, tokenizer: Tokenizer) -> None:
+  """Raises ValueError, before anything compiles, unless the documents hold at least `need` tokens
+  (one packed batch) of which some are text rather than BOS/EOS. Stops reading once they do."""
+  total = text = 0
+  for i in range(len(docs)):
+    tokens = docs[i]["tokens"]
+    total += len(tokens)
+    text += int(np.sum((tokens != tokenizer.bos_id) & (tokens != tokenizer.eos_id)))
+    if total >= need and text:
+      return
+  raise ValueError(f"the training data yields {total} tokens ({text} of text) from {len(docs)} document(s), but one "
+                   f"batch needs batch_size x (seq_len + 1) = {need} with some text: add documents or lower "
+                   "config.batch_size / config.seq_len")
+
+
 def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                   shard_index: int | None = None, shard_count: int | None = None,
                   ) -> tuple[grain.IterDataset, grain.IterDataset | None]:
@@ -112,6 +127,7 @@ def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_si
                        **({} if data_cfg.source != "synthetic" else dict(data_cfg.synthetic)))
   train_docs, eval_docs = split_documents(grain.MapDataset.source(source), data_cfg.eval_docs)
   train_docs = tokenize(shard(train_docs, shard_index, shard_count), tokenizer, data_cfg.add_eos)
+  require_tokens(train_docs, batch_size * (seq_len + 1), tokenizer)
   train_docs = upsample_long_documents(train_docs, data_cfg.upsample_min_tokens, data_cfg.upsample_factor)
   train = packed_batches(train_docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
                          prefetch=data_cfg.prefetch)

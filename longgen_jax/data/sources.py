@@ -39,8 +39,14 @@ class TextFilesSource:
     return len(self.files)
 
   def __getitem__(self, i) -> str:
-    with open(self.files[i], encoding="utf-8", errors="replace") as f:
-      return f.read()
+    with open(self.files[i], "rb") as f:
+      raw = f.read()
+    try:
+      return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw[:e.start].count(b"\n") + 1
+      raise ValueError(f"{self.files[i]} line {line}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                       "convert it or leave it out of config.data.paths") from None
 
 
 class _RowIndex:
@@ -64,15 +70,17 @@ class JsonlSource:
 
   def __init__(self, paths, text_field: str = "text"):
     self.files, self.text_field = expand_paths(paths), text_field
-    self.offsets = []
+    self.offsets, self.line_numbers = [], []
     for path in self.files:
-      offs, pos = [], 0
+      offs, lines, pos = [], [], 0
       with open(path, "rb") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
           if line.strip():
             offs.append(pos)
+            lines.append(n)
           pos += len(line)
       self.offsets.append(offs)
+      self.line_numbers.append(lines)
     self.index = _RowIndex([len(o) for o in self.offsets])
 
   def __len__(self):
@@ -80,11 +88,19 @@ class JsonlSource:
 
   def __getitem__(self, i) -> str:
     f, r = self.index.locate(i)
+    where = f"{self.files[f]} line {self.line_numbers[f][r]}"
     with open(self.files[f], "rb") as fh:
       fh.seek(self.offsets[f][r])
-      row = json.loads(fh.readline())
-    if self.text_field not in row:
-      raise KeyError(f"{self.files[f]} line {r}: no field {self.text_field!r} (keys: {sorted(row)})")
+      raw = fh.readline()
+    try:
+      row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f"{where}: not a JSON object of UTF-8 text ({type(e).__name__}: {e})") from None
+    if not isinstance(row, dict) or self.text_field not in row:
+      keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+      raise KeyError(f"{where}: no field {self.text_field!r} (keys: {keys})")
+    if not isinstance(row[self.text_field], str):
+      raise ValueError(f"{where}: field {self.text_field!r} is a {type(row[self.text_field]).__name__}, not text")
     return row[self.text_field]
 
 
