@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
   common.add_argument("--batch-size", type=int, default=1, help="prompts / rows per forward pass")
   common.add_argument("--seed", type=int, default=0)
   common.add_argument("--out", default=None, help="write the results as JSON here")
+  common.add_argument("--force", action="store_true", help="replace an existing --out file")
   common.add_argument("--no-progress", action="store_true")
   p = argparse.ArgumentParser(prog="python -m longgen_jax.evaluate", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -91,11 +92,13 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def check_writable(path: str) -> None:
-  """Fails before any work when the results could not be written."""
+def check_writable(path: str, force: bool = False) -> None:
+  """Fails before any work when the results could not be written, or would replace a file without --force."""
   parent = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK):
     raise EvalError(f"--out {path}: cannot write a file there (is the directory missing or read-only?)")
+  if os.path.exists(path) and not force:
+    raise EvalError(f"--out {path} already exists; pass --force to replace it")
 
 
 def run(args) -> dict:
@@ -105,7 +108,7 @@ def run(args) -> dict:
   """
   progress = False if args.no_progress else None
   if args.out:
-    check_writable(args.out)
+    check_writable(args.out, args.force)
   tok = resolve_tokenizer(args.tokenizer, args.ckpt)
   cfg = load_config(args.ckpt)
   if args.max_seq_len:

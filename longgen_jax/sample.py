@@ -80,8 +80,6 @@ def _generate(args):
   ids = ([] if args.no_bos else [int(tok.bos_id)]) + [int(i) for i in tok.encode(text)]
   model = load_model(args)
   stops = args.stop_token if args.stop_token is not None else [int(tok.eos_id)]
-  print(describe_cache(model.config, len(ids) + args.max_new_tokens, 1, dtype=model.dtype,
-                       kv_int8=args.kv_int8), file=sys.stderr)
   t0 = time.perf_counter()
   new: list[int] = []
   shown = ""
@@ -89,6 +87,8 @@ def _generate(args):
                            top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed,
                            chunk_len=args.chunk_len, kv_int8=args.kv_int8, attn_impl=args.attn_impl,
                            stream_every=args.stream_every)  # checks every setting before any output
+  print(describe_cache(model.config, len(ids) + args.max_new_tokens, 1, dtype=model.dtype,
+                       kv_int8=args.kv_int8), file=sys.stderr)
   sys.stdout.write(text)
   for block in blocks:
     new += cut_at_stop(block[0], stops)

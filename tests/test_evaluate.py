@@ -183,3 +183,14 @@ def test_ppl_rows_too_short(ckpt, tmp_path, capsys):
   rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--source", "text", "--paths", str(data), "--seq-len", "64",
                 "--bucket", "32")
   assert rc == 2 and "no document has the 65 tokens" in io.err
+
+
+def test_out_is_checked_before_any_work(ckpt, tmp_path, capsys):
+  existing = tmp_path / "old.json"
+  existing.write_text('{"mine": 1}')
+  for out, match in [(existing, "already exists; pass --force"), (tmp_path / "no" / "dir.json", "cannot write")]:
+    rc = evaluate_cli.main(["ppl", "--ckpt", str(ckpt), "--seq-len", "64", "--docs", "1", "--no-progress",
+                            "--out", str(out)])
+    out_text, err = capsys.readouterr()
+    assert rc == 2 and match in err and out_text == ""  # nothing evaluated, nothing printed
+  assert existing.read_text() == '{"mine": 1}'
