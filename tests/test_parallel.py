@@ -117,3 +117,25 @@ def test_attention_runs_per_shard_under_a_mesh():
   assert r["eight"]["temp_bytes"] < r["one"]["temp_bytes"] / 4, r  # 8x fewer sequences per device
   assert r["max_err"] < 1e-5 and r["max_lse_err"] < 1e-5, r
   assert r["head_dependent_error"] and "stride phase" in r["head_dependent_error"], r
+
+
+def test_train_cli_on_a_data_x_fsdp_mesh_matches_one_device(tmp_path):
+  """The training loop on 4 CPU devices (data 2 x fsdp 2, per-shard attention, sharded state and
+  checkpoints, eval) logs the losses of the same run on one device."""
+  def run(workdir, devices, *mesh):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    args = [sys.executable, "-m", "longgen_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+            "--config.total_steps=4", "--config.eval_every=2", "--config.batch_size=4", "--config.seq_len=64",
+            "--config.checkpoint_every=2", "--config.data.synthetic.num_docs=100", "--config.export_model=False",
+            *mesh]
+    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [(r["loss"], r.get("eval_loss")) for r in map(json.loads, f)]
+
+  one = run(tmp_path / "one", 1)
+  mesh = run(tmp_path / "mesh", 4, "--config.mesh.data=2", "--config.mesh.fsdp=2")
+  assert len(one) == len(mesh) == 4
+  for (a, ea), (b, eb) in zip(one, mesh):
+    assert abs(a - b) < 1e-5 * abs(a) and (ea is None) == (eb is None) and (ea is None or abs(ea - eb) < 1e-5 * ea)
