@@ -22,7 +22,7 @@ def main(argv):
     jax.distributed.initialize()
   try:
     train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except TrainingDiverged as e:
+  except TrainingDiverged as e:  # (OutOfDeviceMemory is a ValueError: one line, see run())
     print(f"[train] ERROR: {e}", file=sys.stderr)
     sys.exit(1)
 

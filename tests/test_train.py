@@ -265,3 +265,27 @@ def test_progress_in_a_log_file_is_plain_lines(tmp_path, capfd):
   train_lib.train(tiny_config(total_steps=6, progress_bar=True, eval_every=0), str(tmp_path / "run"))
   err = capfd.readouterr().err
   assert "\r" not in err and "[train] step 6/6: loss" in err
+
+
+def test_dry_run_profile_and_peak_memory(tmp_path, capfd):
+  """--config.dry_run compiles and reports memory and FLOPs without loading or writing a checkpoint;
+  profile_steps writes a trace; every record carries the device-memory high-water mark (None on CPU)."""
+  assert train_lib.train(tiny_config(dry_run=True), str(tmp_path / "dry")) == []
+  err = capfd.readouterr().err
+  assert "dry run on mesh" in err and "temporaries" in err and "model TFLOP per step" in err
+  assert not os.path.exists(tmp_path / "dry" / "checkpoints")
+  records = train_lib.train(tiny_config(total_steps=3, profile_steps="2,3", eval_every=0), str(tmp_path / "prof"))
+  assert "peak_memory_gb" in records[-1]
+  traces = [f for _, _, fs in os.walk(tmp_path / "prof" / "profile") for f in fs if f.endswith(".xplane.pb")]
+  assert traces
+
+
+def test_out_of_memory_becomes_one_line_naming_the_knobs():
+  from longgen_jax.training.loop import OutOfDeviceMemory, out_of_memory_hint
+  cfg = tiny_config()
+  with pytest.raises(OutOfDeviceMemory, match=r"lower config.batch_size=4 .*model.remat='full'.*mesh.fsdp=-1"):
+    with out_of_memory_hint(cfg):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 148.30GiB\n(details)")
+  with pytest.raises(KeyError):  # other errors pass through unchanged
+    with out_of_memory_hint(cfg):
+      raise KeyError("x")

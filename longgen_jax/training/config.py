@@ -77,6 +77,8 @@ def default_config() -> "ml_collections.ConfigDict":
   c.export_model = True         # write WORKDIR/model (convert.py's format) at the end
   c.progress_bar = True
   c.peak_tflops = 0.0           # per device, for MFU; 0 = look up the device kind
+  c.dry_run = False             # compile the step, print per-device memory and FLOPs, load nothing, stop
+  c.profile_steps = ""          # "FIRST,LAST": jax.profiler trace of those steps in WORKDIR/profile
   c.compile_cache_dir = "auto"  # JAX persistent compilation cache: auto = ~/.cache/longgen_jax/jax_compile, "" = off
   return c
 
@@ -117,6 +119,10 @@ def validate_config(cfg) -> None:
        "choose cosine, linear or constant")
   need(cfg.optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
   need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+  if cfg.profile_steps:
+    parts = cfg.profile_steps.split(",")
+    need(len(parts) <= 2 and all(p.strip().isdigit() and int(p) >= 1 for p in parts)
+         and int(parts[0]) <= int(parts[-1]), "profile_steps", "must be 'FIRST,LAST' (or one step), 1 <= FIRST <= LAST")
   need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   need(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
   need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")
@@ -183,7 +189,7 @@ def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   return mc
 
 
-_RESUME_SAFE = {"compile_cache_dir", "total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
+_RESUME_SAFE = {"compile_cache_dir", "dry_run", "profile_steps", "total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
                 "keep_checkpoints", "async_checkpoint", "progress_bar", "peak_tflops", "export_model"}
 
 

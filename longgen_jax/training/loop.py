@@ -61,10 +61,14 @@ class Run:
 
 
 def train(cfg, workdir: str) -> list[dict]:
-  """Trains (or resumes) in `workdir`; returns the records written to metrics.jsonl by this call."""
+  """Trains (or resumes) in `workdir`; returns the records written to metrics.jsonl by this call
+  (none for config.dry_run, which compiles the step, reports its memory and FLOPs, and stops)."""
   from tqdm import tqdm
   run = prepare(cfg, workdir)
+  if run is None:
+    return []
   records, times = [], []
+  profiler = _Profiler(cfg.profile_steps, os.path.join(workdir, "profile"))
   stop = _StopRequest()
   # A live bar on a terminal; in a log file or CI one plain line every ~5% of the run instead.
   live = cfg.progress_bar and sys.stderr.isatty() and jax.process_index() == 0
@@ -73,8 +77,11 @@ def train(cfg, workdir: str) -> list[dict]:
   try:
     for step in range(run.start + 1, cfg.total_steps + 1):
       t0 = time.perf_counter()
-      run.state, m = run.step_fn(run.state, run.to_device(next(run.train_iter)))
-      loss, gnorm = _finite_or_raise(run, step, m)
+      profiler.before(step)
+      with out_of_memory_hint(cfg):
+        run.state, m = run.step_fn(run.state, run.to_device(next(run.train_iter)))
+        loss, gnorm = _finite_or_raise(run, step, m)
+      profiler.after(step)
       times.append(time.perf_counter() - t0)
       bar.update(1)
       bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / times[-1]:,.0f}")
@@ -96,6 +103,7 @@ def train(cfg, workdir: str) -> list[dict]:
     if cfg.export_model and not stop.requested() and exported_step(model_dir) != final_step:
       export_model(run.graphdef, run.state["params"], model_dir, final_step)  # also redoes one a crash cut off
   finally:
+    profiler.stop()
     stop.restore()
     bar.close()
     run.writer.close()
@@ -134,6 +142,35 @@ def prepare(cfg, workdir: str) -> Run:
                                 shapes, state_sh)  # shapes with shardings: restore and compile targets
   resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
 
+  A, T = cfg.grad_accum, cfg.seq_len
+  batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
+  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention)
+  step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
+                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["params"], batch_sh),
+                    out_shardings=sharding.replicated(mesh))
+
+  def to_device(batch):
+    local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
+    return sharding.host_to_global(local, batch_sh)
+
+  tokens_per_step = cfg.batch_size * T
+  flops_per_step = train_flops_per_token(mc, T) * tokens_per_step
+  _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(abstract_params) / 1e6:.1f}M params, "
+       f"pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on {jax.device_count()} "
+       f"{jax.devices()[0].device_kind} device(s)")
+  t0 = time.perf_counter()
+  abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
+                    for k, dt in BATCH_DTYPES.items()}
+  with jax.set_mesh(mesh), out_of_memory_hint(cfg):  # attention runs per shard of this mesh
+    step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
+    if eval_ds is not None and not cfg.dry_run:
+      eval_fn = eval_fn.lower(abstract_state["params"], abstract_batch).compile()
+  _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
+  if cfg.dry_run:  # before any weight is loaded or checkpoint touched
+    _log(describe_compiled(step_fn, flops_per_step, mesh))
+    return None
+
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                       async_save=cfg.async_checkpoint)
   start, state, saved = ckpt.restore_newest(abstract_state, train_iter, _log)
@@ -149,35 +186,45 @@ def prepare(cfg, workdir: str) -> Run:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
-
-  A, T = cfg.grad_accum, cfg.seq_len
-  batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
-  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention)
-  step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["params"], batch_sh),
-                    out_shardings=sharding.replicated(mesh))
-
-  def to_device(batch):
-    local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
-    return sharding.host_to_global(local, batch_sh)
-
-  tokens_per_step = cfg.batch_size * T
-  _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(abstract_params) / 1e6:.1f}M params, "
-       f"pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on {jax.device_count()} "
-       f"{jax.devices()[0].device_kind} device(s)")
-  t0 = time.perf_counter()
-  abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
-                    for k, dt in BATCH_DTYPES.items()}
-  with jax.set_mesh(mesh):  # attention runs per shard of this mesh (attention.sharding)
-    step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
-    if eval_ds is not None:
-      eval_fn = eval_fn.lower(abstract_state["params"], abstract_batch).compile()
-  _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
   return Run(cfg, workdir, mc, mesh, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
-             ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step,
-             train_flops_per_token(mc, T) * tokens_per_step,
+             ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step, flops_per_step,
              (cfg.peak_tflops or peak_tflops() or 0.0) * 1e12 * jax.device_count())
+
+
+def describe_compiled(compiled, flops_per_step: float, mesh) -> str:
+  """Per-device memory from XLA's compiled memory analysis and the step's model FLOPs (--dry_run)."""
+  m = compiled.memory_analysis()
+  gb = lambda n: f"{(n or 0) / 2**30:.2f} GiB" if (n or 0) >= 2**30 else f"{(n or 0) / 2**20:.1f} MiB"
+  args, out, temp = (getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
+  alias = getattr(m, "alias_size_in_bytes", 0)
+  return (f"dry run on mesh {dict(mesh.shape)}: per device {gb(args)} arguments (weights, optimizer state, batch) + "
+          f"{gb(temp)} temporaries + {gb(out - alias)} new outputs = {gb(args + temp + out - alias)}; "
+          f"{flops_per_step / 1e12:.4g} model TFLOP per step")
+
+
+class OutOfDeviceMemory(ValueError):
+  """A compile or step needed more device memory than there is; the message names the knobs."""
+
+
+class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of_memory_hint(cfg):`)
+  """Turns XLA's RESOURCE_EXHAUSTED into one line that names what to change."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is not None and "RESOURCE_EXHAUSTED" in str(error):
+      first = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), "")[:200]
+      c = self.cfg
+      raise OutOfDeviceMemory(
+          f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
+          f"config.seq_len={c.seq_len}, set config.model.remat='full' (now {c.model.remat!r}), shard over more "
+          f"devices with config.mesh.fsdp=-1 (now {c.mesh.fsdp}), or wait for context parallelism "
+          f"(config.mesh.sequence); `--config.dry_run=True` shows the per-device memory without running") from None
+    return False
 
 
 BATCH_DTYPES = {"inputs": np.dtype(np.int32), "targets": np.dtype(np.int32), "positions": np.dtype(np.int32),
@@ -199,7 +246,8 @@ def _record(run: Run, step: int, m, loss: float, gnorm: float, step_time: float,
   """One metrics.jsonl line (with the eval loss on eval steps), written and returned."""
   rec = {"step": step, "loss": loss, "grad_norm": gnorm, "lr": float(m["lr"]), "tokens": int(m["tokens"]),
          "step_time_s": step_time, "tokens_per_s": run.tokens_per_step / step_time,
-         "mfu": run.flops_per_step / step_time / run.peak_flops if run.peak_flops else None}
+         "mfu": run.flops_per_step / step_time / run.peak_flops if run.peak_flops else None,
+         "peak_memory_gb": _peak_memory_gb()}
   if evaluating:
     rec["eval_loss"] = evaluate(run.eval_fn, run.state["params"], run.eval_ds, run.cfg.eval_batches,
                                 run.to_device)
@@ -276,6 +324,39 @@ def exported_step(model_dir: str) -> int | None:
   except (OSError, ValueError, KeyError, TypeError):
     return None
   return step if is_checkpoint(model_dir) else None
+
+
+def _peak_memory_gb() -> float | None:
+  """Highest device-memory high-water mark over this host's devices (None where the backend has no stats)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [p for p in peaks if p is not None]
+  return max(peaks) / 2**30 if peaks else None
+
+
+class _Profiler:
+  """config.profile_steps "FIRST,LAST": a jax.profiler trace of those steps in WORKDIR/profile (TensorBoard's
+  profile tab or Perfetto)."""
+
+  def __init__(self, steps: str, directory: str):
+    self.first = self.last = None
+    if steps:
+      self.first, self.last = (int(x) for x in (steps.split(",") * 2)[:2])
+    self.directory, self.active = directory, False
+
+  def before(self, step: int):
+    if step == self.first:
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, step: int):
+    if self.active and step == self.last:
+      self.stop()
+
+  def stop(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
+      _log(f"profile of steps {self.first}-{self.last} written to {self.directory}")
 
 
 def _count(tree) -> int:
