@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec, attended_keys_per_query
 

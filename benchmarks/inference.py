@@ -16,7 +16,6 @@ import argparse
 import datetime
 import gc
 import json
-import sys
 import time
 import traceback
 

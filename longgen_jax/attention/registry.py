@@ -85,11 +85,16 @@ def register_impl(name: str, fn: Callable, backends: tuple[str, ...] | None = No
   _IMPLS[name] = Impl(name, backends, supports, fn=fn)
 
 
+def _runs_on(name: str, backend: str) -> bool:
+  """Whether implementation `name` is registered, declared for `backend` and importable here."""
+  i = _IMPLS.get(name)
+  return i is not None and (i.backends is None or backend in i.backends) and i.load() is not None
+
+
 def available_impls(backend: str | None = None) -> list[str]:
   """Implementation names that run on `backend` (default: JAX's default backend)."""
   backend = backend or jax.default_backend()
-  return [n for n, i in _IMPLS.items()
-          if (i.backends is None or backend in i.backends) and i.load() is not None]
+  return [n for n in _IMPLS if _runs_on(n, backend)]
 
 
 def call_features(*, segment_ids: bool = False, q_offset: bool = False, lse: bool = False) -> frozenset[str]:
@@ -100,7 +105,7 @@ def supports(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backe
   """Whether implementation `impl` (a registered name or "pallas") itself serves this call on `backend`."""
   backend = backend or jax.default_backend()
   name = _concrete(impl, backend)
-  return name in available_impls(backend) and _IMPLS[name].supports(spec, frozenset(features))
+  return _runs_on(name, backend) and _IMPLS[name].supports(spec, frozenset(features))
 
 
 def choose(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> str:
@@ -120,7 +125,7 @@ def choose(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend
   if name not in _IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; choose from {list(USER_NAMES)} "
                      f"(registered on {backend}: {available_impls(backend)})")
-  if name not in available_impls(backend):
+  if not _runs_on(name, backend):
     raise ValueError(f"attention impl {impl!r} does not run on the {backend!r} backend here "
                      f"(declared for {_IMPLS[name].backends})")
   if not _IMPLS[name].supports(spec, features):

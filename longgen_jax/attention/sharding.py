@@ -54,7 +54,7 @@ def per_shard(fn: Callable, q, k, v, spec: AttentionSpec, *, q_segment_ids, kv_s
                                     return_lse=return_lse)
   if not batch and not heads:
     return call(q, k, v, q_segment_ids, kv_segment_ids)
-  B, Hq, Hkv = q.shape[0], q.shape[2], k.shape[2]
+  B, Hkv = q.shape[0], k.shape[2]
   if batch and B % axes_size(batch):
     raise ValueError(f"attention batch {B} cannot be split over mesh axes {batch} "
                      f"({axes_size(batch)} devices); make the per-step batch a multiple of it")

@@ -191,7 +191,7 @@ def attended_keys_per_query(spec: AttentionSpec, seq_len: int, num_kv_heads: int
   if spec.kind == "sink_window":
     recent = np.minimum(i + 1, spec.window)
     return float(np.mean(recent + np.minimum(spec.sink, np.maximum(0, i + 1 - spec.window))))
-  b, L, V = spec.block_size, spec.local_blocks, spec.vert_stride
+  b = spec.block_size
   nb = -(-seq_len // b)
   qb, kb = np.arange(nb)[:, None], np.arange(nb)[None, :]
   s = spec.stride_shift(num_kv_heads)

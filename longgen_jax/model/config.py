@@ -13,6 +13,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec, parse_spec
 
@@ -26,6 +27,12 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,               # recompute each layer
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
 }
+
+
+def check_count(name: str, value) -> None:
+  """Raises ValueError unless `value` is an int >= 1 (bools and floats like 2.5 are not counts)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def dtype(name: str):

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from longgen_jax.model import inference
+from longgen_jax.model.config import check_count
 from longgen_jax.model.kv_cache import cache_layouts, init_cache
 
 
@@ -117,8 +118,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   Arguments are checked on the call; prefill starts at the first next().
   """
   for name, n in (("max_new_tokens", max_new_tokens), ("stream_every", stream_every), ("chunk_len", chunk_len)):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-      raise ValueError(f"{name} must be an int >= 1, got {n!r}")
+    check_count(name, n)
   vocab = model.config.vocab_size
   bad_stops = [t for t in stop_tokens if not 0 <= int(t) < vocab]
   if bad_stops:

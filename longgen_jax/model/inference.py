@@ -8,9 +8,9 @@ true absolute positions; padded tokens are computed but never written to a cache
 Prefill runs one jitted call per (chunk, layer), so a layer compiles once per distinct
 static argument, not once per model:
   full         attention(impl) over the cache prefix [0, c0 + C) at q_offset = c0 (c0 static:
-               one compile per chunk offset), or, where the registry chooses cuDNN for the
-               layer: jax.nn.dot_product_attention over the whole cache with a dynamic key
-               length, merged with the chunk's causal self-attention by log-sum-exp (one compile).
+               one compile per chunk offset), or with impl "cudnn": jax.nn.dot_product_attention
+               (cuDNN on GPU, XLA elsewhere) over the whole cache with a dynamic key length,
+               merged with the chunk's causal self-attention by log-sum-exp (one compile).
   sink_window  attention(impl) over [sink | the ring's last `window` positions | chunk], with
                distances preserved (q_offset = sink + window) and unwritten slots masked by
                kv segment ids (one compile). The first chunk (c0 = 0) attends only to itself,
@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from longgen_jax.attention import SegmentIds, attention, registry

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec, strided_block
-from longgen_jax.model.config import ModelConfig
+from longgen_jax.model.config import ModelConfig, check_count
 
 _DROP = np.iinfo(np.int32).max  # scatter index that mode="drop" discards
 
@@ -229,8 +229,7 @@ def kv_cache_bytes(config: ModelConfig, context_len: int, batch: int = 1, *, dty
   Equals the bytes `init_cache` allocates for the same arguments.
   """
   for name, n in (("context_len", context_len), ("batch", batch)):
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-      raise ValueError(f"kv_cache_bytes: {name} must be an int >= 1, got {n!r}")
+    check_count(f"kv_cache_bytes: {name}", n)
   per_layer = [lay.nbytes(batch, dtype) for lay in cache_layouts(config, context_len, kv_int8)]
   by_kind: dict[str, int] = {}
   for spec, n in zip(config.layer_specs, per_layer):

@@ -49,16 +49,16 @@ class Checkpointer:
     return saved
 
   def _seal(self, block: bool = False):
-    """Waits for the in-flight save, then writes its checksums in a background thread."""
-    if self._pending is None:
-      return
-    self.manager.wait_until_finished()
-    if self._sealer is not None:
-      self._sealer.join()
-    step_dir, self._pending = os.path.join(self.directory, str(self._pending)), None
-    if jax.process_index() == 0:
-      self._sealer = threading.Thread(target=write_checksums, args=(step_dir,), daemon=True)
-      self._sealer.start()
+    """Waits for the in-flight save, then writes its checksums in a background thread (block: and
+    waits for that thread too)."""
+    if self._pending is not None:
+      self.manager.wait_until_finished()
+      if self._sealer is not None:
+        self._sealer.join()
+      step_dir, self._pending = os.path.join(self.directory, str(self._pending)), None
+      if jax.process_index() == 0:
+        self._sealer = threading.Thread(target=write_checksums, args=(step_dir,), daemon=True)
+        self._sealer.start()
     if block and self._sealer is not None:
       self._sealer.join()
 

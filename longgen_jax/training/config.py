@@ -4,12 +4,16 @@ offending key, and the ModelConfig a run trains."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import jax
 
 from longgen_jax.attention.registry import USER_NAMES
 from longgen_jax.attention.spec import parse_spec
 from longgen_jax.model.config import DTYPES, PLACEMENTS, PRESETS, REMAT_POLICIES, ModelConfig, preset
+
+if TYPE_CHECKING:
+  import ml_collections
 
 
 def load_config_file(path: str | os.PathLike) -> "ml_collections.ConfigDict":

@@ -83,10 +83,11 @@ def train(cfg, workdir: str) -> list[dict]:
         loss, gnorm = _finite_or_raise(run, step, m)
       profiler.after(step)
       times.append(time.perf_counter() - t0)
+      tokens_per_s = f"{run.tokens_per_step / times[-1]:,.0f}"
       bar.update(1)
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{run.tokens_per_step / times[-1]:,.0f}")
+      bar.set_postfix(loss=f"{loss:.3f}", tok_s=tokens_per_s)
       if not live and cfg.progress_bar and (step % line_every == 0 or step == cfg.total_steps):
-        _log(f"step {step}/{cfg.total_steps}: loss {loss:.4f}, {run.tokens_per_step / times[-1]:,.0f} tokens/s")
+        _log(f"step {step}/{cfg.total_steps}: loss {loss:.4f}, {tokens_per_s} tokens/s")
       evaluating = bool(run.eval_ds is not None and cfg.eval_every
                         and (step % cfg.eval_every == 0 or step == cfg.total_steps))
       if step % cfg.log_every == 0 or step == cfg.total_steps or evaluating:
@@ -111,9 +112,9 @@ def train(cfg, workdir: str) -> list[dict]:
   return records
 
 
-def prepare(cfg, workdir: str) -> Run:
-  """Validates the config, builds data, model, mesh and state (restored if a checkpoint exists),
-  and compiles the step."""
+def prepare(cfg, workdir: str) -> Run | None:
+  """Validates the config, builds data, model and mesh, compiles the step, and builds the state
+  (restored if a checkpoint exists). None for config.dry_run, after reporting memory and FLOPs."""
   from longgen_jax.data.pipeline import make_datasets
   from longgen_jax.data.tokenizer import load_tokenizer
   from longgen_jax.training.checkpoint import Checkpointer
