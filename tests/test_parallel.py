@@ -81,8 +81,8 @@ SCRIPT = textwrap.dedent('''
       out[name] = {"all_gathers": hlo.count("all-gather"),
                    "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
 
-    # 2. Per-shard attention equals the unsharded call: batch over data x fsdp, heads over tensor, with
-    #    GQA, segment ids and lse; and a head-dependent pattern refuses a tensor axis.
+    # 2. Per-shard attention equals the unsharded call, outputs and gradients: batch over data x fsdp,
+    #    heads over tensor, with GQA, segment ids and lse; and a head-dependent pattern refuses a tensor axis.
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.normal(size=(4, 48, 4, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(4, 48, 2, 16)), jnp.float32)
@@ -90,16 +90,23 @@ SCRIPT = textwrap.dedent('''
     seg = jnp.asarray((np.arange(48)[None] >= rng.integers(5, 40, (4, 1))).astype(np.int32))
     spec = AttentionSpec.sink_window(3, 9)
     want, want_lse = attention(q, k, v, spec, impl="reference", segment_ids=seg, return_lse=True)
+    w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+    def grads(impl):
+      loss = lambda q, k, v: jnp.sum(attention(q, k, v, spec, impl=impl, segment_ids=seg) * w)
+      return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    want_grads = grads("reference")
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
       got, got_lse = jax.jit(lambda q, k, v, s: attention(q, k, v, spec, impl="xla_blockwise", segment_ids=s,
                                                           return_lse=True))(q, k, v, seg)
+      got_grads = grads("xla_blockwise")
       try:
         jax.jit(lambda q, k, v: attention(q, k, v, AttentionSpec.block_sparse(8, 1, 4)))(q, k, v)
         out["head_dependent_error"] = None
       except ValueError as e:
         out["head_dependent_error"] = str(e)
     out["max_err"] = float(jnp.max(jnp.abs(got - want)))
+    out["max_grad_err"] = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got_grads, want_grads))
     out["max_lse_err"] = float(jnp.max(jnp.abs(jnp.where(jnp.isfinite(want_lse), got_lse - want_lse, 0.0))))
     print("RESULT " + json.dumps(out))
 ''')
@@ -114,7 +121,7 @@ def test_attention_runs_per_shard_under_a_mesh():
   r = json.loads(line[7:])
   assert r["eight"]["all_gathers"] == 0, r  # data parallel: only the gradient all-reduce
   assert r["eight"]["temp_bytes"] < r["one"]["temp_bytes"] / 4, r  # 8x fewer sequences per device
-  assert r["max_err"] < 1e-5 and r["max_lse_err"] < 1e-5, r
+  assert r["max_err"] < 1e-5 and r["max_lse_err"] < 1e-5 and r["max_grad_err"] < 1e-5, r
   assert r["head_dependent_error"] and "stride phase" in r["head_dependent_error"], r
 
 
