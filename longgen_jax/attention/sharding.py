@@ -22,9 +22,9 @@ from jax.sharding import PartitionSpec as P
 
 from longgen_jax.attention.spec import AttentionSpec
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
-SEQUENCE_AXIS = "sequence"
+CONTEXT_AXIS = "context"   # splits each sequence (context parallelism: longgen_jax.parallel.context)
 HEAD_AXIS = "tensor"
 
 
@@ -42,31 +42,37 @@ def axes_size(axes) -> int:
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def per_shard(fn: Callable, q, k, v, spec: AttentionSpec, *, q_segment_ids, kv_segment_ids, q_offset,
-              return_lse: bool):
-  """fn(q, k, v, spec, ...) for each shard of the context mesh (see the module docstring)."""
+def split_axes(batch_size: int, num_kv_heads: int, spec: AttentionSpec) -> tuple[tuple[str, ...], str | None]:
+  """(batch axes, head axis or None) of the context mesh that split an attention call, after checking
+  that the batch and the kv heads divide over them."""
   batch = active_axes(BATCH_AXES)
   heads = active_axes((HEAD_AXIS,))
-  if active_axes((SEQUENCE_AXIS,)):
-    raise ValueError(f"mesh axis {SEQUENCE_AXIS!r} has size {axes_size((SEQUENCE_AXIS,))}: attention over a "
-                     "sequence-sharded mesh (context parallelism) is not implemented yet; use sequence=1")
-  call = lambda q, k, v, qs, ks: fn(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset,
-                                    return_lse=return_lse)
-  if not batch and not heads:
-    return call(q, k, v, q_segment_ids, kv_segment_ids)
-  B, Hkv = q.shape[0], k.shape[2]
-  if batch and B % axes_size(batch):
-    raise ValueError(f"attention batch {B} cannot be split over mesh axes {batch} "
+  if batch and batch_size % axes_size(batch):
+    raise ValueError(f"attention batch {batch_size} cannot be split over mesh axes {batch} "
                      f"({axes_size(batch)} devices); make the per-step batch a multiple of it")
   if heads:
     t = axes_size(heads)
-    if Hkv % t:
-      raise ValueError(f"{Hkv} kv heads cannot be split over the {HEAD_AXIS!r} axis of size {t}")
-    if spec.head_dependent(Hkv):
+    if num_kv_heads % t:
+      raise ValueError(f"{num_kv_heads} kv heads cannot be split over the {HEAD_AXIS!r} axis of size {t}")
+    if spec.head_dependent(num_kv_heads):
       raise ValueError(f"{spec} gives each kv head its own stride phase; with the {HEAD_AXIS!r} axis of size {t} "
                        "a shard would not know its heads' global index. Use homo_head=True or tensor=1")
+  return batch, (heads[0] if heads else None)
+
+
+def per_shard(fn: Callable, q, k, v, spec: AttentionSpec, *, q_segment_ids, kv_segment_ids, q_offset,
+              return_lse: bool):
+  """fn(q, k, v, spec, ...) for each shard of the context mesh (see the module docstring)."""
+  if active_axes((CONTEXT_AXIS,)):
+    raise ValueError(f"mesh axis {CONTEXT_AXIS!r} has size {axes_size((CONTEXT_AXIS,))}: attention() does not "
+                     "split sequences; call longgen_jax.parallel.context.context_attention (ring / all-gather "
+                     "over the context axis, on the load-balanced layout) instead")
+  call = lambda q, k, v, qs, ks: fn(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset,
+                                    return_lse=return_lse)
+  batch, h = split_axes(q.shape[0], k.shape[2], spec)
+  if not batch and not h:
+    return call(q, k, v, q_segment_ids, kv_segment_ids)
   b = batch or None
-  h = heads[0] if heads else None
   heads_spec, seg_spec = P(b, None, h, None), P(b, None)
   args, specs = [q, k, v], [heads_spec] * 3
   has_seg = q_segment_ids is not None

@@ -5,8 +5,9 @@ Each block's attention core is injected: `attend(q, k, v) -> (out, aux)` receive
 queries and keys and this chunk's values, and returns the attention output and anything the
 caller wants back (a KV cache's new state when decoding; None when training). Training uses
 `attention()` over the sequence itself; `inference` passes functions that write and read KV
-caches; context parallelism will pass ring/halo attention. Positions are always explicit
-(under a load-balanced sequence layout they are not contiguous).
+caches. Under a mesh with a context axis the sequence attend is context-parallel attention
+(parallel.context: ring / all-gather on the load-balanced layout). Positions are always explicit
+(under that layout they are not contiguous).
 
 Depth: consecutive layers with the same spec that receive the same attend function (a LongGen
 model in training is three such runs: sparse, full, sparse) run as one `lax.scan` over their
@@ -28,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longgen_jax.attention import AttentionSpec, SegmentIds, attention
+from longgen_jax.attention import AttentionSpec, SegmentIds
 from longgen_jax.model.config import REMAT_POLICIES, ModelConfig
-from longgen_jax.parallel.mesh import constrain_batch
+from longgen_jax.parallel.context import ContextStrategy, context_attention
+from longgen_jax.parallel.mesh import constrain_activation
 
 # attend(q [B,T,H,D], k [B,T,K,D], v [B,T,K,D]) -> (out [B,T,H,D], aux)
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
@@ -119,7 +121,7 @@ class Block(nnx.Module):
     """(x + attention + MLP, the attend function's aux)."""
     h, aux = self.self_attn(self.input_layernorm(x_BTE), positions_BT, attend)
     x_BTE = x_BTE + h
-    return constrain_batch(x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))), aux
+    return constrain_activation(x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))), aux
 
 
 class Llama(nnx.Module):
@@ -127,16 +129,17 @@ class Llama(nnx.Module):
 
   attn_impl names the attention implementation of every layer (see attention.registry);
   remat the activation policy per block in training (model.config.REMAT_POLICIES);
-  scan_layers runs layer runs as scans (see the module docstring), False unrolls every layer.
+  scan_layers runs layer runs as scans (see the module docstring), False unrolls every layer;
+  context how layers exchange K/V when a mesh splits sequences (a run setting, not a weight).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32, attn_impl: str = "auto", remat: str = "none",
-               scan_layers: bool = True):
+               scan_layers: bool = True, context: ContextStrategy = ContextStrategy()):
     if remat not in REMAT_POLICIES:
       raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
     self.config, self.dtype, self.attn_impl, self.remat = cfg, dtype, attn_impl, remat
-    self.scan_layers = scan_layers
+    self.scan_layers, self.context = scan_layers, context
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype, embedding_init=_init, rngs=rngs)
     self.layers = nnx.List([Block(cfg, spec, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -146,9 +149,11 @@ class Llama(nnx.Module):
                                                            dtype, param_dtype)
 
   def sequence_attend(self, spec: AttentionSpec, segment_ids: SegmentIds | jax.Array | None = None) -> Attend:
-    """Attention of a whole sequence over itself (training, scoring): `attention()` with attn_impl."""
+    """Attention of a whole sequence over itself (training, scoring): `attention()` with attn_impl, or
+    its context-parallel form when the surrounding mesh splits sequences."""
     def attend(q, k, v):
-      return attention(q, k, v, spec, impl=self.attn_impl, segment_ids=segment_ids), None
+      return context_attention(q, k, v, spec, impl=self.attn_impl, segment_ids=segment_ids,
+                               strategy=self.context), None
     return attend
 
   def forward(self, tokens_BT, positions_BT, attends: Sequence[Attend]):
@@ -158,7 +163,7 @@ class Llama(nnx.Module):
                        f"{getattr(positions_BT, 'shape', None)}")
     if len(attends) != len(self.layers):
       raise ValueError(f"{len(attends)} attend functions for {len(self.layers)} layers")
-    x = constrain_batch(self.embed_tokens(tokens_BT))
+    x = constrain_activation(self.embed_tokens(tokens_BT))
     policy = REMAT_POLICIES[self.remat]
     auxes = []
     for start, stop in layer_runs(self.config.layer_specs, attends):

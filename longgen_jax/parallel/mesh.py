@@ -1,9 +1,13 @@
-"""Device mesh (data, fsdp, sequence, tensor), the shardings the train step is compiled with, and
-the activation constraint the model applies under a mesh.
+"""Device mesh (data, fsdp, context, tensor), the shardings the train step is compiled with, and
+the activation constraint the model applies under a mesh. These are the logical-axis rules, in
+one place:
 
-Runs use data parallelism over all devices (one device on CPU) with optional FSDP of parameters
-and optimizer state; attention runs per shard (attention.sharding); the sequence axis is declared
-for context parallelism. The axis names are attention.sharding's, so the dispatch understands them.
+  batch [B, T]          B over (data, fsdp), T over context (the load-balanced layout, parallel.layout)
+  activations [B, T, E] the same; attention heads over tensor (attention.sharding, parallel.context)
+  params, AdamW state   each array's largest dim divisible by fsdp x context split over both (MaxText's
+                        choice: context parallelism does not replicate the weights)
+
+The axis names are attention.sharding's, so the attention dispatch understands them.
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from longgen_jax.attention.sharding import BATCH_AXES, MESH_AXES as AXES, active_axes
+from longgen_jax.attention.sharding import BATCH_AXES, CONTEXT_AXIS, MESH_AXES as AXES, active_axes
+
+PARAM_AXES = ("fsdp", CONTEXT_AXIS)  # parameters and optimizer state are split over both
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, context: int = 1, tensor: int = 1, devices=None) -> Mesh:
   """A 4-axis mesh over `devices` (all by default); one axis size may be -1 (the rest of the devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, sequence, tensor]
+  sizes = [data, fsdp, context, tensor]
+  if any(s != -1 and s < 1 for s in sizes):
+    raise ValueError(f"mesh axis sizes must be >= 1 (or one of them -1), got {dict(zip(AXES, sizes))}")
   if sizes.count(-1) > 1:
     raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(AXES, sizes))}")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -37,13 +45,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
-  """[..., B, T] with B over (data, fsdp) and T over sequence; `leading_dims` unsharded dims first."""
-  return NamedSharding(mesh, P(*([None] * leading_dims), BATCH_AXES, "sequence"))
+  """[..., B, T] with B over (data, fsdp) and T over context; `leading_dims` unsharded dims first."""
+  return NamedSharding(mesh, P(*([None] * leading_dims), BATCH_AXES, CONTEXT_AXIS))
 
 
 def fsdp_shardings(tree, mesh: Mesh):
-  """Per-leaf shardings: each array's largest dim divisible by the fsdp axis is split over it."""
-  n = mesh.shape["fsdp"]
+  """Per-leaf shardings: each array's largest dim divisible by fsdp x context is split over both axes
+  (replicated where no dim divides)."""
+  n = mesh.shape["fsdp"] * mesh.shape[CONTEXT_AXIS]
 
   def one(x):
     shape = getattr(x, "shape", ())
@@ -53,7 +62,7 @@ def fsdp_shardings(tree, mesh: Mesh):
     for d in dims:
       if shape[d] % n == 0:
         spec = [None] * len(shape)
-        spec[d] = "fsdp"
+        spec[d] = PARAM_AXES
         return NamedSharding(mesh, P(*spec))
     return replicated(mesh)
 
@@ -65,10 +74,11 @@ def host_to_global(local_tree, sharding: NamedSharding):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_tree)
 
 
-def constrain_batch(x):
-  """`x` [B, ...] sharded over the context mesh's batch axes (a no-op without a mesh context), so that
-  XLA keeps activations per sequence instead of picking a gathered layout around opaque kernels."""
-  batch = active_axes(BATCH_AXES)
-  if not batch:
+def constrain_activation(x):
+  """`x` [B, T, ...] with B over the context mesh's batch axes and T over its context axis (a no-op
+  without a mesh context), so that XLA keeps activations per sequence chunk instead of picking a
+  gathered layout around opaque kernels."""
+  batch, context = active_axes(BATCH_AXES), active_axes((CONTEXT_AXIS,))
+  if not batch and not context:
     return x
-  return jax.lax.with_sharding_constraint(x, P(batch, *([None] * (x.ndim - 1))))
+  return jax.lax.with_sharding_constraint(x, P(batch or None, context or None, *([None] * (x.ndim - 2))))

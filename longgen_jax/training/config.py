@@ -11,6 +11,7 @@ import jax
 from longgen_jax.attention.registry import USER_NAMES
 from longgen_jax.attention.spec import parse_spec
 from longgen_jax.model.config import DTYPES, PLACEMENTS, PRESETS, REMAT_POLICIES, ModelConfig, preset
+from longgen_jax.parallel.context import FULL_STRATEGIES, SPARSE_STRATEGIES, ContextStrategy
 
 if TYPE_CHECKING:
   import ml_collections
@@ -70,7 +71,13 @@ def default_config() -> "ml_collections.ConfigDict":
       prefetch=2,               # batches prepared ahead in a thread
       synthetic=ml_collections.ConfigDict(dict(num_docs=20000, seed=0, min_chars=200, max_chars=4000)),
   ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, sequence=1, tensor=1))
+  # Device mesh (parallel.mesh); one size may be -1 (the rest of the devices). context splits each
+  # sequence over devices (the load-balanced layout of parallel.layout; attention per parallel.context).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+  c.parallel = ml_collections.ConfigDict(dict(
+      full_strategy="ring",       # full layers under context > 1: ring (K/V rotate) or all_gather
+      sparse_strategy="all_gather",  # sink_window / block_sparse layers under context > 1
+  ))
   c.loss_chunk = 2048           # logits computed this many positions at a time
   c.log_every = 1
   c.eval_every = 100            # 0 = never
@@ -102,6 +109,8 @@ def unknown_keys(cfg) -> list[str]:
 
 def validate_config(cfg) -> None:
   """Raises ValueError naming the offending key for values the run cannot use."""
+  if "mesh" in cfg and "sequence" in cfg.mesh:
+    raise ValueError("config.mesh.sequence was renamed to config.mesh.context (context parallelism)")
   unknown = unknown_keys(cfg)
   if unknown:
     raise ValueError(f"unknown config key(s) {unknown}; every key is listed in "
@@ -139,6 +148,11 @@ def validate_config(cfg) -> None:
   need(cfg.model.param_dtype in DTYPES, "model.param_dtype", f"choose from {list(DTYPES)}")
   need(cfg.model.remat in REMAT_POLICIES, "model.remat", f"choose from {list(REMAT_POLICIES)}")
   need(cfg.model.placement in PLACEMENTS, "model.placement", f"choose from {list(PLACEMENTS)}")
+  for axis in ("data", "fsdp", "context", "tensor"):
+    need(cfg.mesh[axis] == -1 or cfg.mesh[axis] >= 1, f"mesh.{axis}", "must be >= 1 (or -1: the rest of the devices)")
+  need(cfg.parallel.full_strategy in FULL_STRATEGIES, "parallel.full_strategy", f"choose from {list(FULL_STRATEGIES)}")
+  need(cfg.parallel.sparse_strategy in SPARSE_STRATEGIES, "parallel.sparse_strategy",
+       f"choose from {list(SPARSE_STRATEGIES)}")
   need(cfg.model.attn_impl in USER_NAMES, "model.attn_impl", f"choose from {list(USER_NAMES)}")
   if cfg.model.sparse_spec:
     try:
@@ -152,6 +166,11 @@ def validate_config(cfg) -> None:
     need(cfg.model.preset in PRESETS, "model.preset", f"unknown preset; choose from {list(PRESETS)}")
   elif not os.path.exists(cfg.init_from) and "://" not in cfg.init_from:
     need(False, "init_from", "no such directory")
+
+
+def context_strategy(cfg) -> ContextStrategy:
+  """The run's context-parallel strategies (config.parallel)."""
+  return ContextStrategy(full=cfg.parallel.full_strategy, sparse=cfg.parallel.sparse_strategy)
 
 
 def _get(cfg, dotted: str):

@@ -23,7 +23,8 @@ import numpy as np
 from longgen_jax.model.config import ModelConfig
 from longgen_jax.parallel import mesh as sharding
 from longgen_jax.parallel.runtime import enable_compile_cache
-from longgen_jax.training.config import build_model_config, changed_settings, validate_config
+from longgen_jax.parallel.layout import padded_length, to_context_layout
+from longgen_jax.training.config import build_model_config, changed_settings, context_strategy, validate_config
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
 from longgen_jax.training.loss import make_loss_fn
 from longgen_jax.training.optimizer import make_optimizer
@@ -131,21 +132,26 @@ def prepare(cfg, workdir: str) -> Run | None:
     raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
                      f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
   host_batch = cfg.batch_size // jax.process_count()
+  context = mesh.shape["context"]
   train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
                                     seed=cfg.seed)
+  if context > 1:  # the load-balanced layout, once, on the host (stateless: iterator checkpoints unchanged)
+    train_ds, eval_ds = (None if ds is None else ds.map(lambda b: to_context_layout(b, context))
+                         for ds in (train_ds, eval_ds))
   train_iter = iter(train_ds)
 
   optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-  graphdef, abstract_params = abstract_model(mc, cfg.model)
+  graphdef, abstract_params = abstract_model(mc, cfg.model, context_strategy(cfg))
   shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
   state_sh = state_shardings(shapes, mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 shapes, state_sh)  # shapes with shardings: restore and compile targets
   resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
 
-  A, T = cfg.grad_accum, cfg.seq_len
+  A, T = cfg.grad_accum, padded_length(cfg.seq_len, context)
   batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
-  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention)
+  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention,
+                         context=context)
   step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["params"], batch_sh),
@@ -155,8 +161,8 @@ def prepare(cfg, workdir: str) -> Run | None:
     local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
     return sharding.host_to_global(local, batch_sh)
 
-  tokens_per_step = cfg.batch_size * T
-  flops_per_step = train_flops_per_token(mc, T) * tokens_per_step
+  tokens_per_step = cfg.batch_size * cfg.seq_len  # real tokens (the layout may pad)
+  flops_per_step = train_flops_per_token(mc, cfg.seq_len) * tokens_per_step
   _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(abstract_params) / 1e6:.1f}M params, "
        f"pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on {jax.device_count()} "
        f"{jax.devices()[0].device_kind} device(s)")
@@ -222,9 +228,10 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
       c = self.cfg
       raise OutOfDeviceMemory(
           f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
-          f"config.seq_len={c.seq_len}, set config.model.remat='full' (now {c.model.remat!r}), shard over more "
-          f"devices with config.mesh.fsdp=-1 (now {c.mesh.fsdp}), or wait for context parallelism "
-          f"(config.mesh.sequence); `--config.dry_run=True` shows the per-device memory without running") from None
+          f"config.seq_len={c.seq_len}, set config.model.remat='full' (now {c.model.remat!r}), shard weights over "
+          f"more devices with config.mesh.fsdp (now {c.mesh.fsdp}) or split each sequence over more with "
+          f"config.mesh.context (now {c.mesh.context}); `--config.dry_run=True` shows the per-device memory "
+          "without running") from None
     return False
 
 

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from longgen_jax.model.llama import Llama, sequence_positions
+from longgen_jax.model.llama import Llama
+from longgen_jax.parallel.layout import sequence_order
 
 
-def chunked_xent(model: Llama, hidden_BTE, targets_BT, mask_BT, chunk: int):
-  """(sum of masked token losses, number of counted tokens), logits never all in memory at once."""
+def chunked_xent(model: Llama, hidden_BTE, targets_BT, mask_BT, chunk: int, parts: int = 1):
+  """(sum of masked token losses, number of counted tokens), logits never all in memory at once.
+
+  The sequence is first cut into `parts` contiguous pieces (the context axis's shards) and chunks
+  are taken within each piece, all pieces at once: a sequence split over devices is never
+  resharded. Chunks hold gcd(chunk, T / parts) positions (0: no chunking).
+  """
   B, T, E = hidden_BTE.shape
-  chunk = T if chunk <= 0 or chunk >= T else chunk
-  n = T // chunk
-  split = lambda x: x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+  local = T // parts
+  chunk = local if chunk <= 0 or chunk >= local else math.gcd(chunk, local)
+  n = local // chunk
+  split = lambda x: jnp.moveaxis(x.reshape(B, parts, n, chunk, *x.shape[2:]), 2, 0)
 
   @jax.checkpoint
   def one(h_BCE, t_BC, m_BC):
@@ -28,8 +38,9 @@ def chunked_xent(model: Llama, hidden_BTE, targets_BT, mask_BT, chunk: int):
   return total, jnp.sum(mask_BT.astype(jnp.float32))
 
 
-def make_loss_fn(graphdef, *, loss_chunk: int, segment_attention: bool):
-  """loss(params, batch[b, T]) -> (loss sum, token count).
+def make_loss_fn(graphdef, *, loss_chunk: int, segment_attention: bool, context: int = 1):
+  """loss(params, batch[b, T]) -> (loss sum, token count), for batches in the layout of
+  parallel.layout over `context` devices (the plain order for context 1).
 
   segment_attention: packed documents attend only within themselves and restart their positions
   (the batch's segment_ids and positions); off, each row is one sequence at positions 0..T-1.
@@ -39,7 +50,8 @@ def make_loss_fn(graphdef, *, loss_chunk: int, segment_attention: bool):
     if segment_attention:
       seg, pos = mb["segment_ids"], mb["positions"]
     else:
-      seg, pos = None, sequence_positions(mb["inputs"])
+      order = sequence_order(mb["inputs"].shape[-1], context)
+      seg, pos = None, jnp.broadcast_to(jnp.asarray(order, np.int32), mb["inputs"].shape)
     hidden = model.hidden_states(mb["inputs"], pos, seg)
-    return chunked_xent(model, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
+    return chunked_xent(model, hidden, mb["targets"], mb["loss_mask"], loss_chunk, parts=context)
   return loss_fn

@@ -12,20 +12,22 @@ from flax import nnx
 from longgen_jax.model.config import DTYPES, ModelConfig
 from longgen_jax.model.llama import Llama
 from longgen_jax.parallel import mesh as sharding
+from longgen_jax.parallel.context import ContextStrategy
 
 
-def abstract_model(mc: ModelConfig, mcfg) -> tuple[Any, Any]:
+def abstract_model(mc: ModelConfig, mcfg, context: ContextStrategy = ContextStrategy()) -> tuple[Any, Any]:
   """(graphdef, abstract params) without allocating anything."""
-  model = nnx.eval_shape(lambda: new_model(mc, mcfg, seed=0))
+  model = nnx.eval_shape(lambda: new_model(mc, mcfg, seed=0, context=context))
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_pure_dict(state)
 
 
-def new_model(mc: ModelConfig, mcfg, seed: int) -> Llama:
-  """A randomly initialised model as config.model (dtypes, attn_impl, remat, scan_layers) asks."""
+def new_model(mc: ModelConfig, mcfg, seed: int, context: ContextStrategy = ContextStrategy()) -> Llama:
+  """A randomly initialised model as config.model (dtypes, attn_impl, remat, scan_layers) and the
+  context-parallel strategy ask."""
   return Llama(mc, rngs=nnx.Rngs(seed), dtype=DTYPES[mcfg.compute_dtype],
                param_dtype=DTYPES[mcfg.param_dtype], attn_impl=mcfg.attn_impl, remat=mcfg.remat,
-               scan_layers=mcfg.scan_layers)
+               scan_layers=mcfg.scan_layers, context=context)
 
 
 def state_shardings(abstract_state, mesh):

@@ -1,0 +1,250 @@
+"""Attention over sequences split across the mesh's `context` axis (context parallelism).
+
+Inputs are in the load-balanced layout of `parallel.layout`: with cp devices and chunks of c
+tokens, device r holds chunks r and 2cp-1-r (2c tokens, "lo" then "hi"). Masks follow the
+original token order, which each device knows from its index.
+
+The per-step contract. Attention kernels take their query offset as a static int (their tile
+layouts are built on the host), but a device learns its place in the sequence only at run time.
+So every call below is one of a few static cases, each an ordinary call of an attention
+implementation with `return_lse=True` (any registered one, the registry's choice for the call's
+features), selected on the device index with `lax.cond`/`lax.switch`:
+
+  ring step 0        own chunks: causal over the local 2c tokens (lo precedes hi), q_offset 0
+  ring step s > 0    K/V of device j = (r - s) mod cp:
+                       j < r: every local query sees chunk j entirely   (q 2c x k c, q_offset c)
+                       j > r: only the hi queries see both chunks, all  (q c x k 2c, q_offset 2c)
+                     (chunk 2cp-1-j is later than both local chunks when j < r, and chunk j is
+                     later than lo when j > r: those pairs are empty and never computed)
+  gathered, dev. r   lo over keys [0, (r+1)c) at q_offset r*c; hi over [0, (2cp-r)c) at (2cp-1-r)*c
+
+Every ring step therefore does the same work (2c x c pairs) on every device.
+
+Strategies (`ContextStrategy`, a train-config setting, not part of the model's weights or config):
+  ring        full layers: K/V (and kv segment ids) rotate by ppermute, issued before each step's
+              compute so they overlap; partial results merged eagerly by LSE; a custom backward
+              rotates K/V again with their dK/dV accumulators and brings those home, so attention
+              memory per device stays O(T / cp).
+  all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from longgen_jax.attention import SegmentIds, attention, registry
+from longgen_jax.attention.sharding import CONTEXT_AXIS, active_axes, axes_size, split_axes
+from longgen_jax.attention.spec import AttentionSpec
+
+FULL_STRATEGIES = ("ring", "all_gather")
+SPARSE_STRATEGIES = ("all_gather",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextStrategy:
+  """How attention layers exchange K/V over the context axis: `full` for full layers, `sparse` for
+  sink_window / block_sparse layers."""
+
+  full: str = "ring"
+  sparse: str = "all_gather"
+
+  def __post_init__(self):
+    if self.full not in FULL_STRATEGIES:
+      raise ValueError(f"context strategy for full layers must be one of {FULL_STRATEGIES}, got {self.full!r}")
+    if self.sparse not in SPARSE_STRATEGIES:
+      raise ValueError(f"context strategy for sparse layers must be one of {SPARSE_STRATEGIES}, got {self.sparse!r}")
+
+  def for_spec(self, spec: AttentionSpec) -> str:
+    return self.full if spec.is_full else self.sparse
+
+
+def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
+                      segment_ids: SegmentIds | jax.Array | None = None, return_lse: bool = False,
+                      strategy: ContextStrategy = ContextStrategy()):
+  """`attention()` of sequences split over the context axis of the surrounding `jax.set_mesh`.
+
+  q [B, T, Hq, D], k, v [B, T, Hkv, D] and segment ids [B, T] are global arrays in the layout of
+  `parallel.layout` (T a multiple of 2 x context). Without a context axis this is `attention()`.
+  Returns out [B, T, Hq, D] (and lse [B, Hq, T] if asked), in the same layout.
+  """
+  if not active_axes((CONTEXT_AXIS,)):
+    return attention(q, k, v, spec, impl=impl, segment_ids=segment_ids, return_lse=return_lse)
+  cp = axes_size((CONTEXT_AXIS,))
+  B, T = q.shape[:2]
+  if k.shape[1] != T or v.shape != k.shape:
+    raise ValueError(f"context-parallel attention is self-attention: q {q.shape}, k {k.shape}, v {v.shape}")
+  if T % (2 * cp):
+    raise ValueError(f"sequence length {T} does not split into 2 x context = {2 * cp} chunks; lay the batch out "
+                     "with longgen_jax.parallel.layout.to_context_layout (it pads)")
+  if isinstance(segment_ids, SegmentIds):
+    if segment_ids.q is not segment_ids.kv:
+      raise ValueError("context-parallel attention takes one segment_ids array for queries and keys")
+    segment_ids = segment_ids.q
+  if segment_ids is not None and segment_ids.shape != (B, T):
+    raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
+  features = registry.call_features(segment_ids=segment_ids is not None, q_offset=True, lse=True)
+  fn = registry.resolve(impl, spec, features)
+  batch, heads = split_axes(B, k.shape[2], spec)
+  b = batch or None
+  x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
+  local = functools.partial(_ring if strategy.for_spec(spec) == "ring" else _gathered, fn, spec, CONTEXT_AXIS, cp)
+  has_seg = segment_ids is not None
+
+  def per_device(q, k, v, *seg):
+    out, lse = local(q, k, v, *(seg * 2 if has_seg else (None, None)))
+    return (out, lse) if return_lse else out
+
+  out_specs = (x_spec, P(b, heads, CONTEXT_AXIS)) if return_lse else x_spec
+  in_specs = (x_spec,) * 3 + ((seg_spec,) if has_seg else ())
+  args = (q, k, v) + ((segment_ids,) if has_seg else ())
+  return jax.shard_map(per_device, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
+# ----------------------------------------------------------------------------- static cases
+
+
+def _call(fn, spec, q, k, v, qs, ks, q_offset: int):
+  return fn(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset, return_lse=True)
+
+
+def _half(x, which: int):
+  """The lo (0) or hi (1) chunk of a local [B, 2c, ...] array (None passes through)."""
+  if x is None:
+    return None
+  c = x.shape[1] // 2
+  return x[:, which * c:(which + 1) * c]
+
+
+def _ring_step(fn, spec, cp: int, s: int, r, q, k, v, qs, ks):
+  """(out [B, 2c, H, D], lse [B, H, 2c]) of the local queries over the K/V held at ring step s."""
+  if s == 0:
+    return _call(fn, spec, q, k, v, qs, ks, 0)
+  c = q.shape[1] // 2
+
+  def earlier():  # K/V from a device j < r: its lo chunk precedes both local chunks
+    return _call(fn, spec, q, _half(k, 0), _half(v, 0), qs, _half(ks, 0), c)
+
+  def later():  # j > r: both its chunks precede the local hi chunk and follow the local lo chunk
+    out, lse = _call(fn, spec, _half(q, 1), k, v, _half(qs, 1), ks, 2 * c)
+    return (jnp.concatenate([jnp.zeros_like(out), out], axis=1),
+            jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=2))
+
+  return jax.lax.cond((r - s) % cp < r, earlier, later)
+
+
+def _rows(w_BHT):
+  """[B, H, T] -> [B, T, H, 1], to scale out [B, T, H, D]."""
+  return jnp.swapaxes(w_BHT, 1, 2)[..., None]
+
+
+def _merge(out, lse, out_s, lse_s):
+  """Running (out, lse) combined with one more partial result over disjoint keys (float32)."""
+  new = jnp.logaddexp(lse, lse_s)
+  safe = jnp.where(jnp.isfinite(new), new, 0.0)
+  return (out * _rows(jnp.exp(lse - safe)) + out_s.astype(jnp.float32) * _rows(jnp.exp(lse_s - safe)), new)
+
+
+def _next_device(cp: int):
+  return [(i, (i + 1) % cp) for i in range(cp)]
+
+
+# ----------------------------------------------------------------------------- ring
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _ring(fn, spec, axis, cp, q, k, v, qs, ks):
+  return _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks)
+
+
+def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
+  r = jax.lax.axis_index(axis)
+  out = jnp.zeros(q.shape, jnp.float32)
+  lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
+  held = (k, v, ks)
+  for s in range(cp):
+    if s + 1 < cp:  # the next step's K/V travel while this step computes
+      arriving = jax.lax.ppermute(held, axis, _next_device(cp))
+    k_s, v_s, ks_s = held
+    out_s, lse_s = _ring_step(fn, spec, cp, s, r, q, k_s, v_s, qs, ks_s)
+    out, lse = _merge(out, lse, out_s, lse_s)
+    if s + 1 < cp:
+      held = arriving
+  return out.astype(q.dtype), lse
+
+
+def _ring_fwd(fn, spec, axis, cp, q, k, v, qs, ks):
+  out, lse = _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks)
+  return (out, lse), (q, k, v, qs, ks, out, lse)
+
+
+def _ring_bwd(fn, spec, axis, cp, res, cotangents):
+  """Each step's gradient is the step's own vjp with its share of the cotangents: for
+  out = sum_s w_s out_s, lse = logsumexp_s lse_s and w_s = exp(lse_s - lse),
+  d/d out_s = w_s dout and d/d lse_s = w_s (dout . (out_s - out) + dlse). (Equal to a flash
+  backward given the final out and lse; this recomputes each step's forward inside its vjp.)"""
+  q, k, v, qs, ks, out, lse = res
+  dout, dlse = cotangents
+  r = jax.lax.axis_index(axis)
+  dq = jnp.zeros(q.shape, jnp.float32)
+  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+  dout32, out32 = dout.astype(jnp.float32), out.astype(jnp.float32)
+  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  held = (k, v, ks)
+  for s in range(cp):
+    if s + 1 < cp:
+      arriving = jax.lax.ppermute(held, axis, _next_device(cp))
+    k_s, v_s, ks_s = held
+    (out_s, lse_s), step_vjp = jax.vjp(lambda q, k, v: _ring_step(fn, spec, cp, s, r, q, k, v, qs, ks_s), q, k_s, v_s)
+    w = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - safe_lse), 0.0)
+    dot = jnp.swapaxes(jnp.sum(dout32 * (out_s.astype(jnp.float32) - out32), axis=-1), 1, 2)
+    dq_s, dk_s, dv_s = step_vjp(((dout32 * _rows(w)).astype(out_s.dtype), w * (dot + dlse)))
+    dq = dq + dq_s.astype(jnp.float32)
+    # dK/dV travel with the K/V they belong to; the last hop brings them to their home device.
+    dk, dv = jax.lax.ppermute((dk + dk_s.astype(jnp.float32), dv + dv_s.astype(jnp.float32)), axis,
+                              _next_device(cp))
+    if s + 1 < cp:
+      held = arriving
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _int_zeros(qs), _int_zeros(ks)
+
+
+def _int_zeros(x):
+  return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ----------------------------------------------------------------------------- all-gather
+
+
+def _natural_order(x_gathered, cp: int):
+  """[B, T, ...] gathered from the layout (device r's lo, hi chunks at slots 2r, 2r+1) -> token order."""
+  B, T = x_gathered.shape[:2]
+  x = x_gathered.reshape(B, cp, 2, T // (2 * cp), *x_gathered.shape[2:])
+  return jnp.concatenate([x[:, :, 0], x[:, ::-1, 1]], axis=1).reshape(x_gathered.shape)
+
+
+def _gathered(fn, spec, axis, cp, q, k, v, qs, ks):
+  """Each device gathers all K/V (in token order) and attends its two chunks at their static offsets."""
+  gather = lambda x: None if x is None else _natural_order(
+      jax.lax.all_gather(x, axis, axis=1, tiled=True), cp)
+  k_all, v_all, ks_all = gather(k), gather(v), gather(ks)
+  c = q.shape[1] // 2
+
+  def on_device(r: int):
+    def run():
+      parts = []
+      for half, chunk in ((0, r), (1, 2 * cp - 1 - r)):
+        keys = slice(0, (chunk + 1) * c)  # nothing after the chunk is visible
+        parts.append(_call(fn, spec, _half(q, half), k_all[:, keys], v_all[:, keys], _half(qs, half),
+                           None if ks_all is None else ks_all[:, keys], chunk * c))
+      return jnp.concatenate([parts[0][0], parts[1][0]], axis=1), jnp.concatenate([parts[0][1], parts[1][1]], axis=2)
+    return run
+
+  return jax.lax.switch(jax.lax.axis_index(axis), [on_device(r) for r in range(cp)])
