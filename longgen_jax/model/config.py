@@ -16,16 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from longgen_jax.attention.spec import AttentionSpec, parse_spec
+from longgen_jax.parallel.context import RING_LSE, RING_OUT
 
 Placement = Literal["middle", "top", "bottom", "interleaved"]
 PLACEMENTS = ("middle", "top", "bottom", "interleaved")
 LONGGEN_FULL_FRACTION = 3 / 8
 DEFAULT_SPARSE = AttentionSpec.sink_window(64, 1984)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Under context parallelism "full" and "dots" also keep the ring attention's output and LSE (1/context
+# of a sequence per device), so the backward does not run the ring a second time; one device: no change.
+_KEEP_RING = jax.checkpoint_policies.save_only_these_names(RING_OUT, RING_LSE)
 REMAT_POLICIES = {
     "none": None,                                                   # keep every activation
-    "full": jax.checkpoint_policies.nothing_saveable,               # recompute each layer
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "full": _KEEP_RING,                                             # recompute each layer
+    "dots": jax.checkpoint_policies.save_from_both_policies(        # keep matmul outputs
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_RING),
 }
 
 

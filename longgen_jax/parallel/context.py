@@ -36,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from longgen_jax.attention import SegmentIds, attention, registry
@@ -43,6 +44,8 @@ from longgen_jax.attention.sharding import CONTEXT_AXIS, active_axes, axes_size,
 from longgen_jax.attention.spec import AttentionSpec
 
 FULL_STRATEGIES = ("ring", "all_gather")
+# Names of the ring's results for remat policies: saving them spares the backward a second ring.
+RING_OUT, RING_LSE = "context_ring_out", "context_ring_lse"
 SPARSE_STRATEGIES = ("all_gather",)
 
 
@@ -180,6 +183,7 @@ def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
 
 def _ring_fwd(fn, spec, axis, cp, q, k, v, qs, ks):
   out, lse = _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks)
+  out, lse = checkpoint_name(out, RING_OUT), checkpoint_name(lse, RING_LSE)
   return (out, lse), (q, k, v, qs, ks, out, lse)
 
 
@@ -195,7 +199,9 @@ def _ring_bwd(fn, spec, axis, cp, res, cotangents):
   dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   dout32, out32 = dout.astype(jnp.float32), out.astype(jnp.float32)
   safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  held = (k, v, ks)
+  # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
+  # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
+  held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
   for s in range(cp):
     if s + 1 < cp:
       arriving = jax.lax.ppermute(held, axis, _next_device(cp))
