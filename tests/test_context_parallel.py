@@ -66,8 +66,8 @@ def test_old_mesh_sequence_key_names_its_new_name():
 
 # ----------------------------------------------------------------------------- attention on 8 devices
 
-ATTENTION = textwrap.dedent('''
-    import json
+ATTENTION = textwrap.dedent(r'''
+    import json, re
     import jax, jax.numpy as jnp, numpy as np
     from longgen_jax.attention import AttentionSpec, attention
     from longgen_jax.parallel.context import ContextStrategy, context_attention
@@ -78,7 +78,13 @@ ATTENTION = textwrap.dedent('''
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     results = []
 
-    def case(name, cp, spec, *, strategy="ring", T=48, H=4, K=2, segments=True, data=1, tensor=1):
+    def gathered_fraction(hlo, full_size):
+      """Largest all-gather result, as a fraction of the whole K (or V) of the call."""
+      sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for line in hlo.splitlines() if "all-gather" in line
+               for dims in re.findall(r"\[([\d,]*)\]", line.split("all-gather")[0])]
+      return max(sizes, default=0) / full_size
+
+    def case(name, cp, spec, *, full="ring", sparse="halo", T=48, H=4, K=2, segments=True, data=1, tensor=1):
       B, D = 2 * data, 8
       q, k, v, w = (rng.normal(size=(B, T, h, D)).astype(np.float32) for h in (H, K, K, H))
       seg = (np.arange(T)[None] >= rng.integers(3, T - 3, (B, 1))).astype(np.int32) + 1 if segments else None
@@ -92,7 +98,7 @@ ATTENTION = textwrap.dedent('''
           q, k, v, w, None if seg is None else jnp.asarray(seg))
       order = sequence_order(T, cp)
       lay = lambda x, axis=1: None if x is None else np.take(np.asarray(x), order, axis=axis)
-      strat = ContextStrategy(full=strategy)
+      strat = ContextStrategy(full=full, sparse=sparse)
       split = lambda q, k, v, s: context_attention(q, k, v, spec, impl="xla_blockwise", segment_ids=s, return_lse=True,
                                                    strategy=strat)
       mesh = make_mesh(data=data, context=cp, tensor=tensor, devices=jax.devices()[:data * cp * tensor])
@@ -101,20 +107,26 @@ ATTENTION = textwrap.dedent('''
         (_, (out_cp, lse_cp)), grads_cp = f(lay(q), lay(k), lay(v), lay(w), lay(seg))
         hlo = f.lower(lay(q), lay(k), lay(v), lay(w), lay(seg)).compile().as_text()
       errors = [rel(out_cp, lay(out)), rel(lse_cp, lay(lse, 2))] + [rel(a, lay(b)) for a, b in zip(grads_cp, grads)]
-      results.append({"name": name, "errors": errors, "permutes": hlo.count("collective-permute-start") or
-                      hlo.count("collective-permute("), "all_gathers": hlo.count("all-gather-start") or
-                      hlo.count("all-gather(")})
+      results.append({"name": name, "strategy": strat.for_spec(spec, T // (2 * cp)), "errors": errors,
+                      "permutes": hlo.count("collective-permute"),
+                      "gathered": gathered_fraction(hlo, B * T * K * D),
+                      "vert_stride": spec.vert_stride})
 
-    full, sw = AttentionSpec.full(), AttentionSpec.sink_window
+    full, sw, bs = AttentionSpec.full(), AttentionSpec.sink_window, AttentionSpec.block_sparse
     case("full ring cp2 segments", 2, full)
     case("full ring cp4 no segments", 4, full, segments=False)
     case("full ring cp8 MHA", 8, full, T=64, K=4)
-    case("full all_gather cp4", 4, full, strategy="all_gather")
+    case("full all_gather cp4", 4, full, full="all_gather")
     case("full ring cp2 data2 tensor2", 2, full, data=2, tensor=2)
-    case("sink_window window < tokens per device, cp2", 2, sw(0, 5))
-    case("sink_window with sinks, window > tokens per device, cp4", 4, sw(3, 20))
-    case("block_sparse head-dependent cp2", 2, AttentionSpec.block_sparse(4, 1, 3), T=40)
-    case("block_sparse homo cp4 GQA 4", 4, AttentionSpec.block_sparse(4, 2, 2, homo_head=True), H=8, K=2)
+    case("sink_window halo, window < tokens per device, cp2", 2, sw(0, 5))
+    case("sink_window halo, sinks, window > tokens per device, cp4", 4, sw(3, 20))
+    case("sink_window halo, sinks over several chunks, window > T, cp8", 8, sw(9, 100), T=64, segments=False)
+    case("sink_window halo cp2 data2 tensor2", 2, sw(4, 6), data=2, tensor=2)
+    case("sink_window all_gather cp4", 4, sw(3, 20), sparse="all_gather")
+    case("block_sparse halo head-dependent cp2", 2, bs(4, 2, 2), T=64)
+    case("block_sparse halo homo cp4 GQA 4", 4, bs(4, 3, 2, homo_head=True), T=64, H=8, K=2)
+    case("block_sparse halo several hops cp8", 8, bs(2, 5, 2), T=128, K=4, H=8, segments=False)
+    case("block_sparse chunks off the stride grid: all_gather", 2, bs(4, 1, 3), T=40)
 
     # remat="full" keeps the ring's output and LSE: the backward does not run the ring again.
     from longgen_jax.model.config import REMAT_POLICIES
@@ -131,8 +143,9 @@ ATTENTION = textwrap.dedent('''
 
 
 def test_context_attention_equals_unsharded_outputs_and_gradients():
-  """Ring and all-gather over context 2/4/8 (with data and tensor axes, GQA, packed segments, and
-  sink_window / block_sparse patterns) against the unsharded reference: out, lse, dq, dk, dv."""
+  """Ring, halo and all-gather over context 2/4/8 (with data and tensor axes, GQA, packed segments,
+  sinks, windows shorter and longer than a device's tokens, block_sparse head-dependent and homo)
+  against the unsharded reference: out, lse, dq, dk, dv; and what each compiles to."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
   p = subprocess.run([sys.executable, "-c", ATTENTION], capture_output=True, text=True, env=env, timeout=900)
@@ -141,13 +154,16 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
   r = json.loads(line[7:])
   results, permutes = r["cases"], r["remat_permutes"]
   assert permutes["full"] == permutes["none"] < permutes["nothing_saveable"], permutes
-  assert len(results) == 9
+  assert len(results) == 14
   for r in results:
     assert max(r["errors"]) <= 1e-5, r
-    if "ring" in r["name"]:  # K/V travel by collective-permute, never gathered
-      assert r["permutes"] > 0 and r["all_gathers"] == 0, r
+    assert r["strategy"] in r["name"], r
+    if r["strategy"] == "ring" or "sink_window halo" in r["name"]:  # K/V travel by collective-permute only
+      assert r["permutes"] > 0 and r["gathered"] == 0, r
+    elif r["strategy"] == "halo":  # block_sparse: near blocks by permute, 1/vert_stride of the keys gathered
+      assert r["permutes"] > 0 and 0 < r["gathered"] <= 1 / r["vert_stride"], r
     else:
-      assert r["all_gathers"] > 0, r
+      assert r["gathered"] >= 1, r
 
 
 # ----------------------------------------------------------------------------- the training CLI
@@ -186,7 +202,7 @@ def test_train_cli_with_context_parallelism_matches_one_device_resumes_and_chang
   assert resumed == cp  # the same mesh: exact
 
   other = ["--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.context=4",
-           "--config.parallel.full_strategy=all_gather"]
+           "--config.parallel.full_strategy=all_gather", "--config.parallel.sparse_strategy=all_gather"]
   _train(tmp_path / "moved", *other, steps=2)
   moved = _train(tmp_path / "moved", *mesh)
   for step in one:

@@ -26,6 +26,16 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
               rotates K/V again with their dK/dV accumulators and brings those home, so attention
               memory per device stays O(T / cp).
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
+  halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
+              ppermute from the devices holding them (more hops only when a chunk is shorter
+              than the window), and the `sink` first keys by a small all-reduce; window and
+              sink parts are separate static calls merged by LSE. Gradients flow back the same
+              way (autodiff of ppermute / psum). Memory O(T / cp + window).
+              block_sparse layers: the local blocks by the same halo, widened to a multiple of
+              vert_stride blocks so that the halo starts on a stride boundary (then the strided
+              blocks inside it are the spec's own, in local coordinates); the strided blocks
+              before the halo, 1/vert_stride of the keys, gathered compactly from every device.
+              Needs chunks of a whole number of vert_stride x block_size tokens (else all_gather).
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from longgen_jax.attention.spec import AttentionSpec
 FULL_STRATEGIES = ("ring", "all_gather")
 # Names of the ring's results for remat policies: saving them spares the backward a second ring.
 RING_OUT, RING_LSE = "context_ring_out", "context_ring_lse"
-SPARSE_STRATEGIES = ("all_gather",)
+SPARSE_STRATEGIES = ("halo", "all_gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +65,7 @@ class ContextStrategy:
   sink_window / block_sparse layers."""
 
   full: str = "ring"
-  sparse: str = "all_gather"
+  sparse: str = "halo"
 
   def __post_init__(self):
     if self.full not in FULL_STRATEGIES:
@@ -63,8 +73,13 @@ class ContextStrategy:
     if self.sparse not in SPARSE_STRATEGIES:
       raise ValueError(f"context strategy for sparse layers must be one of {SPARSE_STRATEGIES}, got {self.sparse!r}")
 
-  def for_spec(self, spec: AttentionSpec) -> str:
-    return self.full if spec.is_full else self.sparse
+  def for_spec(self, spec: AttentionSpec, chunk: int) -> str:
+    """The strategy for a layer whose sequence is in chunks of `chunk` tokens (see _block_halo)."""
+    if spec.is_full:
+      return self.full
+    if spec.kind == "block_sparse" and chunk % (spec.vert_stride * spec.block_size):
+      return "all_gather"
+    return self.sparse
 
 
 def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
@@ -96,7 +111,7 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   batch, heads = split_axes(B, k.shape[2], spec)
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
-  local = functools.partial(_ring if strategy.for_spec(spec) == "ring" else _gathered, fn, spec, CONTEXT_AXIS, cp)
+  local = functools.partial(_LOCAL[strategy.for_spec(spec, T // (2 * cp))], fn, spec, CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
   def per_device(q, k, v, *seg):
@@ -254,3 +269,177 @@ def _gathered(fn, spec, axis, cp, q, k, v, qs, ks):
     return run
 
   return jax.lax.switch(jax.lax.axis_index(axis), [on_device(r) for r in range(cp)])
+
+
+# ----------------------------------------------------------------------------- halo (sink_window)
+
+_NO_KEY = np.iinfo(np.int32).min  # segment id of halo slots before position 0: matches no query
+
+
+def _halo(fn, spec, axis, cp, q, k, v, qs, ks):
+  """sink_window / block_sparse: the near keys from the preceding chunks by ppermute, the far
+  ones (sinks, strided blocks) gathered small (module docstring)."""
+  c = q.shape[1] // 2
+  r = jax.lax.axis_index(axis)
+  if qs is None:  # halo slots are masked by segment id, so the calls always carry them
+    qs = ks = jnp.zeros(q.shape[:2], jnp.int32)
+  chunks = [tuple(_half(x, i) for x in (k, v, ks)) for i in (0, 1)]  # (k, v, seg) of lo and hi
+  if spec.kind == "sink_window":
+    halo = spec.window - 1  # keys a chunk needs from before itself
+    near_spec = AttentionSpec.sink_window(0, spec.window)
+  else:
+    stride_tokens = spec.vert_stride * spec.block_size
+    halo = -(-(spec.local_blocks - 1) * spec.block_size // stride_tokens) * stride_tokens
+    near_spec = spec
+  halo = min(halo, (2 * cp - 1) * c)
+  parts = []
+  for i, received in enumerate(_receive_halos(axis, cp, c, halo, r, *chunks)):
+    keys = [jnp.concatenate([h, x], axis=1) for h, x in zip(received, chunks[i])]
+    parts.append(_call(fn, near_spec, _half(q, i), *keys[:2], _half(qs, i), keys[2], halo))
+  out = jnp.concatenate([parts[0][0], parts[1][0]], axis=1)
+  lse = jnp.concatenate([parts[0][1], parts[1][1]], axis=2)
+  if spec.kind == "sink_window" and spec.sink == 0:
+    return out, lse
+  far = _sinks if spec.kind == "sink_window" else _strided_before_halo
+  far_out, far_lse = far(fn, spec, axis, cp, c, r, q, qs, chunks, halo)
+  out, lse = _merge(out.astype(jnp.float32), lse, far_out, far_lse)
+  return out.astype(q.dtype), lse
+
+
+def _receive_halos(axis, cp, c, halo, r, lo, hi):
+  """((k, v, seg) of the `halo` keys before the lo chunk, the same before the hi chunk), each
+  [B, halo, ...] in token order; slots before position 0 get segment id _NO_KEY.
+
+  Hop h brings chunk a - h for a local chunk a. Chunk m lives on device m (lo) for m < cp and on
+  device 2cp-1-m (hi) otherwise, so: lo halos come from device r-h's lo chunk; hi halos from
+  device r+h's hi chunk while r+h < cp, else from device 2cp-1-r-h's lo chunk (the fold).
+  """
+  if halo == 0:
+    empty = tuple(x[:, :0] for x in lo)
+    return empty, empty
+  hops = -(-halo // c)
+  lo_parts, hi_parts = [], []
+  for h in range(1, hops + 1):
+    need = min(c, halo - (h - 1) * c)  # the last `need` keys of the source chunk
+    lo_tail, hi_tail = (tuple(x[:, c - need:] for x in chunk) for chunk in (lo, hi))
+    from_lo = _shift(lo_tail, axis, [(s, s + h) for s in range(cp - h)])
+    from_hi = _shift(hi_tail, axis, [(s, s - h) for s in range(h, cp)])
+    fold = _shift(lo_tail, axis, [(2 * cp - 1 - d - h, d) for d in range(cp) if d + h >= cp and 2 * cp - 1 - d - h >= 0])
+    lo_parts.append(_mark_missing(from_lo, r - h >= 0))
+    hi_parts.append(_mark_missing(tuple(jnp.where(r + h < cp, a, b) for a, b in zip(from_hi, fold)),
+                                  2 * cp - 1 - r - h >= 0))
+  in_order = lambda parts: tuple(jnp.concatenate(xs[::-1], axis=1) for xs in zip(*parts))  # farthest first
+  return in_order(lo_parts), in_order(hi_parts)
+
+
+def _shift(xs, axis, pairs):
+  """ppermute of a tuple along `pairs` (src, dst); devices that receive nothing get zeros."""
+  if not pairs:
+    return tuple(jnp.zeros_like(x) for x in xs)
+  return jax.lax.ppermute(xs, axis, pairs)
+
+
+def _mark_missing(kvs, present):
+  k, v, seg = kvs
+  return k, v, jnp.where(present, seg, _NO_KEY)
+
+
+def _sinks(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
+  """(out, lse) of every local query over the sink keys outside its window, float32.
+
+  The first `sink` keys (on the lowest devices' lo chunks) reach every device by one psum. Query
+  i sees sink key j when j <= i - window (nearer ones are in the window call): a causal call at
+  q_offset = (chunk start - window), static per device, so a switch on the device index.
+  """
+  S, W = spec.sink, spec.window
+  if S > cp * c:
+    raise ValueError(f"{spec}: {S} sink keys exceed the first half of the sequence ({cp * c} tokens); "
+                     "use parallel.sparse_strategy='all_gather'")
+  n = -(-S // c)  # devices whose lo chunk holds sink keys
+
+  def gather(x):
+    slot = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], n * c) + x.shape[2:], x.dtype), x,
+                                               jnp.minimum(r, n - 1) * c, axis=1)
+    return jax.lax.psum(jnp.where(r < n, slot, jnp.zeros_like(slot)), axis)[:, :S]
+
+  sink_k, sink_v, sink_seg = (gather(x) for x in chunks[0])
+  full = AttentionSpec.full()
+
+  def for_chunk(chunk: int, q_c, qs_c):
+    start = chunk * c
+    if start + c - 1 - W < 0:  # no query of the chunk is a window past any key
+      return _nothing(q_c)
+    first = max(0, W - start)  # queries before this one see no sink outside their window
+    out, lse = _call(fn, full, q_c[:, first:], sink_k, sink_v, qs_c[:, first:], sink_seg,
+                     min(start + first - W, S - 1))
+    pad = lambda x, axis, value: jnp.concatenate(
+        [jnp.full(x.shape[:axis] + (first,) + x.shape[axis + 1:], value, x.dtype), x], axis=axis)
+    return pad(out.astype(jnp.float32), 1, 0.0), pad(lse, 2, -jnp.inf)
+
+  return _per_device_chunks(r, cp, q, qs, for_chunk)
+
+
+def _per_device_chunks(r, cp, q, qs, for_chunk):
+  """for_chunk(chunk index, q_chunk, q_seg_chunk) -> (out, lse) for both local chunks, with the chunk
+  index static: a switch over the device index."""
+  def on_device(d: int):
+    def run():
+      lo_r, hi_r = for_chunk(d, _half(q, 0), _half(qs, 0)), for_chunk(2 * cp - 1 - d, _half(q, 1), _half(qs, 1))
+      return jnp.concatenate([lo_r[0], hi_r[0]], axis=1), jnp.concatenate([lo_r[1], hi_r[1]], axis=2)
+    return run
+
+  return jax.lax.switch(r, [on_device(d) for d in range(cp)])
+
+
+def _nothing(q_c):
+  """(out, lse) of queries that see no key."""
+  B, c, H, _ = q_c.shape
+  return jnp.zeros(q_c.shape, jnp.float32), jnp.full((B, H, c), -jnp.inf, jnp.float32)
+
+
+def _strided_before_halo(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
+  """block_sparse: (out, lse) of every local query over the strided blocks before its chunk's halo.
+
+  Chunks start on stride boundaries, so kv head h's strided blocks in a chunk are its blocks
+  phase_h, phase_h + V, ...: each device takes those (1/V of its keys, per kv head) and all
+  devices gather them, in token order. Before the halo every such block is visible to every
+  query of the chunk: a prefix of the gathered list, static per device (a switch). Kv heads
+  with different phases see different keys, so heads fold into the batch for that call.
+  """
+  b, V = spec.block_size, spec.vert_stride
+  B, _, K, D = chunks[0][0].shape
+  G = q.shape[2] // K
+  phases = np.asarray([(-spec.stride_phase(h, K)) % V for h in range(K)])  # strided block of head h within V
+
+  def strided(x, per_head: bool):  # [B, c, K, D] -> [B, K, c / V, D]; ids [B, c] -> [B, K, c / V]
+    blocks = x.reshape(B, c // (b * V), V, b, *x.shape[2:])
+    if per_head:
+      picked = jnp.stack([blocks[:, :, phases[h], :, h] for h in range(K)], axis=1)
+    else:
+      picked = jnp.stack([blocks[:, :, phases[h]] for h in range(K)], axis=1)
+    return picked.reshape(B, K, c // V, *picked.shape[4:])
+
+  def gathered(i: int, per_head: bool):
+    local = jnp.concatenate([strided(chunks[0][i], per_head), strided(chunks[1][i], per_head)], axis=2)
+    every = jax.lax.all_gather(local, axis, axis=2, tiled=True)  # [B, K, T / V, ...] in layout order
+    return jnp.moveaxis(_natural_order(jnp.moveaxis(every, 2, 1), cp), 1, 2)
+
+  far_k, far_v, far_seg = gathered(0, True), gathered(1, True), gathered(2, False)
+  fold = lambda x: x.reshape(B * K, *x.shape[2:])  # kv heads into the batch
+  far_k, far_v, far_seg = fold(far_k)[:, :, None], fold(far_v)[:, :, None], fold(far_seg)
+
+  def for_chunk(chunk: int, q_c, qs_c):
+    visible = (chunk * c - halo) // V  # gathered keys before the halo's first token
+    if visible <= 0:
+      return _nothing(q_c)
+    q_f = q_c.reshape(B, c, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B * K, c, G, D)
+    qs_f = jnp.repeat(qs_c, K, axis=0)
+    out, lse = _call(fn, AttentionSpec.full(), q_f, far_k[:, :visible], far_v[:, :visible], qs_f,
+                     far_seg[:, :visible], visible)
+    out = out.reshape(B, K, c, G, D).transpose(0, 2, 1, 3, 4).reshape(q_c.shape)
+    return out.astype(jnp.float32), lse.reshape(B, K * G, c)
+
+  return _per_device_chunks(r, cp, q, qs, for_chunk)
+
+
+_LOCAL = {"ring": _ring, "all_gather": _gathered, "halo": _halo}

@@ -76,7 +76,8 @@ def default_config() -> "ml_collections.ConfigDict":
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
   c.parallel = ml_collections.ConfigDict(dict(
       full_strategy="ring",       # full layers under context > 1: ring (K/V rotate) or all_gather
-      sparse_strategy="all_gather",  # sink_window / block_sparse layers under context > 1
+      sparse_strategy="halo",     # sink_window / block_sparse layers under context > 1: halo (only the
+                                  # window's keys move) or all_gather
   ))
   c.loss_chunk = 2048           # logits computed this many positions at a time
   c.log_every = 1
