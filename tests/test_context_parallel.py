@@ -84,7 +84,8 @@ ATTENTION = textwrap.dedent(r'''
                for dims in re.findall(r"\[([\d,]*)\]", line.split("all-gather")[0])]
       return max(sizes, default=0) / full_size
 
-    def case(name, cp, spec, *, full="ring", sparse="halo", T=48, H=4, K=2, segments=True, data=1, tensor=1):
+    def case(name, cp, spec, *, full="ring", sparse="halo", T=48, H=4, K=2, segments=True, data=1, tensor=1,
+             impl="xla_blockwise"):
       B, D = 2 * data, 8
       q, k, v, w = (rng.normal(size=(B, T, h, D)).astype(np.float32) for h in (H, K, K, H))
       seg = (np.arange(T)[None] >= rng.integers(3, T - 3, (B, 1))).astype(np.int32) + 1 if segments else None
@@ -99,7 +100,7 @@ ATTENTION = textwrap.dedent(r'''
       order = sequence_order(T, cp)
       lay = lambda x, axis=1: None if x is None else np.take(np.asarray(x), order, axis=axis)
       strat = ContextStrategy(full=full, sparse=sparse)
-      split = lambda q, k, v, s: context_attention(q, k, v, spec, impl="xla_blockwise", segment_ids=s, return_lse=True,
+      split = lambda q, k, v, s: context_attention(q, k, v, spec, impl=impl, segment_ids=s, return_lse=True,
                                                    strategy=strat)
       mesh = make_mesh(data=data, context=cp, tensor=tensor, devices=jax.devices()[:data * cp * tensor])
       with jax.set_mesh(mesh):
@@ -127,6 +128,14 @@ ATTENTION = textwrap.dedent(r'''
     case("block_sparse halo homo cp4 GQA 4", 4, bs(4, 3, 2, homo_head=True), T=64, H=8, K=2)
     case("block_sparse halo several hops cp8", 8, bs(2, 5, 2), T=128, K=4, H=8, segments=False)
     case("block_sparse chunks off the stride grid: all_gather", 2, bs(4, 1, 3), T=40)
+    # The GPU kernel (Pallas interpreter) brings its backward given statistics: the ring uses it.
+    import functools
+    from longgen_jax.attention import register_impl
+    from longgen_jax.attention.pallas_gpu import pallas_attention, pallas_attention_backward
+    tiny_tiles = dict(interpret=True, block_q=16, block_k=16)
+    register_impl("pallas_interpret", functools.partial(pallas_attention, **tiny_tiles),
+                  backward=functools.partial(pallas_attention_backward, **tiny_tiles))
+    case("full ring with the kernel's own backward, cp4", 4, full, T=64, impl="pallas_interpret")
 
     # remat="full" keeps the ring's output and LSE: the backward does not run the ring again.
     from longgen_jax.model.config import REMAT_POLICIES
@@ -154,7 +163,7 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
   r = json.loads(line[7:])
   results, permutes = r["cases"], r["remat_permutes"]
   assert permutes["full"] == permutes["none"] < permutes["nothing_saveable"], permutes
-  assert len(results) == 14
+  assert len(results) == 15
   for r in results:
     assert max(r["errors"]) <= 1e-5, r
     assert r["strategy"] in r["name"], r

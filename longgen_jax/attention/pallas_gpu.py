@@ -497,15 +497,9 @@ def _pad_to(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
-                     kv_segment_ids=None, q_offset: int = 0, return_lse: bool = False,
-                     tiles: Tiles | None = None, block_q: int | None = None,
-                     block_k: int | None = None, interpret: bool = False):
-  """Block-sparse flash attention; same contract as `reference_attention`.
-
-  `block_q`/`block_k` set one tile shape for all three kernels (tests); `tiles` sets each.
-  `interpret=True` runs the kernels on CPU through the Pallas interpreter.
-  """
+def _prepare(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, q_segment_ids, kv_segment_ids, q_offset,
+             tiles: Tiles | None, block_q: int | None, block_k: int | None, interpret: bool):
+  """(static config, padded q, k, v, q seg, kv seg) of one call."""
   B, T, Hq, D = q_BTHD.shape
   S, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
   if Hq % Hkv:
@@ -531,8 +525,42 @@ def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_i
   if has_seg:
     qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, Tp, -1)
     kseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)
+  return cfg, q, k, v, qseg, kseg
+
+
+def pallas_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
+                     kv_segment_ids=None, q_offset: int = 0, return_lse: bool = False,
+                     tiles: Tiles | None = None, block_q: int | None = None,
+                     block_k: int | None = None, interpret: bool = False):
+  """Block-sparse flash attention; same contract as `reference_attention`.
+
+  `block_q`/`block_k` set one tile shape for all three kernels (tests); `tiles` sets each.
+  `interpret=True` runs the kernels on CPU through the Pallas interpreter.
+  """
+  T, D = q_BTHD.shape[1], q_BTHD.shape[3]
+  cfg, q, k, v, qseg, kseg = _prepare(q_BTHD, k_BSKD, v_BSKD, spec, q_segment_ids, kv_segment_ids, q_offset,
+                                      tiles, block_q, block_k, interpret)
   out, lse2 = _flash(cfg, q, k, v, qseg, kseg)
   out = out[:, :T, :, :D]
   if not return_lse:
     return out
   return out, lse2[:, :, :T] * LN2
+
+
+def pallas_attention_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BTHD, dlse_BHT, spec: AttentionSpec, *,
+                              q_segment_ids=None, kv_segment_ids=None, q_offset: int = 0,
+                              tiles: Tiles | None = None, block_q: int | None = None,
+                              block_k: int | None = None, interpret: bool = False):
+  """(dq, dk, dv) of this call's share of a larger attention whose rows have output `out` and
+  natural-log `lse` (over all its keys) and cotangents dout, dlse: the flash backward with the
+  given statistics (ring attention's steps; with this call's own out and lse it is the call's vjp)."""
+  T, D = q_BTHD.shape[1], q_BTHD.shape[3]
+  S = k_BSKD.shape[1]
+  cfg, q, k, v, qseg, kseg = _prepare(q_BTHD, k_BSKD, v_BSKD, spec, q_segment_ids, kv_segment_ids, q_offset,
+                                      tiles, block_q, block_k, interpret)
+  pad_rows = lambda x: _pad_to(_pad_to(x, 3, q.shape[3]), 1, cfg.Tp)
+  lse2 = _pad_to(lse_BHT.astype(jnp.float32) / LN2, 2, cfg.Tp, -jnp.inf)  # padded rows: empty
+  dlse2 = _pad_to(dlse_BHT.astype(jnp.float32) * LN2, 2, cfg.Tp)
+  res = (q, k, v, qseg, kseg, pad_rows(out_BTHD.astype(q.dtype)), lse2)
+  dq, dk, dv, _, _ = _flash_bwd(cfg, res, (pad_rows(dout_BTHD), dlse2))
+  return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]

@@ -2,6 +2,10 @@
 
 An implementation is a function with the signature of `reference_attention`:
   fn(q, k, v, spec, *, q_segment_ids, kv_segment_ids, q_offset, return_lse)
+Optionally it has a backward given statistics,
+  bwd(q, k, v, out, lse, dout, dlse, spec, *, q_segment_ids, kv_segment_ids, q_offset) -> (dq, dk, dv)
+where out and lse are those of a larger attention the call is part of (the same rows over more
+keys): context-parallel ring steps use it instead of recomputing each step's forward for its vjp.
 The built-in ones are declared below by module and function name and imported on first use,
 so kernel modules import nothing from here (no cycle) and a backend's kernels load only there.
 `register_impl` adds more at run time.
@@ -56,12 +60,17 @@ class Impl:
   module: str = ""                     # where `function` lives, imported on first use
   function: str = ""
   fn: Callable | None = None
+  backward_function: str = ""          # the backward given statistics, in the same module (optional)
+  backward: Callable | None = None
 
   def load(self) -> Callable | None:
     """The function, or None when its module cannot be imported here (e.g. no Pallas GPU support)."""
     if self.fn is None and self.module:
       try:
-        self.fn = getattr(importlib.import_module(self.module), self.function)
+        module = importlib.import_module(self.module)
+        self.fn = getattr(module, self.function)
+        if self.backward_function:
+          self.backward = getattr(module, self.backward_function)
       except ImportError:
         self.module = ""  # do not retry
     return self.fn
@@ -72,7 +81,7 @@ _IMPLS: dict[str, Impl] = {
     "xla_blockwise": Impl("xla_blockwise", None, _everything, "longgen_jax.attention.xla_blockwise",
                           "blockwise_attention"),
     "pallas_gpu": Impl("pallas_gpu", ("gpu",), _everything, "longgen_jax.attention.pallas_gpu",
-                       "pallas_attention"),
+                       "pallas_attention", backward_function="pallas_attention_backward"),
     "pallas_tpu": Impl("pallas_tpu", ("tpu",), _everything, "longgen_jax.attention.pallas_tpu",
                        "pallas_tpu_attention"),
     "cudnn": Impl("cudnn", ("gpu",), _cudnn_supports, "longgen_jax.attention.cudnn", "cudnn_attention"),
@@ -80,9 +89,10 @@ _IMPLS: dict[str, Impl] = {
 
 
 def register_impl(name: str, fn: Callable, backends: tuple[str, ...] | None = None,
-                  supports: Supports = _everything) -> None:
-  """Adds (or replaces) an implementation; `supports(spec, features)` says which calls it serves."""
-  _IMPLS[name] = Impl(name, backends, supports, fn=fn)
+                  supports: Supports = _everything, backward: Callable | None = None) -> None:
+  """Adds (or replaces) an implementation; `supports(spec, features)` says which calls it serves;
+  `backward` is its optional backward given statistics (module docstring)."""
+  _IMPLS[name] = Impl(name, backends, supports, fn=fn, backward=backward)
 
 
 def _runs_on(name: str, backend: str) -> bool:
@@ -136,6 +146,13 @@ def choose(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend
 def resolve(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> Callable:
   """The function `choose` names."""
   return _IMPLS[choose(impl, spec, features, backend)].load()
+
+
+def resolve_with_backward(impl: str, spec: AttentionSpec, features: Iterable[str] = (),
+                          backend: str | None = None) -> tuple[Callable, Callable | None]:
+  """(function, its backward given statistics or None) of the implementation `choose` names."""
+  entry = _IMPLS[choose(impl, spec, features, backend)]
+  return entry.load(), entry.backward
 
 
 def _concrete(impl: str, backend: str) -> str:

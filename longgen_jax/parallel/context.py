@@ -24,7 +24,9 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
   ring        full layers: K/V (and kv segment ids) rotate by ppermute, issued before each step's
               compute so they overlap; partial results merged eagerly by LSE; a custom backward
               rotates K/V again with their dK/dV accumulators and brings those home, so attention
-              memory per device stays O(T / cp).
+              memory per device stays O(T / cp). Each backward step uses the implementation's
+              backward given the final out and LSE where it has one (registry), else the step's
+              vjp (which recomputes the step's forward).
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
   halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
               ppermute from the devices holding them (more hops only when a chunk is shorter
@@ -107,11 +109,12 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   if segment_ids is not None and segment_ids.shape != (B, T):
     raise ValueError(f"segment_ids must be [B, T] = {(B, T)}, got {segment_ids.shape}")
   features = registry.call_features(segment_ids=segment_ids is not None, q_offset=True, lse=True)
-  fn = registry.resolve(impl, spec, features)
+  fn, backward = registry.resolve_with_backward(impl, spec, features)
   batch, heads = split_axes(B, k.shape[2], spec)
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
-  local = functools.partial(_LOCAL[strategy.for_spec(spec, T // (2 * cp))], fn, spec, CONTEXT_AXIS, cp)
+  kind = strategy.for_spec(spec, T // (2 * cp))
+  local = functools.partial(_LOCAL[kind], (fn, backward) if kind == "ring" else fn, spec, CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
   def per_device(q, k, v, *seg):
@@ -176,8 +179,8 @@ def _next_device(cp: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ring(fn, spec, axis, cp, q, k, v, qs, ks):
-  return _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks)
+def _ring(fns, spec, axis, cp, q, k, v, qs, ks):
+  return _ring_forward(fns[0], spec, axis, cp, q, k, v, qs, ks)
 
 
 def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
@@ -196,42 +199,73 @@ def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
   return out.astype(q.dtype), lse
 
 
-def _ring_fwd(fn, spec, axis, cp, q, k, v, qs, ks):
-  out, lse = _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks)
+def _ring_fwd(fns, spec, axis, cp, q, k, v, qs, ks):
+  out, lse = _ring_forward(fns[0], spec, axis, cp, q, k, v, qs, ks)
   out, lse = checkpoint_name(out, RING_OUT), checkpoint_name(lse, RING_LSE)
   return (out, lse), (q, k, v, qs, ks, out, lse)
 
 
-def _ring_bwd(fn, spec, axis, cp, res, cotangents):
-  """Each step's gradient is the step's own vjp with its share of the cotangents: for
-  out = sum_s w_s out_s, lse = logsumexp_s lse_s and w_s = exp(lse_s - lse),
-  d/d out_s = w_s dout and d/d lse_s = w_s (dout . (out_s - out) + dlse). (Equal to a flash
-  backward given the final out and lse; this recomputes each step's forward inside its vjp.)"""
+def _ring_bwd(fns, spec, axis, cp, res, cotangents):
+  """Rotates K/V again, each with its dK/dV accumulator; the last hop brings those home."""
   q, k, v, qs, ks, out, lse = res
   dout, dlse = cotangents
   r = jax.lax.axis_index(axis)
   dq = jnp.zeros(q.shape, jnp.float32)
   dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  dout32, out32 = dout.astype(jnp.float32), out.astype(jnp.float32)
-  safe_lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
   # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
   # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
   held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
   for s in range(cp):
     if s + 1 < cp:
       arriving = jax.lax.ppermute(held, axis, _next_device(cp))
-    k_s, v_s, ks_s = held
-    (out_s, lse_s), step_vjp = jax.vjp(lambda q, k, v: _ring_step(fn, spec, cp, s, r, q, k, v, qs, ks_s), q, k_s, v_s)
-    w = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - safe_lse), 0.0)
-    dot = jnp.swapaxes(jnp.sum(dout32 * (out_s.astype(jnp.float32) - out32), axis=-1), 1, 2)
-    dq_s, dk_s, dv_s = step_vjp(((dout32 * _rows(w)).astype(out_s.dtype), w * (dot + dlse)))
+    dq_s, dk_s, dv_s = _ring_step_grads(fns, spec, cp, s, r, q, *held[:2], qs, held[2], out, lse, dout, dlse)
     dq = dq + dq_s.astype(jnp.float32)
-    # dK/dV travel with the K/V they belong to; the last hop brings them to their home device.
     dk, dv = jax.lax.ppermute((dk + dk_s.astype(jnp.float32), dv + dv_s.astype(jnp.float32)), axis,
                               _next_device(cp))
     if s + 1 < cp:
       held = arriving
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _int_zeros(qs), _int_zeros(ks)
+
+
+def _ring_step_grads(fns, spec, cp, s, r, q, k, v, qs, ks, out, lse, dout, dlse):
+  """(dq, dk, dv) of ring step s's share of the gradient, given the final out and lse.
+
+  With the implementation's backward given statistics: the same static cases as the forward.
+  Without one: the step's own vjp with its share of the cotangents, which recomputes the step's
+  forward. For out = sum_s w_s out_s, lse = logsumexp_s lse_s, w_s = exp(lse_s - lse):
+  d/d out_s = w_s dout and d/d lse_s = w_s (dout . (out_s - out) + dlse).
+  """
+  fn, bwd = fns
+  if bwd is None:
+    (out_s, lse_s), step_vjp = jax.vjp(lambda q, k, v: _ring_step(fn, spec, cp, s, r, q, k, v, qs, ks), q, k, v)
+    w = jnp.where(jnp.isfinite(lse_s), jnp.exp(lse_s - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+    dout32 = dout.astype(jnp.float32)
+    dot = jnp.swapaxes(jnp.sum(dout32 * (out_s.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1), 1, 2)
+    return step_vjp(((dout32 * _rows(w)).astype(out_s.dtype), w * (dot + dlse)))
+
+  def grads(q, k, v, qs, ks, out, lse, dout, dlse, q_offset):
+    return bwd(q, k, v, out, lse, dout, dlse, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset)
+
+  if s == 0:
+    return grads(q, k, v, qs, ks, out, lse, dout, dlse, 0)
+  c = q.shape[1] // 2
+
+  def earlier():
+    dq, dk_lo, dv_lo = grads(q, _half(k, 0), _half(v, 0), qs, _half(ks, 0), out, lse, dout, dlse, c)
+    return dq, _after_zeros(dk_lo, False), _after_zeros(dv_lo, False)
+
+  def later():
+    dq_hi, dk, dv = grads(_half(q, 1), k, v, _half(qs, 1), ks, _half(out, 1), lse[..., c:], _half(dout, 1),
+                          dlse[..., c:], 2 * c)
+    return _after_zeros(dq_hi, True), dk, dv
+
+  return jax.lax.cond((r - s) % cp < r, earlier, later)
+
+
+def _after_zeros(x, first: bool):
+  """[B, c, ...] -> [B, 2c, ...] with zeros in the other half (first: x is the hi half)."""
+  zeros = jnp.zeros_like(x)
+  return jnp.concatenate([zeros, x] if first else [x, zeros], axis=1)
 
 
 def _int_zeros(x):
