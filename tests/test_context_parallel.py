@@ -123,6 +123,7 @@ ATTENTION = textwrap.dedent(r'''
     case("sink_window halo, sinks, window > tokens per device, cp4", 4, sw(3, 20))
     case("sink_window halo, sinks over several chunks, window > T, cp8", 8, sw(9, 100), T=64, segments=False)
     case("sink_window halo cp2 data2 tensor2", 2, sw(4, 6), data=2, tensor=2)
+    case("sink_window halo, tile-aligned chunks, cp4", 4, sw(3, 20), T=1024, H=2, K=1)
     case("sink_window all_gather cp4", 4, sw(3, 20), sparse="all_gather")
     case("block_sparse halo head-dependent cp2", 2, bs(4, 2, 2), T=64)
     case("block_sparse halo homo cp4 GQA 4", 4, bs(4, 3, 2, homo_head=True), T=64, H=8, K=2)
@@ -163,7 +164,7 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
   r = json.loads(line[7:])
   results, permutes = r["cases"], r["remat_permutes"]
   assert permutes["full"] == permutes["none"] < permutes["nothing_saveable"], permutes
-  assert len(results) == 15
+  assert len(results) == 16
   for r in results:
     assert max(r["errors"]) <= 1e-5, r
     assert r["strategy"] in r["name"], r

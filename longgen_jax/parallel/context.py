@@ -30,9 +30,9 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
   halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
               ppermute from the devices holding them (more hops only when a chunk is shorter
-              than the window), and the `sink` first keys by a small all-reduce; window and
-              sink parts are separate static calls merged by LSE. Gradients flow back the same
-              way (autodiff of ppermute / psum). Memory O(T / cp + window).
+              than the window), and the `sink` first keys by a small all-reduce; then one call
+              over [sinks, halo, chunk] (the spec holds in those coordinates). Gradients flow
+              back the same way (autodiff of ppermute / psum). Memory O(T / cp + window).
               block_sparse layers: the local blocks by the same halo, widened to a multiple of
               vert_stride blocks so that the halo starts on a stride boundary (then the strided
               blocks inside it are the spec's own, in local coordinates); the strided blocks
@@ -305,112 +305,119 @@ def _gathered(fn, spec, axis, cp, q, k, v, qs, ks):
   return jax.lax.switch(jax.lax.axis_index(axis), [on_device(r) for r in range(cp)])
 
 
-# ----------------------------------------------------------------------------- halo (sink_window)
+# ----------------------------------------------------------------------------- halo
 
-_NO_KEY = np.iinfo(np.int32).min  # segment id of halo slots before position 0: matches no query
+_TILE = 128  # a multiple of the kernels' query/key tiles
 
 
 def _halo(fn, spec, axis, cp, q, k, v, qs, ks):
-  """sink_window / block_sparse: the near keys from the preceding chunks by ppermute, the far
-  ones (sinks, strided blocks) gathered small (module docstring)."""
+  """sink_window / block_sparse: the near keys from the preceding chunks by ppermute, the far ones
+  (sinks, strided blocks) gathered small (module docstring)."""
   c = q.shape[1] // 2
   r = jax.lax.axis_index(axis)
-  if qs is None:  # halo slots are masked by segment id, so the calls always carry them
-    qs = ks = jnp.zeros(q.shape[:2], jnp.int32)
   chunks = [tuple(_half(x, i) for x in (k, v, ks)) for i in (0, 1)]  # (k, v, seg) of lo and hi
-  if spec.kind == "sink_window":
-    halo = spec.window - 1  # keys a chunk needs from before itself
-    near_spec = AttentionSpec.sink_window(0, spec.window)
+  if spec.kind == "sink_window":  # keys a chunk needs from before itself, sinks for every device; where
+    # chunks are whole tiles, a few more keys so the chunk starts on a tile of the [sinks, halo, chunk] buffer
+    tile = _TILE if c % _TILE == 0 else 1
+    halo, sinks = -(-(spec.sink + spec.window - 1) // tile) * tile - spec.sink, spec.sink
   else:
     stride_tokens = spec.vert_stride * spec.block_size
-    halo = -(-(spec.local_blocks - 1) * spec.block_size // stride_tokens) * stride_tokens
-    near_spec = spec
+    halo, sinks = -(-(spec.local_blocks - 1) * spec.block_size // stride_tokens) * stride_tokens, 0
   halo = min(halo, (2 * cp - 1) * c)
-  parts = []
-  for i, received in enumerate(_receive_halos(axis, cp, c, halo, r, *chunks)):
-    keys = [jnp.concatenate([h, x], axis=1) for h, x in zip(received, chunks[i])]
-    parts.append(_call(fn, near_spec, _half(q, i), *keys[:2], _half(qs, i), keys[2], halo))
+  received = _receive_halos(axis, cp, c, halo, *chunks)
+  first = _first_keys(axis, cp, c, r, chunks[0], sinks) if sinks else None
+  parts = [_near(fn, spec, cp, c, r, i, _half(q, i), _half(qs, i), chunks[i], received[i], first, halo)
+           for i in (0, 1)]
   out = jnp.concatenate([parts[0][0], parts[1][0]], axis=1)
   lse = jnp.concatenate([parts[0][1], parts[1][1]], axis=2)
-  if spec.kind == "sink_window" and spec.sink == 0:
+  if spec.kind == "sink_window":
     return out, lse
-  far = _sinks if spec.kind == "sink_window" else _strided_before_halo
-  far_out, far_lse = far(fn, spec, axis, cp, c, r, q, qs, chunks, halo)
+  far_out, far_lse = _strided_before_halo(fn, spec, axis, cp, c, r, q, qs, chunks, halo)
   out, lse = _merge(out.astype(jnp.float32), lse, far_out, far_lse)
   return out.astype(q.dtype), lse
 
 
-def _receive_halos(axis, cp, c, halo, r, lo, hi):
+def _receive_halos(axis, cp, c, halo, lo, hi):
   """((k, v, seg) of the `halo` keys before the lo chunk, the same before the hi chunk), each
-  [B, halo, ...] in token order; slots before position 0 get segment id _NO_KEY.
+  [B, halo, ...] in token order (zeros where a chunk is too close to position 0 to have them).
 
   Hop h brings chunk a - h for a local chunk a. Chunk m lives on device m (lo) for m < cp and on
   device 2cp-1-m (hi) otherwise, so: lo halos come from device r-h's lo chunk; hi halos from
   device r+h's hi chunk while r+h < cp, else from device 2cp-1-r-h's lo chunk (the fold).
   """
   if halo == 0:
-    empty = tuple(x[:, :0] for x in lo)
+    empty = jax.tree.map(lambda x: x[:, :0], lo)
     return empty, empty
-  hops = -(-halo // c)
+  r = jax.lax.axis_index(axis)
   lo_parts, hi_parts = [], []
-  for h in range(1, hops + 1):
+  for h in range(1, -(-halo // c) + 1):
     need = min(c, halo - (h - 1) * c)  # the last `need` keys of the source chunk
-    lo_tail, hi_tail = (tuple(x[:, c - need:] for x in chunk) for chunk in (lo, hi))
-    from_lo = _shift(lo_tail, axis, [(s, s + h) for s in range(cp - h)])
+    lo_tail, hi_tail = (jax.tree.map(lambda x: x[:, c - need:], chunk) for chunk in (lo, hi))
+    lo_parts.append(_shift(lo_tail, axis, [(s, s + h) for s in range(cp - h)]))
     from_hi = _shift(hi_tail, axis, [(s, s - h) for s in range(h, cp)])
-    fold = _shift(lo_tail, axis, [(2 * cp - 1 - d - h, d) for d in range(cp) if d + h >= cp and 2 * cp - 1 - d - h >= 0])
-    lo_parts.append(_mark_missing(from_lo, r - h >= 0))
-    hi_parts.append(_mark_missing(tuple(jnp.where(r + h < cp, a, b) for a, b in zip(from_hi, fold)),
-                                  2 * cp - 1 - r - h >= 0))
-  in_order = lambda parts: tuple(jnp.concatenate(xs[::-1], axis=1) for xs in zip(*parts))  # farthest first
+    fold = _shift(lo_tail, axis, [(2 * cp - 1 - d - h, d) for d in range(cp)
+                                  if d + h >= cp and 2 * cp - 1 - d - h >= 0])
+    hi_parts.append(jax.tree.map(lambda a, b: jnp.where(r + h < cp, a, b), from_hi, fold))
+  in_order = lambda parts: jax.tree.map(lambda *xs: jnp.concatenate(xs[::-1], axis=1), *parts)  # farthest first
   return in_order(lo_parts), in_order(hi_parts)
 
 
 def _shift(xs, axis, pairs):
-  """ppermute of a tuple along `pairs` (src, dst); devices that receive nothing get zeros."""
+  """ppermute of a pytree along `pairs` (src, dst); devices that receive nothing get zeros."""
   if not pairs:
-    return tuple(jnp.zeros_like(x) for x in xs)
+    return jax.tree.map(jnp.zeros_like, xs)
   return jax.lax.ppermute(xs, axis, pairs)
 
 
-def _mark_missing(kvs, present):
-  k, v, seg = kvs
-  return k, v, jnp.where(present, seg, _NO_KEY)
-
-
-def _sinks(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
-  """(out, lse) of every local query over the sink keys outside its window, float32.
-
-  The first `sink` keys (on the lowest devices' lo chunks) reach every device by one psum. Query
-  i sees sink key j when j <= i - window (nearer ones are in the window call): a causal call at
-  q_offset = (chunk start - window), static per device, so a switch on the device index.
-  """
-  S, W = spec.sink, spec.window
-  if S > cp * c:
-    raise ValueError(f"{spec}: {S} sink keys exceed the first half of the sequence ({cp * c} tokens); "
+def _first_keys(axis, cp, c, r, lo, n: int):
+  """(k, v, seg) of the sequence's first n keys (the sinks) on every device: one small psum from
+  the lowest devices' lo chunks."""
+  if n > cp * c:
+    raise ValueError(f"{n} sink keys exceed the first half of the sequence ({cp * c} tokens); "
                      "use parallel.sparse_strategy='all_gather'")
-  n = -(-S // c)  # devices whose lo chunk holds sink keys
+  holders = -(-n // c)
 
   def gather(x):
-    slot = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], n * c) + x.shape[2:], x.dtype), x,
-                                               jnp.minimum(r, n - 1) * c, axis=1)
-    return jax.lax.psum(jnp.where(r < n, slot, jnp.zeros_like(slot)), axis)[:, :S]
+    slot = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], holders * c) + x.shape[2:], x.dtype), x,
+                                               jnp.minimum(r, holders - 1) * c, axis=1)
+    return jax.lax.psum(jnp.where(r < holders, slot, jnp.zeros_like(slot)), axis)[:, :n]
 
-  sink_k, sink_v, sink_seg = (gather(x) for x in chunks[0])
-  full = AttentionSpec.full()
+  return jax.tree.map(gather, lo)
 
-  def for_chunk(chunk: int, q_c, qs_c):
-    start = chunk * c
-    if start + c - 1 - W < 0:  # no query of the chunk is a window past any key
-      return _nothing(q_c)
-    first = max(0, W - start)  # queries before this one see no sink outside their window
-    out, lse = _call(fn, full, q_c[:, first:], sink_k, sink_v, qs_c[:, first:], sink_seg,
-                     min(start + first - W, S - 1))
-    pad = lambda x, axis, value: jnp.concatenate(
-        [jnp.full(x.shape[:axis] + (first,) + x.shape[axis + 1:], value, x.dtype), x], axis=axis)
-    return pad(out.astype(jnp.float32), 1, 0.0), pad(lse, 2, -jnp.inf)
 
-  return _per_device_chunks(r, cp, q, qs, for_chunk)
+def _near(fn, spec, cp, c, r, half, q_c, qs_c, chunk, halo_kv, first, halo):
+  """(out, lse) of one local chunk over its near keys (sinks, window or local blocks): one call.
+
+  A chunk far enough from position 0 attends [sinks, halo, itself]: in those buffer coordinates
+  the spec itself holds (key distances are the true ones, sinks sit below `sink`, and a block
+  halo starts on a stride boundary). A chunk nearer attends the contiguous keys [0, its end).
+  Which case (and the early chunk's offset) is static per device: a switch over device groups.
+  """
+  S = spec.sink if spec.kind == "sink_window" else 0
+
+  def case(d: int):
+    index = d if half == 0 else 2 * cp - 1 - d
+    return ("far",) if index * c - halo >= S else ("near_start", index * c)
+
+  def run(which):
+    def attend():
+      if which[0] == "far":
+        parts, q_offset = ([first] if S else []) + [halo_kv, chunk], S + halo
+      else:
+        start = which[1]  # the chunk's first position
+        lead = start - halo  # > 0: the keys below it are sinks, from `first`
+        parts = ([jax.tree.map(lambda x: x[:, :lead], first)] if lead > 0 else []) + [
+            jax.tree.map(lambda x: x[:, max(0, -lead):], halo_kv), chunk]
+        q_offset = start
+      keys = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
+      return _call(fn, spec, q_c, keys[0], keys[1], qs_c, keys[2], q_offset)
+    return attend
+
+  cases = sorted({case(d) for d in range(cp)})
+  if len(cases) == 1:
+    return run(cases[0])()
+  index = jnp.asarray([cases.index(case(d)) for d in range(cp)], jnp.int32)[r]
+  return jax.lax.switch(index, [run(which) for which in cases])
 
 
 def _per_device_chunks(r, cp, q, qs, for_chunk):
@@ -435,41 +442,51 @@ def _strided_before_halo(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
   """block_sparse: (out, lse) of every local query over the strided blocks before its chunk's halo.
 
   Chunks start on stride boundaries, so kv head h's strided blocks in a chunk are its blocks
-  phase_h, phase_h + V, ...: each device takes those (1/V of its keys, per kv head) and all
-  devices gather them, in token order. Before the halo every such block is visible to every
-  query of the chunk: a prefix of the gathered list, static per device (a switch). Kv heads
-  with different phases see different keys, so heads fold into the batch for that call.
+  phase_h, phase_h + V, ...: each device takes those (1/V of its keys) and all devices gather
+  them, in token order. Before the halo every such block is visible to every query of the chunk:
+  a prefix of the gathered list, static per device (a switch). When kv heads have different
+  phases they see different keys, so heads fold into the batch for that call.
   """
   b, V = spec.block_size, spec.vert_stride
   B, _, K, D = chunks[0][0].shape
   G = q.shape[2] // K
-  phases = np.asarray([(-spec.stride_phase(h, K)) % V for h in range(K)])  # strided block of head h within V
+  per_head = spec.head_dependent(K)
+  phases = [(-spec.stride_phase(h, K)) % V for h in range(K if per_head else 1)]  # strided block within V
 
-  def strided(x, per_head: bool):  # [B, c, K, D] -> [B, K, c / V, D]; ids [B, c] -> [B, K, c / V]
+  def strided(x):  # [B, c, K, D] -> [B, c/V, K, D] (per head: [B, K, c/V, D]); ids [B, c] -> [B, c/V] ([B, K, c/V])
     blocks = x.reshape(B, c // (b * V), V, b, *x.shape[2:])
-    if per_head:
-      picked = jnp.stack([blocks[:, :, phases[h], :, h] for h in range(K)], axis=1)
-    else:
-      picked = jnp.stack([blocks[:, :, phases[h]] for h in range(K)], axis=1)
+    if not per_head:
+      return blocks[:, :, phases[0]].reshape(B, c // V, *x.shape[2:])
+    picked = jnp.stack([blocks[:, :, phases[h], :, h] if x.ndim == 4 else blocks[:, :, phases[h]]
+                        for h in range(K)], axis=1)
     return picked.reshape(B, K, c // V, *picked.shape[4:])
 
-  def gathered(i: int, per_head: bool):
-    local = jnp.concatenate([strided(chunks[0][i], per_head), strided(chunks[1][i], per_head)], axis=2)
-    every = jax.lax.all_gather(local, axis, axis=2, tiled=True)  # [B, K, T / V, ...] in layout order
-    return jnp.moveaxis(_natural_order(jnp.moveaxis(every, 2, 1), cp), 1, 2)
+  def gathered(lo, hi):
+    axis_t = 2 if per_head else 1
+    every = jax.lax.all_gather(jnp.concatenate([strided(lo), strided(hi)], axis=axis_t), axis, axis=axis_t,
+                               tiled=True)  # in layout order
+    every = _natural_order(jnp.moveaxis(every, axis_t, 1), cp)
+    every = jnp.moveaxis(every, 1, axis_t)
+    return every.reshape(B * K, *every.shape[2:]) if per_head else every  # kv heads into the batch
 
-  far_k, far_v, far_seg = gathered(0, True), gathered(1, True), gathered(2, False)
-  fold = lambda x: x.reshape(B * K, *x.shape[2:])  # kv heads into the batch
-  far_k, far_v, far_seg = fold(far_k)[:, :, None], fold(far_v)[:, :, None], fold(far_seg)
+  far = jax.tree.map(gathered, chunks[0], chunks[1])
+  far_k, far_v, far_seg = far
+  if per_head:
+    far_k, far_v = far_k[:, :, None], far_v[:, :, None]
 
   def for_chunk(chunk: int, q_c, qs_c):
     visible = (chunk * c - halo) // V  # gathered keys before the halo's first token
     if visible <= 0:
       return _nothing(q_c)
+    head = lambda x: x[:, :visible]
+    if not per_head:
+      out, lse = _call(fn, AttentionSpec.full(), q_c, head(far_k), head(far_v), qs_c,
+                       None if far_seg is None else head(far_seg), visible)
+      return out.astype(jnp.float32), lse
     q_f = q_c.reshape(B, c, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B * K, c, G, D)
-    qs_f = jnp.repeat(qs_c, K, axis=0)
-    out, lse = _call(fn, AttentionSpec.full(), q_f, far_k[:, :visible], far_v[:, :visible], qs_f,
-                     far_seg[:, :visible], visible)
+    qs_f = None if qs_c is None else jnp.repeat(qs_c, K, axis=0)
+    out, lse = _call(fn, AttentionSpec.full(), q_f, head(far_k), head(far_v), qs_f,
+                     None if far_seg is None else head(far_seg), visible)
     out = out.reshape(B, K, c, G, D).transpose(0, 2, 1, 3, 4).reshape(q_c.shape)
     return out.astype(jnp.float32), lse.reshape(B, K * G, c)
 
