@@ -7,9 +7,12 @@ with a random output cotangent):
   one GPU       ours (impl auto: the Pallas kernel) and, for full layers, cuDNN causal, whole T on GPU 0
   n GPUs        context parallel over every visible GPU (context = n, the load-balanced layout):
                 full layers ring and all_gather, sparse layers halo and all_gather
-  ring_no_comm  the ring with every ppermute replaced by the identity: the same kernel calls and
-                branches without communication, so ring - ring_no_comm is the communication
+  *_no_comm     ring / halo with every ppermute replaced by the identity: the same kernel calls
+                and branches without communication, so ring - ring_no_comm is the communication
                 the ring did not hide behind compute
+  local_kernels sparse layers: the two near-key kernel calls one device makes under halo (each
+                chunk over its [sinks, halo, chunk] keys), forward+backward, alone on one GPU:
+                halo - local_kernels is everything around the kernels
 Efficiency = best one-GPU time / (n x context-parallel time); 1.0 is perfect scaling.
 
 --check-seq: bf16 outputs and dq/dk/dv of one GPU and of each context-parallel strategy against a
@@ -87,6 +90,24 @@ def time_context(spec, strategy: ContextStrategy, T: int, reps: int, mesh, comm:
     return time_fn(fn, *args, min_time=0.0, reps=reps)
 
 
+def time_local_kernels(spec, T: int, cp: int, reps: int) -> float:
+  """The halo's near-key calls of one device (both chunks), alone on GPU 0 (see the docstring)."""
+  c = T // (2 * cp)
+  if spec.kind == "sink_window":
+    sinks, halo = spec.sink, -(-(spec.sink + spec.window - 1) // 128) * 128 - spec.sink
+  else:
+    tokens = spec.vert_stride * spec.block_size
+    sinks, halo = 0, -(-(spec.local_blocks - 1) * spec.block_size // tokens) * tokens
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  q, _, _, dout = random_inputs(c, sharding)
+  _, k, v, _ = random_inputs(sinks + halo + c, sharding)
+
+  def two_chunks(q, k, v):
+    one = lambda q: attention(q, k, v, spec, q_offset=sinks + halo)
+    return jnp.concatenate([one(q), one(q * 0.5)], axis=1)
+  return time_fn(fwd_bwd(two_chunks), q, k, v, jnp.concatenate([dout, dout], axis=1), min_time=0.0, reps=reps)
+
+
 def strategies(spec) -> dict[str, ContextStrategy]:
   if spec.is_full:
     return {"ring": ContextStrategy(full="ring"), "all_gather": ContextStrategy(full="all_gather")}
@@ -146,11 +167,13 @@ def main():
         row["one_gpu"]["cudnn"] = time_one_gpu(spec, "cudnn", T, args.reps)
       for name, strategy in strategies(spec).items():
         row["context"][name] = time_context(spec, strategy, T, args.reps, mesh)
-      if spec.is_full:
-        row["context"]["ring_no_comm"] = time_context(spec, strategies(spec)["ring"], T, args.reps, mesh,
-                                                      comm=False)
+      first = next(iter(strategies(spec)))
+      row["context"][f"{first}_no_comm"] = time_context(spec, strategies(spec)[first], T, args.reps, mesh,
+                                                        comm=False)
+      if not spec.is_full:
+        row["local_kernels"] = time_local_kernels(spec, T, n, args.reps)
       best = min(row["one_gpu"].values())
-      row["efficiency"] = {k: best / (n * t) for k, t in row["context"].items() if k != "ring_no_comm"}
+      row["efficiency"] = {k: best / (n * t) for k, t in row["context"].items() if not k.endswith("_no_comm")}
       report["timings"].append(row)
       print(json.dumps(row), flush=True)
       if args.out:

@@ -378,6 +378,8 @@ def _first_keys(axis, cp, c, r, lo, n: int):
   holders = -(-n // c)
 
   def gather(x):
+    if holders == 1:  # all on device 0: all-reduce just those n keys
+      return jax.lax.psum(jnp.where(r == 0, x[:, :n], jnp.zeros_like(x[:, :n])), axis)
     slot = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((x.shape[0], holders * c) + x.shape[2:], x.dtype), x,
                                                jnp.minimum(r, holders - 1) * c, axis=1)
     return jax.lax.psum(jnp.where(r < holders, slot, jnp.zeros_like(slot)), axis)[:, :n]
