@@ -145,6 +145,7 @@ def main():
   p.add_argument("--heads", type=int, default=32, help="query = kv heads (32: Llama-2-7B)")
   p.add_argument("--check-seq", type=int, default=32768, help="0: no correctness check")
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--skip-one-gpu", action="store_true", help="context-parallel rows only (no efficiency)")
   p.add_argument("--out", default="")
   args = p.parse_args()
   H = args.heads
@@ -162,8 +163,9 @@ def main():
   for T in (int(s) for s in args.seqs.split(",")):
     for spec in specs:
       row = {"T": T, "spec": str(spec), "one_gpu": {}, "context": {}}
-      row["one_gpu"]["ours"] = time_one_gpu(spec, "auto", T, args.reps)
-      if spec.is_full:
+      if not args.skip_one_gpu:
+        row["one_gpu"]["ours"] = time_one_gpu(spec, "auto", T, args.reps)
+      if spec.is_full and not args.skip_one_gpu:
         row["one_gpu"]["cudnn"] = time_one_gpu(spec, "cudnn", T, args.reps)
       for name, strategy in strategies(spec).items():
         row["context"][name] = time_context(spec, strategy, T, args.reps, mesh)
@@ -172,8 +174,9 @@ def main():
                                                         comm=False)
       if not spec.is_full:
         row["local_kernels"] = time_local_kernels(spec, T, n, args.reps)
-      best = min(row["one_gpu"].values())
-      row["efficiency"] = {k: best / (n * t) for k, t in row["context"].items() if not k.endswith("_no_comm")}
+      if row["one_gpu"]:
+        best = min(row["one_gpu"].values())
+        row["efficiency"] = {k: best / (n * t) for k, t in row["context"].items() if not k.endswith("_no_comm")}
       report["timings"].append(row)
       print(json.dumps(row), flush=True)
       if args.out:
