@@ -23,8 +23,8 @@ Every ring step therefore does the same work (2c x c pairs) on every device.
 Strategies (`ContextStrategy`, a train-config setting, not part of the model's weights or config):
   ring        full layers: K/V (and kv segment ids) rotate by ppermute, issued before each step's
               compute so they overlap; partial results merged eagerly by LSE; a custom backward
-              rotates K/V again with their dK/dV accumulators and brings those home, so attention
-              memory per device stays O(T / cp). Each backward step uses the implementation's
+              rotates K/V again, their dK/dV accumulators one step behind (also during compute),
+              and brings those home, so attention memory per device stays O(T / cp). Each backward step uses the implementation's
               backward given the final out and LSE where it has one (registry), else the step's
               vjp (which recomputes the step's forward).
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
@@ -195,8 +195,15 @@ def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
     out_s, lse_s = _ring_step(fn, spec, cp, s, r, q, k_s, v_s, qs, ks_s)
     out, lse = _merge(out, lse, out_s, lse_s)
     if s + 1 < cp:
-      held = arriving
+      held, out, lse = _after(arriving, out, lse)
   return out.astype(q.dtype), lse
+
+
+def _after(arriving, *computed):
+  """`arriving` usable only once `computed` is: the rotations depend on nothing but K/V, and without
+  this tie XLA hoists them all before the first step (run back to back, not overlapped with any
+  compute, and every rotated copy alive at once)."""
+  return jax.lax.optimization_barrier((arriving, *computed))
 
 
 def _ring_fwd(fns, spec, axis, cp, q, k, v, qs, ks):
@@ -215,15 +222,20 @@ def _ring_bwd(fns, spec, axis, cp, res, cotangents):
   # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
   # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
   held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
+  sending = None  # dK/dV of the block held last step: they travel during this step's compute
   for s in range(cp):
     if s + 1 < cp:
       arriving = jax.lax.ppermute(held, axis, _next_device(cp))
+    if sending is not None:
+      received = jax.lax.ppermute(sending, axis, _next_device(cp))
     dq_s, dk_s, dv_s = _ring_step_grads(fns, spec, cp, s, r, q, *held[:2], qs, held[2], out, lse, dout, dlse)
     dq = dq + dq_s.astype(jnp.float32)
-    dk, dv = jax.lax.ppermute((dk + dk_s.astype(jnp.float32), dv + dv_s.astype(jnp.float32)), axis,
-                              _next_device(cp))
+    sending = (dk_s.astype(jnp.float32), dv_s.astype(jnp.float32))
+    if s > 0:  # the block held now is the one whose dK/dV just arrived
+      sending = jax.tree.map(jnp.add, sending, received)
     if s + 1 < cp:
-      held = arriving
+      held, dq, sending = _after(arriving, dq, sending)
+  dk, dv = jax.lax.ppermute(sending, axis, _next_device(cp))  # the last hop: home
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _int_zeros(qs), _int_zeros(ks)
 
 
