@@ -14,12 +14,18 @@ def main(argv):
   import jax
   from absl import flags, logging
 
+  from longgen_jax.parallel.runtime import initialize
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  if flags.FLAGS.distributed:  # before anything touches a device
-    jax.distributed.initialize()
+  launch = initialize(cluster=flags.FLAGS.distributed)  # before anything touches a device
+  if launch.kind != "single" and jax.process_index() == 0:
+    print(f"[train] {launch.kind} launch: {jax.process_count()} processes, {jax.device_count()} devices",
+          file=sys.stderr)
+  elif flags.FLAGS.distributed:
+    print("[train] --distributed: no multi-process launch found (SLURM, TPU pod, Open MPI or LONGGEN_JAX_*); "
+          "running as one process", file=sys.stderr)
   try:
     train(flags.FLAGS.config, flags.FLAGS.workdir)
   except TrainingDiverged as e:  # (OutOfDeviceMemory is a ValueError: one line, see run())
@@ -33,8 +39,9 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py)",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl, TensorBoard events, config.json")
-  flags.DEFINE_bool("distributed", False, "one process per host: call jax.distributed.initialize() first "
-                    "(finds the other hosts on TPU pods, SLURM and Open MPI)")
+  flags.DEFINE_bool("distributed", False, "one process per host (or per GPU): join the other processes of a "
+                    "SLURM job, TPU pod slice or Open MPI run (an explicit LONGGEN_JAX_COORDINATOR launch "
+                    "needs no flag); see launch/")
   flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -70,8 +70,16 @@ def fsdp_shardings(tree, mesh: Mesh):
 
 
 def host_to_global(local_tree, sharding: NamedSharding):
-  """This host's numpy batch -> global jax arrays laid out by `sharding` (multi-host safe)."""
+  """This process's part of a batch (numpy) -> global jax arrays laid out by `sharding`: the part must
+  be what this process's devices hold (its batch rows, whole sequences)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_tree)
+
+
+def whole_to_global(global_tree, sharding: NamedSharding):
+  """A batch (numpy) that every process holds whole -> global jax arrays laid out by `sharding`: each
+  device takes its own slice, so any mesh over any number of processes gets the same global batch."""
+  return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+                      global_tree)
 
 
 def constrain_activation(x):

@@ -1,10 +1,86 @@
-"""Process-level JAX setup shared by the CLIs and the training loop (multi-host initialize() will join it)."""
+"""Process-level JAX setup shared by the CLIs and the training loop: multi-process `initialize()` and
+the persistent compilation cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Mapping
 
 import jax
+
+# Explicit launch (launch/local_multiprocess.sh sets these; any launcher can): wins over detection.
+COORDINATOR, NUM_PROCESSES, PROCESS_ID, LOCAL_DEVICES = (
+    "LONGGEN_JAX_COORDINATOR", "LONGGEN_JAX_NUM_PROCESSES", "LONGGEN_JAX_PROCESS_ID", "LONGGEN_JAX_LOCAL_DEVICES")
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """How this process was started: `kind` single, explicit, slurm, tpu_pod or mpi. For explicit
+  launches the coordinator, process count, id and (optional) local device ids; the cluster kinds
+  leave them to JAX's own detection (jax.distributed.initialize() reads the same variables)."""
+
+  kind: str
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  local_device_ids: tuple[int, ...] | None = None
+
+
+def detect_launch(env: Mapping[str, str] | None = None, *, cluster: bool = True) -> Launch:
+  """The launch this environment describes (pure: tests pass simulated environments).
+
+  explicit  LONGGEN_JAX_COORDINATOR (host:port), LONGGEN_JAX_NUM_PROCESSES, LONGGEN_JAX_PROCESS_ID
+            [, LONGGEN_JAX_LOCAL_DEVICES=0,1]
+  slurm     srun with more than one task (SLURM_NTASKS > 1; JAX takes the coordinator from the
+            node list, the process id from SLURM_PROCID and the GPU from SLURM_LOCALID)
+  tpu_pod   a TPU VM of a multi-host slice (TPU_WORKER_HOSTNAMES lists more than one host)
+  mpi       Open MPI with more than one rank (OMPI_COMM_WORLD_SIZE > 1)
+  single    none of these (or `cluster=False` and no explicit variables)
+  """
+  env = os.environ if env is None else env
+  if COORDINATOR in env:
+    missing = [k for k in (NUM_PROCESSES, PROCESS_ID) if k not in env]
+    if missing:
+      raise ValueError(f"{COORDINATOR} is set but {missing} are not: an explicit launch needs all three")
+    n, pid = int(env[NUM_PROCESSES]), int(env[PROCESS_ID])
+    if not 0 <= pid < n:
+      raise ValueError(f"{PROCESS_ID}={pid} is not in [0, {NUM_PROCESSES}={n})")
+    local = env.get(LOCAL_DEVICES)
+    return Launch("explicit", env[COORDINATOR], n, pid,
+                  tuple(int(d) for d in local.split(",")) if local else None)
+  if not cluster:
+    return Launch("single")
+  if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")) and \
+      int(env.get("SLURM_NTASKS", "1")) > 1:
+    return Launch("slurm", num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"]))
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if len(hosts) > 1:
+    return Launch("tpu_pod", num_processes=len(hosts), process_id=int(env.get("TPU_WORKER_ID", "0")))
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return Launch("mpi", num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
+                  process_id=int(env.get("OMPI_COMM_WORLD_RANK", "0")))
+  return Launch("single")
+
+
+def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None) -> Launch:
+  """Joins this process to a multi-process run, before anything touches a device; a no-op for a
+  single process. `cluster=False` ignores SLURM / TPU / MPI variables (only an explicit launch counts).
+
+  Every process then sees every device (jax.devices()); meshes span them all, each process feeds
+  its own rows of the batch (training.loop) and writes its part of each checkpoint (Orbax).
+  """
+  launch = detect_launch(env, cluster=cluster)
+  if launch.kind == "single":
+    return launch
+  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  if launch.kind == "explicit":
+    jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
+                               local_device_ids=list(launch.local_device_ids) if launch.local_device_ids else None)
+  else:
+    jax.distributed.initialize()  # JAX's detection for SLURM, Cloud TPU and Open MPI
+  return launch
 
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "longgen_jax", "jax_compile")
 

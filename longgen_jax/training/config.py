@@ -69,6 +69,9 @@ def default_config() -> "ml_collections.ConfigDict":
       upsample_factor=1,        # documents >= upsample_min_tokens appear this many times per epoch
       upsample_min_tokens=32768,
       prefetch=2,               # batches prepared ahead in a thread
+      host_split="rows",        # several processes: "rows" = each packs the global batches and feeds its
+                                # devices' slices (the same batches for any process count); "documents" =
+                                # each reads 1/processes of the documents (no repeated tokenizing, for pods)
       synthetic=ml_collections.ConfigDict(dict(num_docs=20000, seed=0, min_chars=200, max_chars=4000)),
   ))
   # Device mesh (parallel.mesh); one size may be -1 (the rest of the devices). context splits each
@@ -137,6 +140,7 @@ def validate_config(cfg) -> None:
     parts = cfg.profile_steps.split(",")
     need(len(parts) <= 2 and all(p.strip().isdigit() and int(p) >= 1 for p in parts)
          and int(parts[0]) <= int(parts[-1]), "profile_steps", "must be 'FIRST,LAST' (or one step), 1 <= FIRST <= LAST")
+  need(cfg.data.host_split in ("rows", "documents"), "data.host_split", "choose rows or documents")
   need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   need(cfg.optim.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
   need(cfg.eval_every >= 0, "eval_every", "must be >= 0 (0 = never)")

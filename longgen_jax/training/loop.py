@@ -131,10 +131,11 @@ def prepare(cfg, workdir: str) -> Run | None:
   if (cfg.batch_size // cfg.grad_accum) % batch_ways:
     raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
                      f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
-  host_batch = cfg.batch_size // jax.process_count()
   context = mesh.shape["context"]
+  whole = cfg.data.host_split == "rows"  # every process packs the global batch (see default_config)
+  host_batch = cfg.batch_size if whole else cfg.batch_size // jax.process_count()
   train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, **(dict(shard_index=0, shard_count=1) if whole else {}))
   if context > 1:  # the load-balanced layout, once, on the host (stateless: iterator checkpoints unchanged)
     train_ds, eval_ds = (None if ds is None else ds.map(lambda b: to_context_layout(b, context))
                          for ds in (train_ds, eval_ds))
@@ -159,7 +160,7 @@ def prepare(cfg, workdir: str) -> Run | None:
 
   def to_device(batch):
     local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
-    return sharding.host_to_global(local, batch_sh)
+    return (sharding.whole_to_global if whole else sharding.host_to_global)(local, batch_sh)
 
   tokens_per_step = cfg.batch_size * cfg.seq_len  # real tokens (the layout may pad)
   flops_per_step = train_flops_per_token(mc, cfg.seq_len) * tokens_per_step
