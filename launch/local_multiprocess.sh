@@ -34,9 +34,8 @@ for ((i = 0; i < n; i++)); do
 done
 status=0
 for ((i = 0; i < n; i++)); do
-  if ! wait "${pids[$i]}"; then
-    rc=$?
-    if [[ $status -eq 0 ]]; then status=$rc; cleanup; fi
-  fi
+  wait "${pids[$i]}"
+  rc=$?
+  if [[ $rc -ne 0 && $status -eq 0 ]]; then status=$rc; cleanup; fi
 done
 exit $status

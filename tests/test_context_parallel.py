@@ -250,3 +250,27 @@ def test_train_cli_with_context_parallelism_matches_one_device_resumes_and_chang
   moved = _train(tmp_path / "moved", *mesh)
   for step in one:
     assert _close(moved[step], one[step]), (step, moved[step], one[step])
+
+
+def test_chunked_loss_per_shard_pads_instead_of_shrinking_chunks():
+  """Chunks within each context shard: a shard that is not a whole number of chunks is padded (mask 0),
+  and any chunking gives the unchunked loss."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from longgen_jax.model.config import preset
+  from longgen_jax.model.llama import Llama
+  from longgen_jax.training.loss import chunked_xent
+  model = Llama(preset("tiny", num_layers=1), rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  B, T = 2, 30
+  hidden = jnp.asarray(rng.normal(size=(B, T, model.config.hidden_size)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, model.config.vocab_size, (B, T)), jnp.int32)
+  mask = jnp.asarray(rng.random((B, T)) < 0.8, jnp.float32)
+  want, count = chunked_xent(model, hidden, targets, mask, chunk=0)
+  for chunk, parts in ((4, 3), (7, 2), (5, 1), (100, 3)):  # 10 positions per shard in chunks of 4: 3 chunks
+    got, n = jax.jit(lambda h: chunked_xent(model, h, targets, mask, chunk=chunk, parts=parts))(hidden)
+    assert abs(float(got) - float(want)) <= 1e-5 * abs(float(want)) and float(n) == float(count), (chunk, parts)
+  with pytest.raises(ValueError, match="does not split"):
+    chunked_xent(model, hidden, targets, mask, chunk=4, parts=4)

@@ -23,6 +23,7 @@ Names users pass (training config, `attention(impl=...)`, prefill, evaluation, b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from typing import Callable, Iterable
@@ -95,6 +96,24 @@ def register_impl(name: str, fn: Callable, backends: tuple[str, ...] | None = No
   _IMPLS[name] = Impl(name, backends, supports, fn=fn, backward=backward)
 
 
+_TARGETS: list[str] = []
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str):
+  """Attention choices made inside are for `backend` ("gpu", "tpu") instead of JAX's default backend:
+  ahead-of-time compiles for devices this machine does not have (e.g. a TPU topology, docs/scaling.md)."""
+  _TARGETS.append(backend)
+  try:
+    yield
+  finally:
+    _TARGETS.pop()
+
+
+def _backend(backend: str | None) -> str:
+  return backend or (_TARGETS[-1] if _TARGETS else jax.default_backend())
+
+
 def _runs_on(name: str, backend: str) -> bool:
   """Whether implementation `name` is registered, declared for `backend` and importable here."""
   i = _IMPLS.get(name)
@@ -103,7 +122,7 @@ def _runs_on(name: str, backend: str) -> bool:
 
 def available_impls(backend: str | None = None) -> list[str]:
   """Implementation names that run on `backend` (default: JAX's default backend)."""
-  backend = backend or jax.default_backend()
+  backend = _backend(backend)
   return [n for n in _IMPLS if _runs_on(n, backend)]
 
 
@@ -113,7 +132,7 @@ def call_features(*, segment_ids: bool = False, q_offset: bool = False, lse: boo
 
 def supports(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> bool:
   """Whether implementation `impl` (a registered name or "pallas") itself serves this call on `backend`."""
-  backend = backend or jax.default_backend()
+  backend = _backend(backend)
   name = _concrete(impl, backend)
   return _runs_on(name, backend) and _IMPLS[name].supports(spec, frozenset(features))
 
@@ -121,7 +140,7 @@ def supports(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backe
 def choose(impl: str, spec: AttentionSpec, features: Iterable[str] = (), backend: str | None = None) -> str:
   """The registered name that runs this call: see the module docstring. Raises ValueError for a
   name that is unknown, not available on this backend, or (except cudnn) cannot serve the call."""
-  backend = backend or jax.default_backend()
+  backend = _backend(backend)
   features = frozenset(features)
   unknown = features - FEATURES
   if unknown:
@@ -152,7 +171,8 @@ def resolve_with_backward(impl: str, spec: AttentionSpec, features: Iterable[str
                           backend: str | None = None) -> tuple[Callable, Callable | None]:
   """(function, its backward given statistics or None) of the implementation `choose` names."""
   entry = _IMPLS[choose(impl, spec, features, backend)]
-  return entry.load(), entry.backward
+  fn = entry.load()  # loading the module also finds its backward
+  return fn, entry.backward
 
 
 def _concrete(impl: str, backend: str) -> str:

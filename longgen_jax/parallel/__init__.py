@@ -1,1 +1,1 @@
-"""The parallel room: the device mesh and shardings (context parallelism will live here)."""
+"""Device meshes, the load-balanced sequence layout, context-parallel attention, multi-process launch."""

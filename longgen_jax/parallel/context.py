@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -75,13 +76,25 @@ class ContextStrategy:
     if self.sparse not in SPARSE_STRATEGIES:
       raise ValueError(f"context strategy for sparse layers must be one of {SPARSE_STRATEGIES}, got {self.sparse!r}")
 
-  def for_spec(self, spec: AttentionSpec, chunk: int) -> str:
-    """The strategy for a layer whose sequence is in chunks of `chunk` tokens (see _block_halo)."""
+  def for_spec(self, spec: AttentionSpec, seq_len: int, context: int) -> str:
+    """The strategy for a layer over `seq_len` tokens split over `context` devices. halo falls back to
+    all_gather (with a warning) where it cannot serve: block_sparse chunks off the stride grid
+    (see _strided_before_halo), sinks beyond the first half of the sequence."""
     if spec.is_full:
       return self.full
-    if spec.kind == "block_sparse" and chunk % (spec.vert_stride * spec.block_size):
+    chunk = seq_len // (2 * context)
+    if self.sparse == "halo" and ((spec.kind == "block_sparse" and chunk % (spec.vert_stride * spec.block_size))
+                                  or spec.sink > context * chunk):
+      _warn_fallback(spec, seq_len, context)
       return "all_gather"
     return self.sparse
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(spec: AttentionSpec, seq_len: int, context: int):
+  warnings.warn(f"{spec} over {seq_len} tokens in {2 * context} chunks: halo exchange needs chunks of whole "
+                "vert_stride x block_size tokens and sinks within the first half; this layer gathers all K/V "
+                "(O(T) memory per device) instead", stacklevel=4)
 
 
 def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
@@ -113,7 +126,7 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   batch, heads = split_axes(B, k.shape[2], spec)
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
-  kind = strategy.for_spec(spec, T // (2 * cp))
+  kind = strategy.for_spec(spec, T, cp)
   local = functools.partial(_LOCAL[kind], (fn, backward) if kind == "ring" else fn, spec, CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
@@ -218,7 +231,6 @@ def _ring_bwd(fns, spec, axis, cp, res, cotangents):
   dout, dlse = cotangents
   r = jax.lax.axis_index(axis)
   dq = jnp.zeros(q.shape, jnp.float32)
-  dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
   # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
   # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
   held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
@@ -236,7 +248,7 @@ def _ring_bwd(fns, spec, axis, cp, res, cotangents):
     if s + 1 < cp:
       held, dq, sending = _after(arriving, dq, sending)
   dk, dv = jax.lax.ppermute(sending, axis, _next_device(cp))  # the last hop: home
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _int_zeros(qs), _int_zeros(ks)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _float0_like(qs), _float0_like(ks)
 
 
 def _ring_step_grads(fns, spec, cp, s, r, q, k, v, qs, ks, out, lse, dout, dlse):
@@ -264,23 +276,24 @@ def _ring_step_grads(fns, spec, cp, s, r, q, k, v, qs, ks, out, lse, dout, dlse)
 
   def earlier():
     dq, dk_lo, dv_lo = grads(q, _half(k, 0), _half(v, 0), qs, _half(ks, 0), out, lse, dout, dlse, c)
-    return dq, _after_zeros(dk_lo, False), _after_zeros(dv_lo, False)
+    return dq, _into_half(dk_lo, 0), _into_half(dv_lo, 0)
 
   def later():
     dq_hi, dk, dv = grads(_half(q, 1), k, v, _half(qs, 1), ks, _half(out, 1), lse[..., c:], _half(dout, 1),
                           dlse[..., c:], 2 * c)
-    return _after_zeros(dq_hi, True), dk, dv
+    return _into_half(dq_hi, 1), dk, dv
 
   return jax.lax.cond((r - s) % cp < r, earlier, later)
 
 
-def _after_zeros(x, first: bool):
-  """[B, c, ...] -> [B, 2c, ...] with zeros in the other half (first: x is the hi half)."""
+def _into_half(x, which: int):
+  """[B, c, ...] -> [B, 2c, ...]: x as the lo (0) or hi (1) half, zeros in the other (the inverse of _half)."""
   zeros = jnp.zeros_like(x)
-  return jnp.concatenate([zeros, x] if first else [x, zeros], axis=1)
+  return jnp.concatenate([zeros, x] if which else [x, zeros], axis=1)
 
 
-def _int_zeros(x):
+def _float0_like(x):
+  """The cotangent of an integer input (segment ids)."""
   return None if x is None else np.zeros(x.shape, jax.dtypes.float0)
 
 
@@ -322,6 +335,10 @@ def _gathered(fn, spec, axis, cp, q, k, v, qs, ks):
 _TILE = 128  # a multiple of the kernels' query/key tiles
 
 
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
 def _halo(fn, spec, axis, cp, q, k, v, qs, ks):
   """sink_window / block_sparse: the near keys from the preceding chunks by ppermute, the far ones
   (sinks, strided blocks) gathered small (module docstring)."""
@@ -331,10 +348,9 @@ def _halo(fn, spec, axis, cp, q, k, v, qs, ks):
   if spec.kind == "sink_window":  # keys a chunk needs from before itself, sinks for every device; where
     # chunks are whole tiles, a few more keys so the chunk starts on a tile of the [sinks, halo, chunk] buffer
     tile = _TILE if c % _TILE == 0 else 1
-    halo, sinks = -(-(spec.sink + spec.window - 1) // tile) * tile - spec.sink, spec.sink
+    halo, sinks = _round_up(spec.sink + spec.window - 1, tile) - spec.sink, spec.sink
   else:
-    stride_tokens = spec.vert_stride * spec.block_size
-    halo, sinks = -(-(spec.local_blocks - 1) * spec.block_size // stride_tokens) * stride_tokens, 0
+    halo, sinks = _round_up((spec.local_blocks - 1) * spec.block_size, spec.vert_stride * spec.block_size), 0
   halo = min(halo, (2 * cp - 1) * c)
   received = _receive_halos(axis, cp, c, halo, *chunks)
   first = _first_keys(axis, cp, c, r, chunks[0], sinks) if sinks else None

@@ -50,19 +50,18 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 
 
 def fsdp_shardings(tree, mesh: Mesh):
-  """Per-leaf shardings: each array's largest dim divisible by fsdp x context is split over both axes
-  (replicated where no dim divides)."""
-  n = mesh.shape["fsdp"] * mesh.shape[CONTEXT_AXIS]
+  """Per-leaf shardings: each array's largest dim divisible by fsdp x context is split over both axes;
+  failing that, over fsdp alone, then context alone; replicated where no dim divides."""
+  groups = [g for g in (PARAM_AXES, ("fsdp",), (CONTEXT_AXIS,)) if int(np.prod([mesh.shape[a] for a in g])) > 1]
 
   def one(x):
     shape = getattr(x, "shape", ())
-    if n == 1 or not shape:
-      return replicated(mesh)
-    dims = sorted(range(len(shape)), key=lambda d: -shape[d])
-    for d in dims:
-      if shape[d] % n == 0:
+    for axes in groups if shape else ():
+      n = int(np.prod([mesh.shape[a] for a in axes]))
+      d = next((d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0), None)
+      if d is not None:
         spec = [None] * len(shape)
-        spec[d] = PARAM_AXES
+        spec[d] = axes if len(axes) > 1 else axes[0]
         return NamedSharding(mesh, P(*spec))
     return replicated(mesh)
 
@@ -87,6 +86,8 @@ def constrain_activation(x):
   without a mesh context), so that XLA keeps activations per sequence chunk instead of picking a
   gathered layout around opaque kernels."""
   batch, context = active_axes(BATCH_AXES), active_axes((CONTEXT_AXIS,))
+  if context and x.shape[1] % jax.sharding.get_abstract_mesh().shape[CONTEXT_AXIS]:
+    context = ()  # a length the context axis does not divide (not a laid-out training batch)
   if not batch and not context:
     return x
   return jax.lax.with_sharding_constraint(x, P(batch or None, context or None, *([None] * (x.ndim - 2))))

@@ -39,11 +39,18 @@ def detect_launch(env: Mapping[str, str] | None = None, *, cluster: bool = True)
   single    none of these (or `cluster=False` and no explicit variables)
   """
   env = os.environ if env is None else env
+
+  def number(name: str, default: str | None = None) -> int:
+    try:
+      return int(env[name] if default is None else env.get(name, default))
+    except ValueError:
+      raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
   if COORDINATOR in env:
     missing = [k for k in (NUM_PROCESSES, PROCESS_ID) if k not in env]
     if missing:
       raise ValueError(f"{COORDINATOR} is set but {missing} are not: an explicit launch needs all three")
-    n, pid = int(env[NUM_PROCESSES]), int(env[PROCESS_ID])
+    n, pid = number(NUM_PROCESSES), number(PROCESS_ID)
     if not 0 <= pid < n:
       raise ValueError(f"{PROCESS_ID}={pid} is not in [0, {NUM_PROCESSES}={n})")
     local = env.get(LOCAL_DEVICES)
@@ -52,20 +59,21 @@ def detect_launch(env: Mapping[str, str] | None = None, *, cluster: bool = True)
   if not cluster:
     return Launch("single")
   if all(k in env for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")) and \
-      int(env.get("SLURM_NTASKS", "1")) > 1:
-    return Launch("slurm", num_processes=int(env["SLURM_NTASKS"]), process_id=int(env["SLURM_PROCID"]))
+      number("SLURM_NTASKS", "1") > 1:
+    return Launch("slurm", num_processes=number("SLURM_NTASKS"), process_id=number("SLURM_PROCID"))
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if len(hosts) > 1:
-    return Launch("tpu_pod", num_processes=len(hosts), process_id=int(env.get("TPU_WORKER_ID", "0")))
-  if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    return Launch("mpi", num_processes=int(env["OMPI_COMM_WORLD_SIZE"]),
-                  process_id=int(env.get("OMPI_COMM_WORLD_RANK", "0")))
+    return Launch("tpu_pod", num_processes=len(hosts), process_id=number("TPU_WORKER_ID", "0"))
+  if number("OMPI_COMM_WORLD_SIZE", "1") > 1:
+    return Launch("mpi", num_processes=number("OMPI_COMM_WORLD_SIZE"), process_id=number("OMPI_COMM_WORLD_RANK", "0"))
   return Launch("single")
 
 
 def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None) -> Launch:
   """Joins this process to a multi-process run, before anything touches a device; a no-op for a
   single process. `cluster=False` ignores SLURM / TPU / MPI variables (only an explicit launch counts).
+  `env` (default os.environ) is what the launch is detected from; for cluster launches JAX itself then
+  reads the process environment.
 
   Every process then sees every device (jax.devices()); meshes span them all, each process feeds
   its own rows of the batch (training.loop) and writes its part of each checkpoint (Orbax).

@@ -132,10 +132,10 @@ def prepare(cfg, workdir: str) -> Run | None:
     raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
                      f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
   context = mesh.shape["context"]
-  whole = cfg.data.host_split == "rows"  # every process packs the global batch (see default_config)
-  host_batch = cfg.batch_size if whole else cfg.batch_size // jax.process_count()
+  rows = cfg.data.host_split == "rows"  # every process packs the global batch, feeds its devices' rows
+  host_batch = cfg.batch_size if rows else cfg.batch_size // jax.process_count()
   train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
-                                    seed=cfg.seed, **(dict(shard_index=0, shard_count=1) if whole else {}))
+                                    seed=cfg.seed, **(dict(shard_index=0, shard_count=1) if rows else {}))
   if context > 1:  # the load-balanced layout, once, on the host (stateless: iterator checkpoints unchanged)
     train_ds, eval_ds = (None if ds is None else ds.map(lambda b: to_context_layout(b, context))
                          for ds in (train_ds, eval_ds))
@@ -151,6 +151,8 @@ def prepare(cfg, workdir: str) -> Run | None:
 
   A, T = cfg.grad_accum, padded_length(cfg.seq_len, context)
   batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
+  if not rows and jax.process_count() > 1:
+    _check_process_rows(batch_sh, (A, cfg.batch_size // A, T))
   loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention,
                          context=context)
   step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
@@ -160,7 +162,7 @@ def prepare(cfg, workdir: str) -> Run | None:
 
   def to_device(batch):
     local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
-    return (sharding.whole_to_global if whole else sharding.host_to_global)(local, batch_sh)
+    return (sharding.whole_to_global if rows else sharding.host_to_global)(local, batch_sh)
 
   tokens_per_step = cfg.batch_size * cfg.seq_len  # real tokens (the layout may pad)
   flops_per_step = train_flops_per_token(mc, cfg.seq_len) * tokens_per_step
@@ -197,6 +199,18 @@ def prepare(cfg, workdir: str) -> Run | None:
   return Run(cfg, workdir, mc, mesh, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
              ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step, flops_per_step,
              (cfg.peak_tflops or peak_tflops() or 0.0) * 1e12 * jax.device_count())
+
+
+def _check_process_rows(batch_sh, shape):
+  """data.host_split='documents' feeds each process's own rows: its devices must hold whole sequences
+  of a block of rows that no other process holds."""
+  index = batch_sh.addressable_devices_indices_map(shape).values()
+  rows = {idx[1].indices(shape[1])[:2] for idx in index}
+  whole_sequences = all(idx[2].indices(shape[2])[:2] == (0, shape[2]) for idx in index)
+  if not whole_sequences or sum(stop - start for start, stop in rows) * jax.process_count() != shape[1]:
+    raise ValueError("config.data.host_split='documents' needs each process's devices to hold whole sequences of "
+                     "their own rows (the context axis within a process, data x fsdp across processes); use "
+                     "data.host_split='rows' for this mesh")
 
 
 def describe_compiled(compiled, flops_per_step: float, mesh) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,15 +14,23 @@ from longgen_jax.parallel.layout import sequence_order
 def chunked_xent(model: Llama, hidden_BTE, targets_BT, mask_BT, chunk: int, parts: int = 1):
   """(sum of masked token losses, number of counted tokens), logits never all in memory at once.
 
-  The sequence is first cut into `parts` contiguous pieces (the context axis's shards) and chunks
-  are taken within each piece, all pieces at once: a sequence split over devices is never
-  resharded. Chunks hold gcd(chunk, T / parts) positions (0: no chunking).
+  The sequence is first cut into `parts` contiguous pieces (the context axis's shards) and chunks of
+  `chunk` positions (0: no chunking) are taken within each piece, all pieces at once, so a sequence
+  split over devices is never resharded; a piece that is not a whole number of chunks is padded
+  (mask 0) at its end.
   """
   B, T, E = hidden_BTE.shape
+  if T % parts:
+    raise ValueError(f"sequence length {T} does not split into {parts} context shards")
   local = T // parts
-  chunk = local if chunk <= 0 or chunk >= local else math.gcd(chunk, local)
-  n = local // chunk
-  split = lambda x: jnp.moveaxis(x.reshape(B, parts, n, chunk, *x.shape[2:]), 2, 0)
+  chunk = local if chunk <= 0 or chunk >= local else chunk
+  n = -(-local // chunk)
+
+  def split(x):  # [B, T, ...] -> [n, B, parts, chunk, ...]
+    x = x.reshape(B, parts, local, *x.shape[2:])
+    if n * chunk > local:
+      x = jnp.pad(x, [(0, 0), (0, 0), (0, n * chunk - local)] + [(0, 0)] * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(B, parts, n, chunk, *x.shape[3:]), 2, 0)
 
   @jax.checkpoint
   def one(h_BCE, t_BC, m_BC):

@@ -1,0 +1,122 @@
+"""Per-device memory of the real LongGen train step on TPU slices we do not have: an ahead-of-time compile
+against a TPU topology (XLA's compiled memory analysis; the Pallas TPU kernels lower as on the chip).
+
+  pip install --no-deps --target /tmp/tpu_site "libtpu==0.0.48.*"   # the libtpu of jax 0.11.2
+  PYTHONPATH=/tmp/tpu_site:. TPU_WORKER_HOSTNAMES=localhost python benchmarks/scaling.py [--cases a,b] [--out r.json]
+
+Each case: a model (the configs' LongGen pattern: 3/8 of the layers full in the middle, the rest
+sink_window(64,1984)), a sequence length and global batch, a TPU topology and a mesh. The step is the
+one `python -m longgen_jax.train` compiles (bf16 compute, fp32 weights + AdamW, remat full, scanned
+layers, chunked loss, context parallelism where the mesh has a context axis). Reported per chip:
+arguments (weights, AdamW state, batch), temporaries, new outputs; model FLOPs per step and the
+step time those FLOPs take at an assumed MFU (analytic, labelled so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh
+
+from longgen_jax.attention.registry import compiling_for
+from longgen_jax.attention.sharding import MESH_AXES
+from longgen_jax.model.config import preset
+from longgen_jax.parallel.layout import padded_length
+from longgen_jax.parallel.mesh import batch_sharding, replicated
+from longgen_jax.training.flops import train_flops_per_token
+from longgen_jax.training.loss import make_loss_fn
+from longgen_jax.training.optimizer import make_optimizer
+from longgen_jax.training.state import abstract_model, new_train_state, state_shardings
+from longgen_jax.training.step import make_train_step
+
+V5P_HBM_GIB, V5P_TFLOPS = 95.0, 459.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  model: str          # preset
+  seq_len: int
+  batch: int          # global sequences per step
+  topology: str       # e.g. "v5p:2x2x2" (chips)
+  mesh: tuple         # (data, fsdp, context, tensor)
+
+
+CASES = {
+    "7b_128k_v5p16": Case("llama2_7b", 131072, 8, "v5p:2x2x2", (1, 8, 1, 1)),
+    "7b_128k_v5p16_context2": Case("llama2_7b", 131072, 4, "v5p:2x2x2", (1, 4, 2, 1)),
+    "7b_1m_v5p64": Case("llama2_7b", 1048576, 4, "v5p:4x4x2", (1, 4, 8, 1)),
+    "70b_128k_v5p128": Case("llama2_70b", 131072, 16, "v5p:4x4x4", (1, 16, 4, 1)),
+}
+
+
+def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
+  topo = topologies.get_topology_desc(case.topology, platform="tpu")
+  devices = np.array(topo.devices)
+  if devices.size != int(np.prod(case.mesh)):
+    raise ValueError(f"{case}: mesh {case.mesh} needs {int(np.prod(case.mesh))} chips, topology has {devices.size}")
+  mesh = Mesh(devices.reshape(case.mesh), MESH_AXES)
+  mc = preset(case.model, max_seq_len=case.seq_len)  # the LongGen pattern: 3/8 full, middle
+  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl="auto", remat="full",
+                               scan_layers=True)
+  optim = types.SimpleNamespace(lr=2e-5, min_lr_ratio=1.0, warmup_steps=50, schedule="constant", decay_steps=0,
+                                weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
+  optimizer, schedule = make_optimizer(optim, 5000)
+  context = case.mesh[2]
+  T = padded_length(case.seq_len, context)
+  with compiling_for("tpu"):
+    graphdef, params = abstract_model(mc, mcfg)
+    shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), params)
+    step = make_train_step(make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=True, context=context),
+                           optimizer, schedule)
+    state_sh, batch_sh = state_shardings(shapes, mesh), batch_sharding(mesh, leading_dims=1)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+    batch = {k: jax.ShapeDtypeStruct((1, case.batch, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sh)
+             for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      compiled = jax.jit(step, in_shardings=(state_sh, batch_sh),
+                         out_shardings=(state_sh, replicated(mesh))).lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+  m = compiled.memory_analysis()
+  gib = lambda n: (n or 0) / 2**30
+  new_out = gib(m.output_size_in_bytes - m.alias_size_in_bytes)
+  flops = train_flops_per_token(mc, case.seq_len) * case.batch * case.seq_len
+  chips = devices.size
+  return {"case": dataclasses.asdict(case), "pattern": [str(s) for s in mc.layer_specs[:1]] + ["..."],
+          "num_full": mc.num_full_layers, "chips": chips, "compile_s": round(seconds, 1),
+          "per_chip_gib": {"arguments": round(gib(m.argument_size_in_bytes), 2), "temporaries":
+                           round(gib(m.temp_size_in_bytes), 2), "new_outputs": round(new_out, 2),
+                           "total": round(gib(m.argument_size_in_bytes) + gib(m.temp_size_in_bytes) + new_out, 2)},
+          "model_tflop_per_step": round(flops / 1e12, 1),
+          "analytic_step_s_at_40pct_mfu": round(flops / (chips * V5P_TFLOPS * 1e12 * 0.40), 2),
+          "tpu_custom_calls": compiled.as_text().count("tpu_custom_call")}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cases", default=",".join(CASES))
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "hbm_per_chip_gib": V5P_HBM_GIB,
+             "results": []}
+  for name in args.cases.split(","):
+    r = {"name": name, **compile_case(CASES[name])}
+    results["results"].append(r)
+    print(json.dumps(r), flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
