@@ -55,6 +55,8 @@ CASES = {
     "7b_128k_v5p16_context2": Case("llama2_7b", 131072, 4, "v5p:2x2x2", (1, 4, 2, 1)),
     "7b_1m_v5p64": Case("llama2_7b", 1048576, 4, "v5p:4x4x2", (1, 4, 8, 1)),
     "70b_128k_v5p128": Case("llama2_70b", 131072, 16, "v5p:4x4x4", (1, 16, 4, 1)),
+    "70b_128k_v5p128_context8": Case("llama2_70b", 131072, 8, "v5p:4x4x4", (1, 8, 8, 1)),
+    "7b_1m_v5p128_context16": Case("llama2_7b", 1048576, 4, "v5p:4x4x4", (1, 4, 16, 1)),
 }
 
 

@@ -108,7 +108,7 @@ ATTENTION = textwrap.dedent(r'''
         (_, (out_cp, lse_cp)), grads_cp = f(lay(q), lay(k), lay(v), lay(w), lay(seg))
         hlo = f.lower(lay(q), lay(k), lay(v), lay(w), lay(seg)).compile().as_text()
       errors = [rel(out_cp, lay(out)), rel(lse_cp, lay(lse, 2))] + [rel(a, lay(b)) for a, b in zip(grads_cp, grads)]
-      results.append({"name": name, "strategy": strat.for_spec(spec, T // (2 * cp)), "errors": errors,
+      results.append({"name": name, "strategy": strat.for_spec(spec, T, cp), "errors": errors,
                       "permutes": hlo.count("collective-permute"),
                       "gathered": gathered_fraction(hlo, B * T * K * D),
                       "vert_stride": spec.vert_stride})
