@@ -147,29 +147,46 @@ def _call(fn, spec, q, k, v, qs, ks, q_offset: int):
   return fn(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset, return_lse=True)
 
 
-def _half(x, which: int):
-  """The lo (0) or hi (1) chunk of a local [B, 2c, ...] array (None passes through)."""
-  if x is None:
-    return None
-  c = x.shape[1] // 2
-  return x[:, which * c:(which + 1) * c]
+def _half(x, which: int | None, axis: int = 1):
+  """The lo (0) or hi (1) chunk of a local [B, 2c, ...] array along `axis`; None: all of it (and None
+  passes through)."""
+  if x is None or which is None:
+    return x
+  c = x.shape[axis] // 2
+  return jax.lax.slice_in_dim(x, which * c, (which + 1) * c, axis=axis)
+
+
+def _place(x, which: int | None, fill: float = 0.0, axis: int = 1):
+  """The inverse of _half: x as the lo (0) or hi (1) chunk, `fill` in the other; None: x itself."""
+  if which is None:
+    return x
+  other = jnp.full_like(x, fill)
+  return jnp.concatenate([other, x] if which else [x, other], axis=axis)
+
+
+# A ring step s > 0 is one of two static cases, by whether the K/V came from an earlier device j:
+#   j < r: its lo chunk precedes both local chunks   -> every local query x its lo chunk, q_offset c
+#   j > r: its chunks lie between the local lo and hi -> the local hi queries x both its chunks, q_offset 2c
+# as (query half, key half, q_offset in chunks); step 0 is the causal call over the local chunks.
+_OWN, _EARLIER, _LATER = (None, None, 0), (None, 0, 1), (1, None, 2)
+
+
+def _ring_case(cp: int, s: int, r, step):
+  """step(query half, key half, q_offset in chunks) for ring step s's static case on device r."""
+  if s == 0:
+    return step(*_OWN)
+  return jax.lax.cond((r - s) % cp < r, lambda: step(*_EARLIER), lambda: step(*_LATER))
 
 
 def _ring_step(fn, spec, cp: int, s: int, r, q, k, v, qs, ks):
   """(out [B, 2c, H, D], lse [B, H, 2c]) of the local queries over the K/V held at ring step s."""
-  if s == 0:
-    return _call(fn, spec, q, k, v, qs, ks, 0)
   c = q.shape[1] // 2
 
-  def earlier():  # K/V from a device j < r: its lo chunk precedes both local chunks
-    return _call(fn, spec, q, _half(k, 0), _half(v, 0), qs, _half(ks, 0), c)
+  def step(qh, kh, chunks):
+    out, lse = _call(fn, spec, _half(q, qh), _half(k, kh), _half(v, kh), _half(qs, qh), _half(ks, kh), chunks * c)
+    return _place(out, qh), _place(lse, qh, -jnp.inf, axis=2)
 
-  def later():  # j > r: both its chunks precede the local hi chunk and follow the local lo chunk
-    out, lse = _call(fn, spec, _half(q, 1), k, v, _half(qs, 1), ks, 2 * c)
-    return (jnp.concatenate([jnp.zeros_like(out), out], axis=1),
-            jnp.concatenate([jnp.full_like(lse, -jnp.inf), lse], axis=2))
-
-  return jax.lax.cond((r - s) % cp < r, earlier, later)
+  return _ring_case(cp, s, r, step)
 
 
 def _rows(w_BHT):
@@ -267,29 +284,15 @@ def _ring_step_grads(fns, spec, cp, s, r, q, k, v, qs, ks, out, lse, dout, dlse)
     dot = jnp.swapaxes(jnp.sum(dout32 * (out_s.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1), 1, 2)
     return step_vjp(((dout32 * _rows(w)).astype(out_s.dtype), w * (dot + dlse)))
 
-  def grads(q, k, v, qs, ks, out, lse, dout, dlse, q_offset):
-    return bwd(q, k, v, out, lse, dout, dlse, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset)
-
-  if s == 0:
-    return grads(q, k, v, qs, ks, out, lse, dout, dlse, 0)
   c = q.shape[1] // 2
 
-  def earlier():
-    dq, dk_lo, dv_lo = grads(q, _half(k, 0), _half(v, 0), qs, _half(ks, 0), out, lse, dout, dlse, c)
-    return dq, _into_half(dk_lo, 0), _into_half(dv_lo, 0)
+  def step(qh, kh, chunks):
+    rows = lambda x, axis=1: _half(x, qh, axis)
+    dq, dk, dv = bwd(rows(q), _half(k, kh), _half(v, kh), rows(out), rows(lse, 2), rows(dout), rows(dlse, 2), spec,
+                     q_segment_ids=rows(qs), kv_segment_ids=_half(ks, kh), q_offset=chunks * c)
+    return _place(dq, qh), _place(dk, kh), _place(dv, kh)
 
-  def later():
-    dq_hi, dk, dv = grads(_half(q, 1), k, v, _half(qs, 1), ks, _half(out, 1), lse[..., c:], _half(dout, 1),
-                          dlse[..., c:], 2 * c)
-    return _into_half(dq_hi, 1), dk, dv
-
-  return jax.lax.cond((r - s) % cp < r, earlier, later)
-
-
-def _into_half(x, which: int):
-  """[B, c, ...] -> [B, 2c, ...]: x as the lo (0) or hi (1) half, zeros in the other (the inverse of _half)."""
-  zeros = jnp.zeros_like(x)
-  return jnp.concatenate([zeros, x] if which else [x, zeros], axis=1)
+  return _ring_case(cp, s, r, step)
 
 
 def _float0_like(x):
