@@ -37,8 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import time_fn  # noqa: E402  (benchmarks/attention.py)
 
-from longgen_jax.attention import AttentionSpec, attention, parse_spec  # noqa: E402
-from longgen_jax.parallel import context as context_lib  # noqa: E402
+from longgen_jax.attention import attention, parse_spec  # noqa: E402
 from longgen_jax.parallel.context import ContextStrategy, context_attention  # noqa: E402
 from longgen_jax.parallel.layout import sequence_order  # noqa: E402
 from longgen_jax.parallel.mesh import make_mesh  # noqa: E402

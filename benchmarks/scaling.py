@@ -22,7 +22,6 @@ import time
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
@@ -33,6 +32,7 @@ from longgen_jax.model.config import preset
 from longgen_jax.parallel.layout import padded_length
 from longgen_jax.parallel.mesh import batch_sharding, replicated
 from longgen_jax.training.flops import train_flops_per_token
+from longgen_jax.training.loop import BATCH_DTYPES
 from longgen_jax.training.loss import make_loss_fn
 from longgen_jax.training.optimizer import make_optimizer
 from longgen_jax.training.state import abstract_model, new_train_state, state_shardings
@@ -81,9 +81,7 @@ def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
                            optimizer, schedule)
     state_sh, batch_sh = state_shardings(shapes, mesh), batch_sharding(mesh, leading_dims=1)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
-    batch = {k: jax.ShapeDtypeStruct((1, case.batch, T), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=batch_sh)
-             for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    batch = {k: jax.ShapeDtypeStruct((1, case.batch, T), dtype, sharding=batch_sh) for k, dtype in BATCH_DTYPES.items()}
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled = jax.jit(step, in_shardings=(state_sh, batch_sh),

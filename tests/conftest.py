@@ -1,6 +1,13 @@
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rel_err(x, ref) -> float:
@@ -25,3 +32,39 @@ gpu_only = pytest.mark.skipif(not on_gpu(), reason="needs an NVIDIA GPU (run on 
 
 # float32 comparisons mean float32: GPUs would otherwise run float32 matmuls in TF32.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def run_result_script(script: str, devices: int = 8, timeout: int = 900) -> dict:
+  """Runs a Python `script` in a subprocess with `devices` forced CPU devices (the rest of the suite keeps
+  one) and returns the JSON it printed on its line starting with "RESULT "."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONPATH=ROOT)
+  p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+  line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+  assert line, p.stderr[-3000:]
+  return json.loads(line[len("RESULT "):])
+
+
+def train_cli(workdir, *overrides, devices: int = 1, processes: int = 1, steps: int = 4, seq_len: int = 64) -> dict:
+  """`python -m longgen_jax.train` on configs/tiny.py (batch 4, eval and checkpoint every 2 steps) with
+  `devices` CPU devices in all, over `processes` processes (launch/local_multiprocess.sh) when > 1.
+  Returns {step: (loss, grad_norm, eval_loss or None)} from metrics.jsonl."""
+  args = [sys.executable, "-m", "longgen_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+          f"--config.total_steps={steps}", "--config.eval_every=2", "--config.batch_size=4",
+          f"--config.seq_len={seq_len}", "--config.checkpoint_every=2", "--config.data.synthetic.num_docs=100",
+          "--config.export_model=False", "--config.progress_bar=False", *overrides]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if processes > 1:
+    args = [os.path.join(ROOT, "launch", "local_multiprocess.sh"), str(processes), str(devices // processes), "--",
+            *args]
+  else:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: (r["loss"], r["grad_norm"], r.get("eval_loss")) for r in map(json.loads, f)}
+
+
+def close(a, b, tol: float = 1e-5) -> bool:
+  """Elementwise |a - b| <= tol |b| over two tuples of numbers (None only where both are None)."""
+  return all((x is None) == (y is None) and (x is None or abs(x - y) <= tol * abs(y)) for x, y in zip(a, b))

@@ -2,19 +2,14 @@
 devices (one subprocess, so its compiles are shared and the rest of the suite keeps one device),
 and the training CLI on a mesh with a context axis: one-device losses, exact resume, another mesh."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
+from conftest import close, run_result_script, train_cli
 from longgen_jax.parallel.layout import padded_length, sequence_order, to_context_layout
 from longgen_jax.training import default_config, validate_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -188,12 +183,7 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
   """Ring, halo and all-gather over context 2/4/8 (with data and tensor axes, GQA, packed segments,
   sinks, windows shorter and longer than a device's tokens, block_sparse head-dependent and homo)
   against the unsharded reference: out, lse, dq, dk, dv; and what each compiles to."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
-  p = subprocess.run([sys.executable, "-c", ATTENTION], capture_output=True, text=True, env=env, timeout=900)
-  line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-  assert line, p.stderr[-3000:]
-  r = json.loads(line[7:])
+  r = run_result_script(ATTENTION, devices=8)
   results, permutes = r["cases"], r["remat_permutes"]
   assert r["weight_gathers"] > 0 and r["sequence_gathers"] == [], r["sequence_gathers"]
   assert permutes["full"] == permutes["none"] < permutes["nothing_saveable"], permutes
@@ -213,20 +203,7 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
 
 
 def _train(workdir, *overrides, devices=8, steps=4):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
-  args = [sys.executable, "-m", "longgen_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-          f"--config.total_steps={steps}", "--config.eval_every=2", "--config.batch_size=4",
-          "--config.seq_len=62", "--config.checkpoint_every=2", "--config.data.synthetic.num_docs=100",
-          "--config.export_model=False", "--config.progress_bar=False", *overrides]
-  p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: (r["loss"], r["grad_norm"], r.get("eval_loss")) for r in map(json.loads, f)}
-
-
-def _close(a, b, tol=1e-5):
-  return all((x is None) == (y is None) and (x is None or abs(x - y) <= tol * abs(y)) for x, y in zip(a, b))
+  return train_cli(workdir, *overrides, devices=devices, steps=steps, seq_len=62)  # 62: padded under context 2, 4
 
 
 def test_train_cli_with_context_parallelism_matches_one_device_resumes_and_changes_mesh(tmp_path):
@@ -238,7 +215,7 @@ def test_train_cli_with_context_parallelism_matches_one_device_resumes_and_chang
   cp = _train(tmp_path / "cp", *mesh)
   assert sorted(one) == sorted(cp) == [1, 2, 3, 4]
   for step in one:
-    assert _close(cp[step], one[step]), (step, cp[step], one[step])
+    assert close(cp[step], one[step]), (step, cp[step], one[step])
 
   _train(tmp_path / "resumed", *mesh, steps=2)
   resumed = _train(tmp_path / "resumed", *mesh)
@@ -249,7 +226,7 @@ def test_train_cli_with_context_parallelism_matches_one_device_resumes_and_chang
   _train(tmp_path / "moved", *other, steps=2)
   moved = _train(tmp_path / "moved", *mesh)
   for step in one:
-    assert _close(moved[step], one[step]), (step, moved[step], one[step])
+    assert close(moved[step], one[step]), (step, moved[step], one[step])
 
 
 def test_chunked_loss_per_shard_pads_instead_of_shrinking_chunks():

@@ -1,17 +1,12 @@
 """Multi-process runs: launch detection on simulated SLURM / TPU pod / Open MPI / explicit environments,
 and the training CLI as 2 processes x 2 CPU devices (launch/local_multiprocess.sh) against one process."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+from conftest import close, train_cli
 from longgen_jax.parallel import runtime
 from longgen_jax.parallel.runtime import Launch, detect_launch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-004]", "SLURM_NTASKS": "32", "SLURM_PROCID": "9",
          "SLURM_LOCALID": "1"}
@@ -56,24 +51,7 @@ def test_initialize_calls_jax_distributed_as_the_launch_says(monkeypatch):
 
 
 def _train(workdir, *overrides, processes=1, devices=4, steps=4):
-  args = [sys.executable, "-m", "longgen_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-          f"--config.total_steps={steps}", "--config.eval_every=2", "--config.batch_size=4", "--config.seq_len=64",
-          "--config.checkpoint_every=2", "--config.data.synthetic.num_docs=100", "--config.progress_bar=False",
-          "--config.export_model=False", *overrides]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  if processes > 1:
-    args = [os.path.join(ROOT, "launch", "local_multiprocess.sh"), str(processes), str(devices // processes), "--",
-            *args]
-  else:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: (r["loss"], r["grad_norm"], r.get("eval_loss")) for r in map(json.loads, f)}
-
-
-def _close(a, b, tol=1e-5):
-  return all((x is None) == (y is None) and (x is None or abs(x - y) <= tol * abs(y)) for x, y in zip(a, b))
+  return train_cli(workdir, *overrides, devices=devices, processes=processes, steps=steps)
 
 
 def test_two_processes_train_like_one_save_and_resume(tmp_path):
@@ -86,7 +64,7 @@ def test_two_processes_train_like_one_save_and_resume(tmp_path):
   across = _train(tmp_path / "across", "--config.mesh.data=1", "--config.mesh.context=4", processes=2)
   assert sorted(one) == sorted(two) == sorted(across) == [1, 2, 3, 4]
   for step in one:
-    assert _close(two[step], one[step]) and _close(across[step], one[step]), (step, one[step], two[step], across[step])
+    assert close(two[step], one[step]) and close(across[step], one[step]), (step, one[step], two[step], across[step])
 
   _train(tmp_path / "resumed", *mesh, processes=2, steps=2)
   assert _train(tmp_path / "resumed", *mesh, processes=2) == two

@@ -5,14 +5,9 @@ partitioner cannot split, exactly like a pallas_call or a cuDNN custom call. Wit
 dispatch XLA gathers the whole batch's activations onto every device around it.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_result_script, train_cli
 
 SCRIPT = textwrap.dedent('''
     import json, sys, types
@@ -113,12 +108,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_attention_runs_per_shard_under_a_mesh():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
-  p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-  line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-  assert line, p.stderr[-3000:]
-  r = json.loads(line[7:])
+  r = run_result_script(SCRIPT, devices=8, timeout=600)
   assert r["eight"]["all_gathers"] == 0, r  # data parallel: only the gradient all-reduce
   assert r["eight"]["temp_bytes"] < r["one"]["temp_bytes"] / 4, r  # 8x fewer sequences per device
   assert r["max_err"] < 1e-5 and r["max_lse_err"] < 1e-5 and r["max_grad_err"] < 1e-5, r
@@ -128,20 +118,9 @@ def test_attention_runs_per_shard_under_a_mesh():
 def test_train_cli_on_a_data_x_fsdp_mesh_matches_one_device(tmp_path):
   """The training loop on 4 CPU devices (data 2 x fsdp 2, per-shard attention, sharded state and
   checkpoints, eval) logs the losses of the same run on one device."""
-  def run(workdir, devices, *mesh):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT)
-    args = [sys.executable, "-m", "longgen_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-            "--config.total_steps=4", "--config.eval_every=2", "--config.batch_size=4", "--config.seq_len=64",
-            "--config.checkpoint_every=2", "--config.data.synthetic.num_docs=100", "--config.export_model=False",
-            *mesh]
-    p = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return [(r["loss"], r.get("eval_loss")) for r in map(json.loads, f)]
-
-  one = run(tmp_path / "one", 1)
-  mesh = run(tmp_path / "mesh", 4, "--config.mesh.data=2", "--config.mesh.fsdp=2")
+  one = [(loss, ev) for loss, _, ev in train_cli(tmp_path / "one").values()]
+  mesh = [(loss, ev) for loss, _, ev in train_cli(tmp_path / "mesh", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+                                                  devices=4).values()]
   assert len(one) == len(mesh) == 4
   for (a, ea), (b, eb) in zip(one, mesh):
     assert abs(a - b) < 1e-5 * abs(a) and (ea is None) == (eb is None) and (ea is None or abs(ea - eb) < 1e-5 * ea)

@@ -24,9 +24,9 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
   ring        full layers: K/V (and kv segment ids) rotate by ppermute, issued before each step's
               compute so they overlap; partial results merged eagerly by LSE; a custom backward
               rotates K/V again, their dK/dV accumulators one step behind (also during compute),
-              and brings those home, so attention memory per device stays O(T / cp). Each backward step uses the implementation's
-              backward given the final out and LSE where it has one (registry), else the step's
-              vjp (which recomputes the step's forward).
+              and brings those home, so attention memory per device stays O(T / cp). Each backward
+              step uses the implementation's backward given the final out and LSE where it has one
+              (registry), else the step's vjp (which recomputes the step's forward).
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
   halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
               ppermute from the devices holding them (more hops only when a chunk is shorter
@@ -162,6 +162,18 @@ def _place(x, which: int | None, fill: float = 0.0, axis: int = 1):
     return x
   other = jnp.full_like(x, fill)
   return jnp.concatenate([other, x] if which else [x, other], axis=axis)
+
+
+def _per_device_chunks(r, cp, q, qs, for_chunk):
+  """for_chunk(chunk index, q_chunk, q_seg_chunk) -> (out, lse) for both local chunks, with the chunk
+  index static: a switch over the device index."""
+  def on_device(d: int):
+    def run():
+      lo_r, hi_r = for_chunk(d, _half(q, 0), _half(qs, 0)), for_chunk(2 * cp - 1 - d, _half(q, 1), _half(qs, 1))
+      return jnp.concatenate([lo_r[0], hi_r[0]], axis=1), jnp.concatenate([lo_r[1], hi_r[1]], axis=2)
+    return run
+
+  return jax.lax.switch(r, [on_device(d) for d in range(cp)])
 
 
 # A ring step s > 0 is one of two static cases, by whether the K/V came from an earlier device j:
@@ -320,17 +332,11 @@ def _gathered(fn, spec, axis, cp, q, k, v, qs, ks):
   k_all, v_all, ks_all = gather(k), gather(v), gather(ks)
   c = q.shape[1] // 2
 
-  def on_device(r: int):
-    def run():
-      parts = []
-      for half, chunk in ((0, r), (1, 2 * cp - 1 - r)):
-        keys = slice(0, (chunk + 1) * c)  # nothing after the chunk is visible
-        parts.append(_call(fn, spec, _half(q, half), k_all[:, keys], v_all[:, keys], _half(qs, half),
-                           None if ks_all is None else ks_all[:, keys], chunk * c))
-      return jnp.concatenate([parts[0][0], parts[1][0]], axis=1), jnp.concatenate([parts[0][1], parts[1][1]], axis=2)
-    return run
+  def for_chunk(chunk: int, q_c, qs_c):
+    keys = lambda x: None if x is None else x[:, :(chunk + 1) * c]  # nothing after the chunk is visible
+    return _call(fn, spec, q_c, keys(k_all), keys(v_all), qs_c, keys(ks_all), chunk * c)
 
-  return jax.lax.switch(jax.lax.axis_index(axis), [on_device(r) for r in range(cp)])
+  return _per_device_chunks(jax.lax.axis_index(axis), cp, q, qs, for_chunk)
 
 
 # ----------------------------------------------------------------------------- halo
@@ -402,10 +408,7 @@ def _shift(xs, axis, pairs):
 
 def _first_keys(axis, cp, c, r, lo, n: int):
   """(k, v, seg) of the sequence's first n keys (the sinks) on every device: one small psum from
-  the lowest devices' lo chunks."""
-  if n > cp * c:
-    raise ValueError(f"{n} sink keys exceed the first half of the sequence ({cp * c} tokens); "
-                     "use parallel.sparse_strategy='all_gather'")
+  the lowest devices' lo chunks (ContextStrategy.for_spec keeps n within the first half)."""
   holders = -(-n // c)
 
   def gather(x):
@@ -451,18 +454,6 @@ def _near(fn, spec, cp, c, r, half, q_c, qs_c, chunk, halo_kv, first, halo):
     return run(cases[0])()
   index = jnp.asarray([cases.index(case(d)) for d in range(cp)], jnp.int32)[r]
   return jax.lax.switch(index, [run(which) for which in cases])
-
-
-def _per_device_chunks(r, cp, q, qs, for_chunk):
-  """for_chunk(chunk index, q_chunk, q_seg_chunk) -> (out, lse) for both local chunks, with the chunk
-  index static: a switch over the device index."""
-  def on_device(d: int):
-    def run():
-      lo_r, hi_r = for_chunk(d, _half(q, 0), _half(qs, 0)), for_chunk(2 * cp - 1 - d, _half(q, 1), _half(qs, 1))
-      return jnp.concatenate([lo_r[0], hi_r[0]], axis=1), jnp.concatenate([lo_r[1], hi_r[1]], axis=2)
-    return run
-
-  return jax.lax.switch(r, [on_device(d) for d in range(cp)])
 
 
 def _nothing(q_c):

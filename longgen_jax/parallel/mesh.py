@@ -52,12 +52,12 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 def fsdp_shardings(tree, mesh: Mesh):
   """Per-leaf shardings: each array's largest dim divisible by fsdp x context is split over both axes;
   failing that, over fsdp alone, then context alone; replicated where no dim divides."""
-  groups = [g for g in (PARAM_AXES, ("fsdp",), (CONTEXT_AXIS,)) if int(np.prod([mesh.shape[a] for a in g])) > 1]
+  sizes = {axes: int(np.prod([mesh.shape[a] for a in axes])) for axes in (PARAM_AXES, ("fsdp",), (CONTEXT_AXIS,))}
+  groups = [(axes, n) for axes, n in sizes.items() if n > 1]
 
   def one(x):
     shape = getattr(x, "shape", ())
-    for axes in groups if shape else ():
-      n = int(np.prod([mesh.shape[a] for a in axes]))
+    for axes, n in groups if shape else ():
       d = next((d for d in sorted(range(len(shape)), key=lambda d: -shape[d]) if shape[d] % n == 0), None)
       if d is not None:
         spec = [None] * len(shape)
