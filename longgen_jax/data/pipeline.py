@@ -15,7 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from longgen_jax.data.sources import open_source
+from longgen_jax.data.sources import AnswerPairs, RetrievalSource, open_corpus
 from longgen_jax.data.tokenizer import Tokenizer
 
 _EVAL_SPLIT_SEED = 1234567  # fixed, so the held-out documents don't move when the training seed does
@@ -29,6 +29,46 @@ def tokenize(ds: grain.MapDataset, tokenizer: Tokenizer, add_eos: bool = False) 
       ids.append(np.asarray([tokenizer.eos_id], np.int32))
     return {"tokens": np.concatenate(ids).astype(np.int32)}
   return ds.map(fn)
+
+
+def tokenize_answers(ds: grain.MapDataset, tokenizer: Tokenizer, answer_weight: float,
+                     add_eos: bool = False) -> grain.MapDataset:
+  """(prompt, answer) pairs -> {"tokens", "weights"}: BOS + prompt + answer, weight `answer_weight` on
+  the answer's tokens and 1 elsewhere. The loss is a weighted mean (training.loss divides by the summed
+  mask), so a weight w makes each answer token count as w ordinary tokens."""
+  def fn(pair):
+    prompt, answer = pair
+    ids = [np.asarray([tokenizer.bos_id], np.int32), tokenizer.encode(prompt), tokenizer.encode(answer)]
+    if add_eos:
+      ids.append(np.asarray([tokenizer.eos_id], np.int32))
+    weights = np.ones(sum(map(len, ids)), np.float32)
+    weights[1 + len(ids[1]):1 + len(ids[1]) + len(ids[2])] = answer_weight
+    return {"tokens": np.concatenate(ids).astype(np.int32), "weights": weights}
+  return ds.map(fn)
+
+
+def whole_document_batches(docs: grain.MapDataset, *, seq_len: int, batch_size: int, seed: int,
+                           shuffle: bool = True, repeat: bool = True, prefetch: int = 0) -> grain.IterDataset:
+  """Like packed_batches, but no document is split over two rows (rows are padded instead): a
+  retrieval example cut in two would ask its question without its needle. Every document must fit
+  in seq_len + 1 tokens."""
+  def fits(d):
+    if len(d["tokens"]) > seq_len + 1:
+      raise ValueError(f"a {len(d['tokens'])}-token document does not fit a row of seq_len + 1 = {seq_len + 1} "
+                       "tokens; lower data.synthetic.max_chars or raise config.seq_len")
+    return d
+  docs = docs.map(fits)
+  if shuffle:
+    docs = docs.shuffle(seed=seed)
+  if repeat:
+    docs = docs.repeat()
+  feats = {k: seq_len + 1 for k in ("tokens", "weights")}
+  ds = grain.experimental.FirstFitPackIterDataset(docs.to_iter_dataset(), length_struct=feats,
+                                                  num_packing_bins=batch_size, shuffle_bins=False)
+  ds = ds.batch(batch_size, drop_remainder=True).map(to_model_batch)
+  if prefetch > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
 
 
 def upsample_long_documents(ds: grain.MapDataset, min_tokens: int, factor: int) -> grain.MapDataset:
@@ -74,12 +114,15 @@ def to_model_batch(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """
   tok, seg = packed["tokens"], packed["tokens_segment_ids"]
   seg_in, seg_tgt = seg[:, :-1], seg[:, 1:]
+  mask = ((seg_tgt == seg_in) & (seg_tgt != 0)).astype(np.float32)
+  if "weights" in packed:  # per-token loss weights of the target (answer tokens of the retrieval corpus)
+    mask = mask * packed["weights"][:, 1:].astype(np.float32)
   return {
       "inputs": tok[:, :-1].astype(np.int32),
       "targets": tok[:, 1:].astype(np.int32),
       "positions": _relative_positions(seg_in),
       "segment_ids": seg_in.astype(np.int32),
-      "loss_mask": ((seg_tgt == seg_in) & (seg_tgt != 0)).astype(np.float32),
+      "loss_mask": mask,
   }
 
 
@@ -123,8 +166,12 @@ def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_si
   if shard_index is None or shard_count is None:
     import jax
     shard_index, shard_count = jax.process_index(), jax.process_count()
-  source = open_source(data_cfg.source, data_cfg.paths, data_cfg.text_field,
-                       **({} if data_cfg.source != "synthetic" else dict(data_cfg.synthetic)))
+  synthetic = data_cfg.source == "synthetic" or data_cfg.source.startswith("retrieval")
+  source = open_corpus(data_cfg.source, data_cfg.paths, data_cfg.text_field,
+                       **(dict(data_cfg.synthetic) if synthetic else {}))
+  if isinstance(source, RetrievalSource):
+    return _retrieval_datasets(source, data_cfg, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                               shard_index=shard_index, shard_count=shard_count)
   train_docs, eval_docs = split_documents(grain.MapDataset.source(source), data_cfg.eval_docs)
   train_docs = tokenize(shard(train_docs, shard_index, shard_count), tokenizer, data_cfg.add_eos)
   require_tokens(train_docs, batch_size * (seq_len + 1), tokenizer)
@@ -135,4 +182,21 @@ def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_si
   if eval_docs is not None:
     eval_docs = tokenize(shard(eval_docs, shard_index, shard_count), tokenizer, data_cfg.add_eos)
     evals = packed_batches(eval_docs, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=False)
+  return train, evals
+
+
+def _retrieval_datasets(source: RetrievalSource, data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int,
+                        batch_size: int, seed: int, shard_index: int, shard_count: int):
+  """make_datasets for the retrieval corpus: answers weighted, whole documents per row (no upsampling:
+  every document is long)."""
+  train_docs, eval_docs = split_documents(grain.MapDataset.source(AnswerPairs(source)), data_cfg.eval_docs)
+  w = source.answer_weight
+  train_docs = tokenize_answers(shard(train_docs, shard_index, shard_count), tokenizer, w, data_cfg.add_eos)
+  require_tokens(train_docs, batch_size * (seq_len + 1), tokenizer)
+  train = whole_document_batches(train_docs, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                 prefetch=data_cfg.prefetch)
+  evals = None
+  if eval_docs is not None:
+    eval_docs = tokenize_answers(shard(eval_docs, shard_index, shard_count), tokenizer, w, data_cfg.add_eos)
+    evals = whole_document_batches(eval_docs, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=False)
   return train, evals

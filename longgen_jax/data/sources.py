@@ -211,3 +211,134 @@ def open_source(kind: str, paths: str = "", text_field: str = "text", **syntheti
   if kind == "array_record":
     return ArrayRecordSource(paths)
   raise ValueError(f"unknown data.source {kind!r}; choose synthetic, text, jsonl, parquet or array_record")
+
+
+# ----------------------------------------------------------------------------- retrieval training corpus
+
+KV_FACT = "Key {k} holds value {v}. "
+KV_QUESTION = "What value does key {k} hold? Key {k} holds value"
+FILLER_SENTENCES = tuple(s + ". " for s in FILLER.split(". ") if s)
+
+
+def filler_text(n: int) -> tuple[str, list[int]]:
+  """(the last n characters of repeated FILLER, so it ends at a sentence end; sentence starts in it,
+  0 and n included). The pass-key evaluation builds its filler the same way, per token."""
+  reps = n // len(FILLER) + 2
+  text = FILLER * reps
+  cut = len(text) - n
+  starts, pos = set(), 0
+  for _ in range(reps):
+    for s in FILLER_SENTENCES:
+      if 0 < pos - cut < n:
+        starts.add(pos - cut)
+      pos += len(s)
+  return text[cut:], sorted({0, n, *starts})
+
+
+class RetrievalSource:
+  """A training corpus where long-range retrieval is learnable and is exactly what the pass-key
+  evaluation asks: each document is a prompt with the evaluation's phrasing (filler, a needle at a
+  random sentence boundary, the question at the end) followed by its answer.
+
+  A fraction `kv_fraction` of documents are multi-key instead: 1-4 "Key k holds value v." needles
+  scattered through the filler and a question about one of them (distractors the model must not
+  copy). `example(i)` returns (prompt, answer, needle offsets) so the input pipeline can weight the
+  answer tokens by `answer_weight` in the loss; `source[i]` is prompt + answer, a plain document.
+  Document i depends only on (seed, i); total lengths are uniform in [min_chars, max_chars].
+  """
+
+  def __init__(self, num_docs: int, seed: int = 0, min_chars: int = 200, max_chars: int = 4000,
+               answer_weight: float = 1.0, kv_fraction: float = 0.25):
+    if num_docs < 1 or not 0 < min_chars <= max_chars:
+      raise ValueError(f"retrieval source needs num_docs >= 1 and 0 < min_chars <= max_chars; got "
+                       f"{num_docs}, {min_chars}, {max_chars}")
+    if answer_weight <= 0 or not 0 <= kv_fraction <= 1:
+      raise ValueError(f"retrieval source needs answer_weight > 0 and kv_fraction in [0, 1]; got "
+                       f"{answer_weight}, {kv_fraction}")
+    self.num_docs, self.seed = num_docs, seed
+    self.min_chars, self.max_chars = min_chars, max_chars
+    self.answer_weight, self.kv_fraction = float(answer_weight), float(kv_fraction)
+
+  def __len__(self):
+    return self.num_docs
+
+  def example(self, i) -> tuple[str, str, list[int]]:
+    """(prompt, answer, character offsets of the needles in the prompt; the first is the asked one)."""
+    if not 0 <= i < self.num_docs:
+      raise IndexError(i)
+    rng = np.random.default_rng([self.seed, i, 7])
+    n = int(rng.integers(self.min_chars, self.max_chars + 1))
+    if rng.random() >= self.kv_fraction:
+      key = str(rng.integers(10000, 100000))
+      needles, question, answer = [PASSKEY_FACT.format(key=key)], PASSKEY_QUESTION, f" {key}."
+    else:
+      names = rng.choice(16**4, size=int(rng.integers(1, 5)), replace=False)
+      pairs = [(f"{k:04x}", str(rng.integers(100, 1000))) for k in names]
+      needles = [KV_FACT.format(k=k, v=v) for k, v in pairs]
+      question, answer = KV_QUESTION.format(k=pairs[0][0]), f" {pairs[0][1]}."
+    n_fill = max(0, n - len(question) - len(answer) - sum(map(len, needles)))
+    filler, bounds = filler_text(n_fill)
+    depths = [rng.random() for _ in needles]
+    spots = [min(bounds, key=lambda b: abs(b - d * n_fill)) for d in depths]
+    pieces, offsets, prev, written = [], [0] * len(needles), 0, 0
+    for j in sorted(range(len(needles)), key=lambda j: (spots[j], j)):
+      pieces.append(filler[prev:spots[j]])
+      written += spots[j] - prev
+      offsets[j] = written
+      pieces.append(needles[j])
+      written += len(needles[j])
+      prev = spots[j]
+    pieces.append(filler[prev:])
+    return "".join(pieces) + question, answer, offsets
+
+  def __getitem__(self, i) -> str:
+    prompt, answer, _ = self.example(i)
+    return prompt + answer
+
+
+class AnswerPairs:
+  """A RetrievalSource seen as (prompt, answer) pairs: what the pipeline tokenizes to weight answers."""
+
+  def __init__(self, source: RetrievalSource):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i) -> tuple[str, str]:
+    prompt, answer, _ = self.source.example(i)
+    return prompt, answer
+
+
+def parse_source(kind: str) -> tuple[str, dict]:
+  """'retrieval(answer_weight=8, kv_fraction=0.25)' -> ('retrieval', {...}); plain names pass through.
+
+  Arguments in the name keep the corpus' knobs in `data.source`, next to the `data.synthetic` keys
+  (num_docs, seed, min_chars, max_chars) that the retrieval corpus shares with the synthetic one.
+  """
+  import re
+  m = re.fullmatch(r"\s*(\w+)\s*(?:\((.*)\))?\s*", kind)
+  if not m:
+    raise ValueError(f"bad data.source {kind!r}: use a name, e.g. 'retrieval(answer_weight=8)'")
+  args = {}
+  for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
+    name, _, value = part.partition("=")
+    try:
+      args[name.strip()] = float(value)
+    except ValueError:
+      raise ValueError(f"bad data.source {kind!r}: argument {part!r} is not name=number") from None
+  if args and m.group(1) != "retrieval":
+    raise ValueError(f"bad data.source {kind!r}: only 'retrieval' takes arguments")
+  unknown = set(args) - {"answer_weight", "kv_fraction"}
+  if unknown:
+    raise ValueError(f"bad data.source {kind!r}: unknown argument(s) {sorted(unknown)}; "
+                     "retrieval takes answer_weight and kv_fraction")
+  return m.group(1), args
+
+
+def open_corpus(kind: str, paths: str = "", text_field: str = "text", **synthetic):
+  """open_source, also for 'retrieval(...)' (which takes the synthetic corpus' keyword arguments)."""
+  name, args = parse_source(kind)
+  if name == "retrieval":
+    return RetrievalSource(**synthetic, **args)
+  return open_source(name, paths, text_field, **synthetic)
