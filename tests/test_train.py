@@ -274,8 +274,16 @@ def test_dry_run_profile_and_peak_memory(tmp_path, capfd):
   err = capfd.readouterr().err
   assert "dry run on mesh" in err and "temporaries" in err and "model TFLOP per step" in err
   assert not os.path.exists(tmp_path / "dry" / "checkpoints")
-  records = train_lib.train(tiny_config(total_steps=3, profile_steps="2,3", eval_every=0), str(tmp_path / "prof"))
+  report = json.loads((tmp_path / "dry" / "dry_run.json").read_text())  # the same figures, for ladders
+  memory = report["per_device_bytes"]
+  assert memory["arguments"] > 0 and memory["total"] == memory["arguments"] + memory["temporaries"] + memory["new_outputs"]
+  assert report["seq_len"] == tiny_config().seq_len and report["model_flops_per_step"] > 0
+  # checkpoint_every=0: a benchmark run writes no checkpoint, not even the final one
+  records = train_lib.train(tiny_config(total_steps=3, profile_steps="2,3", eval_every=0, checkpoint_every=0),
+                            str(tmp_path / "prof"))
   assert "peak_memory_gb" in records[-1]
+  saved = tmp_path / "prof" / "checkpoints"
+  assert not saved.exists() or not os.listdir(saved), os.listdir(saved)
   traces = [f for _, _, fs in os.walk(tmp_path / "prof" / "profile") for f in fs if f.endswith(".xplane.pb")]
   assert traces
 

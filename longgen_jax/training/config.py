@@ -86,7 +86,7 @@ def default_config() -> "ml_collections.ConfigDict":
   c.log_every = 1
   c.eval_every = 100            # 0 = never
   c.eval_batches = 4
-  c.checkpoint_every = 500
+  c.checkpoint_every = 500      # 0 = never (benchmarks): no periodic or final save; a SIGTERM still saves
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.export_model = True         # write WORKDIR/model (convert.py's format) at the end
@@ -129,7 +129,7 @@ def validate_config(cfg) -> None:
   need(cfg.grad_accum >= 1, "grad_accum", "must be >= 1")
   need(cfg.batch_size % (cfg.grad_accum * jax.process_count()) == 0, "batch_size",
        f"must be divisible by grad_accum * hosts = {cfg.grad_accum} * {jax.process_count()}")
-  need(cfg.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+  need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
   need(cfg.log_every >= 1, "log_every", "must be >= 1")
   need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
   need(cfg.optim.schedule in ("cosine", "linear", "constant"), "optim.schedule",

@@ -95,7 +95,8 @@ def train(cfg, workdir: str) -> list[dict]:
         records.append(_record(run, step, m, loss, gnorm, float(np.mean(times)), evaluating, bar))
         times = []
       stopping = stop.requested()
-      if step % cfg.checkpoint_every == 0 or step == cfg.total_steps or stopping:
+      scheduled = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps)
+      if scheduled or stopping:
         run.ckpt.save(step, run.state, run.train_iter, run.resolved)
       if stopping:
         _log(f"SIGTERM: saved step {step}; run the same command again to resume")
@@ -176,9 +177,19 @@ def prepare(cfg, workdir: str) -> Run | None:
     step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
     if eval_ds is not None and not cfg.dry_run:
       eval_fn = eval_fn.lower(abstract_state["params"], abstract_batch).compile()
-  _log(f"compiled train step in {time.perf_counter() - t0:.1f}s")
+  compile_s = time.perf_counter() - t0
+  _log(f"compiled train step in {compile_s:.1f}s")
   if cfg.dry_run:  # before any weight is loaded or checkpoint touched
-    _log(describe_compiled(step_fn, flops_per_step, mesh))
+    memory = compiled_memory(step_fn)
+    _log(describe_compiled(memory, flops_per_step, mesh))
+    limit = _device_memory_limit()
+    if jax.process_index() == 0:  # machine-readable, for ladders of lengths or meshes
+      with open(os.path.join(workdir, "dry_run.json"), "w") as f:
+        json.dump({"mesh": dict(mesh.shape), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                   "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
+                   "per_device_bytes": memory, "device_bytes_limit": limit,
+                   "fits": None if limit is None else memory["total"] <= limit,
+                   "model_flops_per_step": flops_per_step}, f, indent=1)
     return None
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
@@ -213,15 +224,25 @@ def _check_process_rows(batch_sh, shape):
                      "data.host_split='rows' for this mesh")
 
 
-def describe_compiled(compiled, flops_per_step: float, mesh) -> str:
-  """Per-device memory from XLA's compiled memory analysis and the step's model FLOPs (--dry_run)."""
+def compiled_memory(compiled) -> dict:
+  """Per-device bytes from XLA's compiled memory analysis: arguments (weights, optimizer state, batch),
+  temporaries, new outputs (outputs not aliased to donated arguments) and their total."""
   m = compiled.memory_analysis()
-  gb = lambda n: f"{(n or 0) / 2**30:.2f} GiB" if (n or 0) >= 2**30 else f"{(n or 0) / 2**20:.1f} MiB"
-  args, out, temp = (getattr(m, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
-  alias = getattr(m, "alias_size_in_bytes", 0)
-  return (f"dry run on mesh {dict(mesh.shape)}: per device {gb(args)} arguments (weights, optimizer state, batch) + "
-          f"{gb(temp)} temporaries + {gb(out - alias)} new outputs = {gb(args + temp + out - alias)}; "
-          f"{flops_per_step / 1e12:.4g} model TFLOP per step")
+  args, out, temp, alias = (getattr(m, f"{k}_size_in_bytes", 0) or 0 for k in ("argument", "output", "temp", "alias"))
+  return {"arguments": args, "temporaries": temp, "new_outputs": out - alias, "total": args + temp + out - alias}
+
+
+def describe_compiled(memory: dict, flops_per_step: float, mesh) -> str:
+  """One line for --dry_run: the per-device memory of `compiled_memory` and the step's model FLOPs."""
+  gb = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+  return (f"dry run on mesh {dict(mesh.shape)}: per device {gb(memory['arguments'])} arguments (weights, optimizer "
+          f"state, batch) + {gb(memory['temporaries'])} temporaries + {gb(memory['new_outputs'])} new outputs = "
+          f"{gb(memory['total'])}; {flops_per_step / 1e12:.4g} model TFLOP per step")
+
+
+def _device_memory_limit() -> int | None:
+  """Bytes the allocator may use on one device (None where the backend does not say, e.g. CPU)."""
+  return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 class OutOfDeviceMemory(ValueError):

@@ -1,0 +1,168 @@
+"""The training CLI on all of this machine's GPUs: Llama-2-7B LongGen beside all-full, and a ladder of lengths.
+
+Each run is `python -m longgen_jax.train` in its own process, exactly as a user starts it, with random
+weights, the synthetic corpus (byte tokenizer), no document masking (cuDNN's full-attention kernel has none),
+no checkpoints and no compilation cache. Reported per run: the CLI's compile time, the median step time of the
+steps after the first, tokens/s per GPU, MFU and peak device memory (all from its metrics.jsonl).
+
+Runs (G = the visible GPUs):
+  longgen_fsdp      configs/llama2_7b_longgen_128k.py, G sequences per step, weights + AdamW over fsdp G
+  longgen_context   the same with one sequence split over context G (ring for full, halo for sparse layers)
+  full_cudnn_fsdp   configs/llama2_7b_full_128k.py (all 32 layers full) through cuDNN, G sequences, fsdp G
+  full_context      all-full, one sequence over context G (ring with our kernel: cuDNN has no offset/LSE)
+
+The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per-device memory, nothing
+allocated) and, with --run-longest N, times N steps at the longest length that fits.
+
+  python benchmarks/multi_gpu_train.py --runs longgen_fsdp,full_cudnn_fsdp --seq-len 131072 --steps 3 --json r.json
+  python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --ladder-run longgen_context --run-longest 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONGGEN, FULL = "configs/llama2_7b_longgen_128k.py", "configs/llama2_7b_full_128k.py"
+RUNS = {  # name -> (config file, overrides); "G" = the number of visible GPUs
+    "longgen_fsdp": (LONGGEN, {"mesh.fsdp": -1, "mesh.context": 1, "batch_size": "G"}),
+    "longgen_context": (LONGGEN, {"mesh.fsdp": 1, "mesh.context": -1, "batch_size": 1}),
+    "full_cudnn_fsdp": (FULL, {"mesh.fsdp": -1, "mesh.context": 1, "batch_size": "G", "model.attn_impl": "cudnn"}),
+    "full_context": (FULL, {"mesh.fsdp": 1, "mesh.context": -1, "batch_size": 1}),
+}
+COMMON = {"init_from": "", "data.source": "synthetic", "data.tokenizer": "byte", "model.segment_attention": False,
+          "eval_every": 0, "data.eval_docs": 0, "checkpoint_every": 0, "export_model": False, "log_every": 1, "compile_cache_dir": "",
+          "mesh.data": 1}
+EXTRA: dict[str, str] = {}  # --set KEY=VALUE, applied last
+
+
+def overrides(name: str, seq_len: int, steps: int, layers: int, gpus: int, dry_run: bool) -> list[str]:
+  config, own = RUNS[name]
+  o = {**COMMON, **own, "seq_len": seq_len, "total_steps": steps, "dry_run": dry_run, **EXTRA}
+  if layers:  # a slice of the model with the same full fraction (LongGen: 12 of 32 in the middle)
+    o["model.num_layers"] = layers
+    o["model.num_full_layers"] = layers if config == FULL else round(layers * 12 / 32)
+  o = {k: gpus if v == "G" else v for k, v in o.items()}
+  return [f"--config={config}"] + [f"--config.{k}={v}" for k, v in o.items()]
+
+
+def run_cli(args: list[str], limit: int) -> tuple[str, str, str | None]:
+  """(workdir, log, error line or None) of one training CLI process."""
+  workdir = tempfile.mkdtemp(prefix="mgt_")
+  cmd = [sys.executable, "-m", "longgen_jax.train", f"--workdir={workdir}", *args]
+  try:
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
+    log = p.stdout + p.stderr
+    error = None if p.returncode == 0 else next(
+        (line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
+  except subprocess.TimeoutExpired as e:
+    log, error = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""), f"> {limit} s"
+  with open(os.path.join(workdir, "cli.log"), "w") as f:
+    f.write(" ".join(cmd) + "\n" + log)
+  return workdir, log, error
+
+
+def compile_seconds(log: str) -> float | None:
+  for line in log.splitlines():
+    if "compiled train step in" in line:
+      return float(line.rsplit(" ", 1)[-1].rstrip("s"))
+  return None
+
+
+def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int) -> dict:
+  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps}
+  t0 = time.perf_counter()
+  workdir, log, error = run_cli(overrides(name, seq_len, steps, layers, gpus, dry_run=False), limit)
+  row.update(wall_s=time.perf_counter() - t0, compile_s=compile_seconds(log), workdir=workdir)
+  path = os.path.join(workdir, "metrics.jsonl")
+  records = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
+  if error:
+    row["error"] = error.strip()[:300]
+  if records:
+    timed = records[1:] or records  # the first step may include one-time work (allocation, autotuning)
+    row["step_s"] = statistics.median(r["step_time_s"] for r in timed)
+    row["step_s_all"] = [r["step_time_s"] for r in records]
+    row["tokens_per_s_per_gpu"] = statistics.median(r["tokens_per_s"] for r in timed) / gpus
+    row["mfu"] = statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None
+    row["peak_gb"] = max((r["peak_memory_gb"] or 0) for r in records)
+    row["losses"] = [r["loss"] for r in records]
+  return row
+
+
+def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int) -> dict:
+  row = {"run": name, "seq_len": seq_len, "layers": layers or 32}
+  workdir, log, error = run_cli(overrides(name, seq_len, 1, layers, gpus, dry_run=True), limit)
+  path = os.path.join(workdir, "dry_run.json")
+  if os.path.exists(path):
+    report = json.load(open(path))
+    row.update(total_gib=report["per_device_bytes"]["total"] / 2**30, compile_s=report["compile_s"],
+               limit_gib=(report["device_bytes_limit"] or 0) / 2**30, fits=report["fits"], mesh=report["mesh"])
+  else:
+    row.update(fits=False, error=(error or "no dry_run.json").strip()[:300])
+  return row
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--runs", default="", help=f"comma-separated, from {list(RUNS)}")
+  p.add_argument("--seq-len", type=int, default=131072)
+  p.add_argument("--steps", type=int, default=3, help="steps per timed run (the first is not timed)")
+  p.add_argument("--layers", type=int, default=0, help="0 = all 32; else a slice with the same full fraction")
+  p.add_argument("--ladder", default="", help="comma-separated lengths to dry-run with --ladder-run")
+  p.add_argument("--ladder-run", default="longgen_context")
+  p.add_argument("--run-longest", type=int, default=0, help="steps to time at the longest length that fits")
+  p.add_argument("--limit", type=int, default=900, help="seconds per CLI process")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
+  p.add_argument("--json", default="")
+  args = p.parse_args()
+  EXTRA.update(kv.split("=", 1) for kv in args.set)
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the long sequences need the whole card
+  # The devices, asked in a child process: a backend opened here would hold GPU memory the runs need.
+  probe = "import jax, json; print(json.dumps([jax.device_count(), jax.devices()[0].device_kind, jax.__version__]))"
+  gpus, kind, version = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                                  check=True).stdout.strip().splitlines()[-1])
+  meta = {"device": kind, "gpus": gpus, "jax": version, "date": str(datetime.date.today()),
+          "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
+  print("# " + json.dumps(meta), flush=True)
+  out = {"meta": meta, "runs": [], "ladder": []}
+
+  def save(row, key):
+    out[key].append(row)
+    print(json.dumps(row), flush=True)
+    if args.json:  # partial results survive a cut-off sweep
+      with open(args.json, "w") as f:
+        json.dump(out, f, indent=1)
+
+  for name in filter(None, args.runs.split(",")):
+    save(timed_run(name, args.seq_len, args.steps, args.layers, gpus, args.limit), "runs")
+  if args.ladder:
+    for T in sorted(map(int, args.ladder.split(","))):
+      save(dry_run(args.ladder_run, T, args.layers, gpus, args.limit), "ladder")
+    fitting = [r["seq_len"] for r in out["ladder"] if r.get("fits")]
+    if fitting and args.run_longest:
+      save(timed_run(args.ladder_run, max(fitting), args.run_longest, args.layers, gpus, args.limit), "runs")
+  print("\n| run | seq | layers | compile s | step s | tokens/s per GPU | MFU | peak GB |\n|---|---|---|---|---|---|---|---|")
+  for r in out["runs"]:
+    if "step_s" not in r:
+      print(f"| {r['run']} | {r['seq_len']} | {r['layers']} | | {r.get('error', '')[:80]} | | | |")
+      continue
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    print(f"| {r['run']} | {r['seq_len']} | {r['layers']} | {r['compile_s'] or 0:.0f} | {r['step_s']:.2f} | "
+          f"{r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {r['peak_gb']:.1f} |")
+  if out["ladder"]:
+    print("\n| run | seq | per-device GiB (XLA) | limit GiB | fits | compile s |\n|---|---|---|---|---|---|")
+    for r in out["ladder"]:
+      print(f"| {r['run']} | {r['seq_len']} | {r.get('total_gib', 0):.1f} | {r.get('limit_gib', 0):.1f} | "
+            f"{r['fits']} | {r.get('compile_s', 0) or 0:.0f} |" + (f" {r['error'][:80]}" if "error" in r else ""))
+
+
+if __name__ == "__main__":
+  main()
