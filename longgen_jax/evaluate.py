@@ -5,11 +5,22 @@
   python -m longgen_jax.evaluate ppl --ckpt DIR [--tokenizer T] --seq-len 128K --bucket 4K \\
       [--source jsonl --paths 'long/*.jsonl'] --docs 8 --out ppl.json
 
+  python -m longgen_jax.evaluate ruler --ckpt DIR --data 'ruler/niah_single_1/*.jsonl' [--metric part]
+  python -m longgen_jax.evaluate babilong --ckpt DIR --data 'babilong/qa1/*.jsonl'
+
 passkey (evaluation.passkey): prints a depth x length accuracy table; --out writes JSON with
-`accuracy[len(lengths)][len(depths)]` in [0, 1] and every key and output.
+`accuracy[len(lengths)][len(depths)]` in [0, 1], each cell's hits, samples and 95% Wilson interval
+(`ci95`), and every key and output; plus a heatmap PNG (--plot, default: --out with .png).
 
 ppl (evaluation.ppl): seq_len defaults to the model's max_seq_len; the default source is the
 synthetic corpus with documents long enough; --source text/jsonl/parquet/array_record reads files.
+--out also writes a loss/perplexity-by-position plot (--plot, default: --out with .png).
+
+ruler / babilong (evaluation.tasks): task files as those projects' data scripts write them (JSONL,
+stored locally; docs/evaluation.md), scored by the projects' own metrics.
+
+Lengths beyond the training length: pass --max-seq-len; RoPE keeps the checkpoint's base
+(rope_theta), and the results record it with the checkpoint's own max_seq_len.
 
 Lengths accept a K suffix (1K = 1024). Arguments are checked against the checkpoint's
 config.json before its weights load; a bad one exits with status 2 and one "error:" line.
@@ -30,6 +41,7 @@ from longgen_jax.evaluation.common import EvalError, check_vocab
 from longgen_jax.evaluation.passkey import check_passkey_args, format_grid, passkey_grid
 from longgen_jax.evaluation.ppl import (default_bucket, document_rows, format_buckets, loss_by_position,
                                         synthetic_source)
+from longgen_jax.evaluation.tasks import SCORERS, format_task, read_babilong, read_ruler, run_task
 from longgen_jax.model.config import DTYPES
 from longgen_jax.weights import ConversionError, load_config, load_pretrained
 
@@ -89,7 +101,26 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--paths", default="", help="comma-separated globs for a file --source")
   q.add_argument("--text-field", default="text", help="jsonl / parquet field holding the document")
   q.add_argument("--loss-chunk", type=parse_length, default=2048, help="positions whose logits exist at once")
+  for cmd in (k, q):
+    cmd.add_argument("--plot", default=None, help="write the PNG here (default: --out with .png; none without --out)")
+  for name, what in (("ruler", "RULER task files (JSONL: index, input, outputs, length)"),
+                     ("babilong", "BABILong task files (JSONL: input, question, target)")):
+    t = sub.add_parser(name, parents=[common], help=what)
+    t.add_argument("--data", required=True, help="comma-separated globs of JSONL task files")
+    t.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per example")
+    t.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples (0 = all)")
+    t.add_argument("--chunk-len", type=parse_length, default=2048, help="prefill chunk length")
+    if name == "ruler":
+      t.add_argument("--metric", default="all", choices=["all", "part"],
+                     help="RULER's string_match_all (niah, vt, cwe, fwe) or string_match_part (qa)")
   return p
+
+
+def plot_path(args) -> str | None:
+  """--plot, else --out with .png, else None (no picture without a place for the results)."""
+  if getattr(args, "plot", None):
+    return args.plot
+  return os.path.splitext(args.out)[0] + ".png" if args.out else None
 
 
 def check_writable(path: str, force: bool = False) -> None:
@@ -107,10 +138,12 @@ def run(args) -> dict:
   Arguments and data are checked against the checkpoint's config before the weights load.
   """
   progress = False if args.no_progress else None
-  if args.out:
-    check_writable(args.out, args.force)
+  plot = plot_path(args)
+  for path in filter(None, (args.out, plot)):
+    check_writable(path, args.force)
   tok = resolve_tokenizer(args.tokenizer, args.ckpt)
   cfg = load_config(args.ckpt)
+  checkpoint = {"checkpoint_max_seq_len": cfg.max_seq_len, "rope_theta": cfg.rope_theta}
   if args.max_seq_len:
     cfg = cfg.replace(max_seq_len=args.max_seq_len)
   load = lambda: load_model(args.ckpt, dtype=args.dtype, attn_impl=args.attn_impl, max_seq_len=args.max_seq_len)
@@ -122,6 +155,17 @@ def run(args) -> dict:
                        batch_size=args.batch_size, chunk_len=args.chunk_len,
                        attn_impl=args.attn_impl, progress=progress)
     text = format_grid(res)
+  elif args.command in ("ruler", "babilong"):
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.limit < 0:
+      raise EvalError("--max-new-tokens and --batch-size must be >= 1 and --limit >= 0")
+    examples = (read_ruler if args.command == "ruler" else read_babilong)(args.data)
+    examples = examples[:args.limit] if args.limit else examples
+    scorer = f"ruler_{args.metric}" if args.command == "ruler" else "babilong"
+    assert scorer in SCORERS
+    res = run_task(load(), tok, examples, scorer, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   chunk_len=args.chunk_len, attn_impl=args.attn_impl, progress=progress)
+    res["data"] = args.data
+    text = format_task(res)
   else:
     seq_len = args.seq_len or cfg.max_seq_len
     bucket = args.bucket or default_bucket(seq_len)
@@ -143,7 +187,13 @@ def run(args) -> dict:
     res["skipped_short_docs"] = skipped
     text = format_buckets(res)
   res["ckpt"] = args.ckpt
+  res.update(checkpoint, max_seq_len=cfg.max_seq_len)
   print(text)
+  if plot and args.command in ("passkey", "ppl"):
+    from longgen_jax.evaluation import plots
+    draw = plots.passkey_heatmap if args.command == "passkey" else plots.loss_by_position_plot
+    res["plot"] = draw(res, plot, title=f"{os.path.basename(os.path.normpath(args.ckpt))}: {args.command}")
+    print(f"wrote {plot}", file=sys.stderr)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(res, f, indent=1)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from longgen_jax.data.sources import FILLER, PASSKEY_FACT, PASSKEY_QUESTION
-from longgen_jax.evaluation.common import EvalError, check_vocab, format_length
+from longgen_jax.evaluation.common import EvalError, check_vocab, format_length, wilson_interval
 from longgen_jax.model.generation import generate
 
 FILLER_SENTENCES = tuple(re.findall(r"[^.]*\. ", FILLER))
@@ -86,6 +86,8 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
   check_passkey_args(model.config, tok, lengths, depths, samples, batch_size)
   max_new = _answer_tokens(tok)
   acc = np.zeros((len(lengths), len(depths)))
+  correct = np.zeros((len(lengths), len(depths)), int)
+  ci = np.zeros((len(lengths), len(depths), 2))  # 95% Wilson interval of each cell
   cells = []
   bar = tqdm(total=len(lengths) * len(depths), desc="passkey", unit="cell",
              disable=None if progress is None else not progress)
@@ -102,15 +104,22 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
       texts = [tok.decode(o) for o in outputs]
       hits = [score_answer(t, p.key) for t, p in zip(texts, prompts)]
       acc[i, j] = float(np.mean(hits))
-      cells.append({"length": length, "depth": depth, "accuracy": acc[i, j],
+      correct[i, j] = sum(hits)
+      ci[i, j] = wilson_interval(sum(hits), len(hits))
+      cells.append({"length": length, "depth": depth, "accuracy": acc[i, j], "hits": sum(hits),
+                    "samples": len(hits), "ci95": list(ci[i, j]),
                     "needle_starts": [p.needle_start for p in prompts],
                     "answers": [{"key": p.key, "output": t, "correct": h}
                                 for p, t, h in zip(prompts, texts, hits)]})
       bar.set_postfix(length=length, depth=depth, acc=f"{acc[i, j]:.2f}")
       bar.update()
   bar.close()
+  per_length = [wilson_interval(int(c), len(depths) * samples) for c in correct.sum(axis=1)]
   return {"mode": "passkey", "lengths": list(lengths), "depths": list(depths), "samples": samples,
-          "seed": seed, "accuracy": acc.tolist(), "mean_accuracy": float(acc.mean()), "cells": cells}
+          "seed": seed, "accuracy": acc.tolist(), "mean_accuracy": float(acc.mean()), "cells": cells,
+          "ci95": ci.tolist(), "accuracy_by_length": acc.mean(axis=1).tolist(),
+          "ci95_by_length": [list(c) for c in per_length],
+          "mean_ci95": list(wilson_interval(int(correct.sum()), correct.size * samples))}
 
 
 def check_passkey_args(cfg, tok, lengths, depths, samples, batch_size):
@@ -141,5 +150,6 @@ def format_grid(res: dict) -> str:
   for j, d in enumerate(res["depths"]):
     lines.append(f"{d:<5.2f}  " + " ".join(f"{a:.2f}".rjust(w) for a in acc[:, j]))
   lines.append("mean   " + " ".join(f"{a:.2f}".rjust(w) for a in acc.mean(axis=1)))
-  lines.append(f"overall {res['mean_accuracy']:.3f} ({res['samples']} samples per cell)")
+  lo, hi = res.get("mean_ci95", (float("nan"),) * 2)
+  lines.append(f"overall {res['mean_accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}; {res['samples']} samples per cell)")
   return "\n".join(lines)

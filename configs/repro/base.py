@@ -1,0 +1,73 @@
+"""Shared settings of the LongGen reproduction (issue 13): every variant trains the same small Llama on
+the same tokens with the same steps and seeds; only the attention pattern differs.
+
+The training config has no keys for model width (only presets), so the width lives here (MODEL) and
+scripts/reproduce.py writes a freshly initialised checkpoint of it per seed, which each variant starts
+from (`init_from`): identical initial weights across variants, since the pattern adds no parameters.
+
+  GPU set: 12 layers, hidden 512 (~48M parameters, byte tokenizer), 8K tokens per sequence, sparse layers
+  sink_window(64,256) or block_sparse(64,4,64); pass-key grid 1K-16K (beyond the 8K training length).
+  CPU_TINY: the same experiment shrunk to minutes on 2 CPU cores (6 layers, hidden 128, 256 tokens,
+  sink_window(4,16)); scripts/reproduce.py --cpu-tiny applies it.
+"""
+
+from longgen_jax.training import default_config
+
+MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers=12, num_heads=8,
+             num_kv_heads=4, head_dim=64, max_seq_len=8192, rope_theta=10000.0)
+SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64,4,64)"}
+# evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len; RoPE base from the checkpoint)
+EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
+            max_seq_len="16K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8)
+
+CPU_TINY = dict(
+    model=dict(MODEL, hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4, num_kv_heads=2,
+               head_dim=32, max_seq_len=256),
+    sparse={"sink_window": "sink_window(4,16)", "block_sparse": "block_sparse(8,2,8)"},
+    eval=dict(lengths="128,192,256,384", depths="0,0.25,0.5,0.75,1", samples=10, batch_size=10,
+              max_seq_len="512", ppl_seq_len="384", ppl_bucket="64", ppl_docs=4),
+    overrides={"total_steps": 500, "seq_len": 256, "batch_size": 8, "optim.lr": 3e-3, "optim.warmup_steps": 30,
+               "data.synthetic.num_docs": 20000, "data.synthetic.min_chars": 100,
+               "data.synthetic.max_chars": 255, "data.eval_docs": 16, "eval_every": 250, "eval_batches": 2,
+               "checkpoint_every": 500, "loss_chunk": 0, "model.compute_dtype": "float32"},
+)
+
+
+def make_config(full_fraction: float, sparse: str = "sink_window", placement: str = "middle",
+                num_layers: int = MODEL["num_layers"], sparse_specs: dict = SPARSE):
+  """The training config of one variant: round(full_fraction * num_layers) layers full at `placement`, the
+  rest `sparse` (a key of SPARSE). Fraction 1 is all-full, 0 all-sparse."""
+  c = default_config()
+  c.total_steps = 2000
+  c.seq_len = 8192
+  c.batch_size = 8
+  c.model.num_layers = num_layers
+  c.model.num_full_layers = round(full_fraction * num_layers)
+  c.model.sparse_spec = sparse_specs[sparse]
+  c.model.placement = placement
+  c.model.compute_dtype = "bfloat16"
+  c.data.source = "retrieval(answer_weight=8, kv_fraction=0.25)"
+  c.data.synthetic.num_docs = 200000
+  c.data.synthetic.min_chars = 1024
+  c.data.synthetic.max_chars = 8000      # whole documents per row: at most seq_len - 1 tokens (bytes)
+  c.data.eval_docs = 64
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.0
+  c.loss_chunk = 2048
+  c.eval_every = 500
+  c.eval_batches = 2
+  c.checkpoint_every = 1000
+  return c
+
+
+def cpu_tiny_config(full_fraction: float, sparse: str = "sink_window", placement: str = "middle"):
+  """make_config shrunk to CPU_TINY (what scripts/reproduce.py --cpu-tiny trains)."""
+  c = make_config(full_fraction, sparse, placement, CPU_TINY["model"]["num_layers"], CPU_TINY["sparse"])
+  for key, value in CPU_TINY["overrides"].items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

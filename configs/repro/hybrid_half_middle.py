@@ -1,0 +1,18 @@
+"""More full layers: 1/2 full in the middle; the rest sink_window.
+
+python scripts/reproduce.py --variants hybrid_half_middle   (or: python -m longgen_jax.train --config=configs/repro/hybrid_half_middle.py
+--workdir=DIR --config.init_from=INIT, INIT a checkpoint of base.MODEL: the runner writes one per seed)
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("repro_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+
+VARIANT = dict(full_fraction=1 / 2, sparse="sink_window", placement="middle")
+
+
+def get_config():
+  return base.make_config(**VARIANT)

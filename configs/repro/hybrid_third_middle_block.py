@@ -1,0 +1,18 @@
+"""LongGen with BlockSparse: 1/3 full in the middle; the rest block_sparse.
+
+python scripts/reproduce.py --variants hybrid_third_middle_block   (or: python -m longgen_jax.train --config=configs/repro/hybrid_third_middle_block.py
+--workdir=DIR --config.init_from=INIT, INIT a checkpoint of base.MODEL: the runner writes one per seed)
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location("repro_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
+base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(base)
+
+VARIANT = dict(full_fraction=1 / 3, sparse="block_sparse", placement="middle")
+
+
+def get_config():
+  return base.make_config(**VARIANT)

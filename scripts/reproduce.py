@@ -1,0 +1,251 @@
+"""The LongGen reproduction (issue 13) in one command: for every variant of configs/repro/ and every seed,
+train from the same initial weights on the same tokens, then evaluate (pass-key grid and loss by
+position, beyond the training length too), one job per GPU side by side; then a summary table.
+
+  python scripts/reproduce.py --variants all --seeds 0,1,2 --gpus 0,1,2,3 --out results/repro
+  python scripts/reproduce.py --cpu-tiny --variants all_full,all_sparse_sink --out results/cpu_tiny
+  python scripts/reproduce.py --cpu-tiny --variants all --dry-run     # print the commands only
+
+Writes OUT/init/seedS/ (the shared initial weights: base.MODEL, random with seed S), per job
+OUT/VARIANT/seedS/{train/, passkey.json, passkey.png, ppl.json, ppl.png, result.json, log.txt}, and
+OUT/summary.json + OUT/summary.md (variant x length accuracy, mean over seeds with the pooled 95% Wilson
+interval, and mean loss). A job whose result.json exists is skipped, so re-running the same command
+continues an interrupted set (training itself resumes from its checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPRO = os.path.join(ROOT, "configs", "repro")
+
+
+def _load(path: str):
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def variant_names() -> list[str]:
+  return sorted(f[:-3] for f in os.listdir(REPRO) if f.endswith(".py") and f != "base.py")
+
+
+def _flat(cfg, prefix: str = "") -> dict:
+  out = {}
+  for k, v in cfg.items():
+    out.update(_flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v})
+  return out
+
+
+def train_overrides(variant: str, cpu_tiny: bool) -> list[str]:
+  """--config.KEY=VALUE flags turning the variant's file into the run (the CPU-tiny shrink, if asked)."""
+  module = _load(os.path.join(REPRO, f"{variant}.py"))
+  if not cpu_tiny:
+    return []
+  base = _flat(module.get_config())
+  tiny = _flat(module.base.cpu_tiny_config(**module.VARIANT))
+  return [f"--config.{k}={v}" for k, v in sorted(tiny.items()) if base[k] != v]
+
+
+def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0) -> list[list[str]]:
+  """The train, passkey and ppl commands of one (variant, seed) job."""
+  base = _load(os.path.join(REPRO, "base.py"))
+  ev = base.CPU_TINY["eval"] if cpu_tiny else base.EVAL
+  jobdir = os.path.join(out, variant, f"seed{seed}")
+  py = sys.executable
+  train = [py, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
+           f"--workdir={os.path.join(jobdir, 'train')}", f"--config.init_from={init}", f"--config.seed={seed}",
+           "--config.progress_bar=False", *train_overrides(variant, cpu_tiny)]
+  if steps:
+    train.append(f"--config.total_steps={steps}")
+  model = os.path.join(jobdir, "train", "model")
+  common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
+            "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
+            "--no-progress", "--force"]
+  passkey = [py, "-m", "longgen_jax.evaluate", "passkey", *common, "--lengths", ev["lengths"], "--depths",
+             ev["depths"], "--samples", str(ev["samples"]), "--out", os.path.join(jobdir, "passkey.json")]
+  ppl = [py, "-m", "longgen_jax.evaluate", "ppl", *common, "--seq-len", str(ev["ppl_seq_len"]), "--bucket",
+         str(ev["ppl_bucket"]), "--docs", str(ev["ppl_docs"]), "--out", os.path.join(jobdir, "ppl.json")]
+  return [train, passkey, ppl]
+
+
+def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
+  """The seed's initial weights of base.MODEL (or CPU_TINY's model), shared by every variant."""
+  if os.path.exists(os.path.join(path, "config.json")):
+    return
+  from flax import nnx
+
+  from longgen_jax.model.config import ModelConfig
+  from longgen_jax.model.llama import Llama
+  from longgen_jax.weights import save_model
+  base = _load(os.path.join(REPRO, "base.py"))
+  dims = base.CPU_TINY["model"] if cpu_tiny else base.MODEL
+  save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
+
+
+def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict) -> dict:
+  """Runs train + evaluations (logging to log.txt) and writes result.json; returns it."""
+  jobdir = os.path.join(out, variant, f"seed{seed}")
+  os.makedirs(jobdir, exist_ok=True)
+  times = {}
+  with open(os.path.join(jobdir, "log.txt"), "a") as log:
+    for name, cmd in zip(("train", "passkey", "ppl"), job_commands(variant, seed, out, init, cpu_tiny, steps)):
+      log.write(f"$ {shlex.join(cmd)}\n")
+      log.flush()
+      t0 = time.time()
+      p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+      times[name] = round(time.time() - t0, 1)
+      if p.returncode:
+        raise RuntimeError(f"{variant} seed {seed}: {name} failed (exit {p.returncode}); see {jobdir}/log.txt")
+  with open(os.path.join(jobdir, "train", "metrics.jsonl")) as f:
+    metrics = [json.loads(line) for line in f]
+  with open(os.path.join(jobdir, "train", "config.json")) as f:
+    resolved = json.load(f)
+  passkey = json.load(open(os.path.join(jobdir, "passkey.json")))
+  ppl = json.load(open(os.path.join(jobdir, "ppl.json")))
+  evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+  result = {
+      "variant": variant, "seed": seed, "cpu_tiny": cpu_tiny, "pattern": resolved["model"]["layer_specs"],
+      "steps": metrics[-1]["step"], "final_loss": metrics[-1]["loss"], "final_eval_loss": evals[-1] if evals else None,
+      "train_seq_len": resolved["train"]["seq_len"], "seconds": times,
+      "passkey": {k: passkey[k] for k in ("lengths", "depths", "samples", "accuracy", "ci95", "accuracy_by_length",
+                                          "ci95_by_length", "mean_accuracy", "mean_ci95")},
+      "ppl": {"seq_len": ppl["seq_len"], "mean_loss": ppl["mean_loss"], "mean_ppl": ppl["mean_ppl"],
+              "buckets": [{k: b[k] for k in ("start", "end", "loss")} for b in ppl["buckets"]]},
+      "files": {"passkey": "passkey.json", "passkey_plot": "passkey.png", "ppl": "ppl.json", "ppl_plot": "ppl.png"},
+  }
+  with open(os.path.join(jobdir, "result.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
+  """summary.json + summary.md from the result.json files present: per variant and length, the mean
+  accuracy over seeds and the 95% Wilson interval of all its samples pooled."""
+  sys.path.insert(0, ROOT)
+  from longgen_jax.evaluation.common import format_length, wilson_interval
+  rows, lengths = [], None
+  for v in variants:
+    res = [json.load(open(p)) for s in seeds
+           if os.path.exists(p := os.path.join(out, v, f"seed{s}", "result.json"))]
+    if not res:
+      continue
+    lengths = res[0]["passkey"]["lengths"]
+    n = len(res[0]["passkey"]["depths"]) * res[0]["passkey"]["samples"]
+    acc = [sum(r["passkey"]["accuracy_by_length"][i] for r in res) / len(res) for i in range(len(lengths))]
+    hits = [round(sum(r["passkey"]["accuracy_by_length"][i] * n for r in res)) for i in range(len(lengths))]
+    ci = [wilson_interval(h, n * len(res)) for h in hits]
+    rows.append({"variant": v, "seeds": [r["seed"] for r in res], "pattern": res[0]["pattern"],
+                 "accuracy_by_length": acc, "ci95_by_length": ci,
+                 "per_seed_mean_accuracy": [r["passkey"]["mean_accuracy"] for r in res],
+                 "mean_loss": sum(r["ppl"]["mean_loss"] for r in res) / len(res),
+                 "train_seconds": sum(r["seconds"]["train"] for r in res) / len(res)})
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"lengths": lengths, "variants": rows}, f, indent=1)
+  if not rows:
+    return "no results yet"
+  head = "| variant | seeds | " + " | ".join(format_length(n) for n in lengths) + " | loss | train s |"
+  lines = [head, "|" + " --- |" * (len(lengths) + 4)]
+  for r in rows:
+    cells = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, (lo, hi) in zip(r["accuracy_by_length"], r["ci95_by_length"])]
+    lines.append(f"| {r['variant']} | {len(r['seeds'])} | " + " | ".join(cells)
+                 + f" | {r['mean_loss']:.3f} | {r['train_seconds']:.0f} |")
+  text = "\n".join(lines)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval]); loss: mean "
+            "token loss by position over the ppl documents.\n\n" + text + "\n")
+  return text
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--variants", default="all", help=f"'all' or comma-separated names: {', '.join(variant_names())}")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for the contrasts asserted)")
+  p.add_argument("--gpus", default="", help="comma-separated GPU ids, one job per GPU at a time (CUDA_VISIBLE_DEVICES)")
+  p.add_argument("--cpu-tiny", action="store_true", help="the CPU-sized experiment (configs/repro/base.py CPU_TINY)")
+  p.add_argument("--workers", type=int, default=1, help="parallel jobs without --gpus")
+  p.add_argument("--steps", type=int, default=0, help="override total_steps (smoke tests)")
+  p.add_argument("--out", default="results/repro", help="results directory")
+  p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+  args = p.parse_args(argv)
+
+  names = variant_names()
+  variants = names if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
+  unknown = [v for v in variants if v not in names]
+  if unknown:
+    p.error(f"unknown variant(s) {unknown}; choose from {names}")
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+  except ValueError:
+    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  if not seeds:
+    p.error("give at least one seed")
+  if args.cpu_tiny and gpus:
+    p.error("--cpu-tiny runs on the CPU; leave out --gpus")
+  out = os.path.abspath(args.out)
+  inits = {s: os.path.join(out, "init", f"seed{s}") for s in seeds}
+  jobs = [(v, s) for s in seeds for v in variants]
+
+  if args.dry_run:
+    for v, s in jobs:
+      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps):
+        print(shlex.join(cmd))
+    return 0
+
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
+  for s in seeds:
+    write_init(inits[s], s, args.cpu_tiny)
+  todo = queue.Queue()
+  for v, s in jobs:
+    if os.path.exists(os.path.join(out, v, f"seed{s}", "result.json")):
+      print(f"[reproduce] {v} seed {s}: done before, skipped", file=sys.stderr)
+    else:
+      todo.put((v, s))
+  slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{"JAX_PLATFORMS": "cpu"}] * max(1, args.workers)
+  failures = []
+
+  def worker(extra: dict):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    if "CUDA_VISIBLE_DEVICES" in extra:
+      env.pop("JAX_PLATFORMS", None)
+    while True:
+      try:
+        v, s = todo.get_nowait()
+      except queue.Empty:
+        return
+      t0 = time.time()
+      try:
+        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env)
+        acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
+        print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
+              file=sys.stderr)
+      except RuntimeError as e:
+        failures.append(str(e))
+        print(f"[reproduce] {e}", file=sys.stderr)
+
+  threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  print(summarize(out, variants, seeds))
+  if failures:
+    print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
