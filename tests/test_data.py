@@ -193,3 +193,73 @@ def test_data_that_yields_no_tokens_or_undecodable_files_are_clear_errors(tmp_pa
   assert src[0] == "fine"
   with pytest.raises(ValueError, match=r"junk.jsonl line 3: not a JSON object"):
     src[1]
+
+
+# ----------------------------------------------------------------------------- retrieval corpus
+
+def test_retrieval_documents_put_the_needle_where_they_say_in_the_eval_phrasing():
+  from longgen_jax.data.sources import FILLER, KV_FACT, PASSKEY_FACT, PASSKEY_QUESTION, RetrievalSource
+  src = RetrievalSource(60, seed=1, min_chars=150, max_chars=400, kv_fraction=0.3)
+  kinds = set()
+  for i in range(len(src)):
+    prompt, answer, offsets = src.example(i)
+    assert src[i] == prompt + answer and 150 <= len(prompt + answer) <= 400
+    value = answer.strip(" .")
+    if prompt.endswith(PASSKEY_QUESTION):
+      kinds.add("passkey")
+      needle = PASSKEY_FACT.format(key=value)
+      assert len(offsets) == 1 and prompt[offsets[0]:offsets[0] + len(needle)] == needle
+      assert prompt.count(value) == 2  # the needle says it twice; nowhere else
+    else:
+      kinds.add("kv")
+      key = prompt.rsplit("key ", 1)[1].split()[0]
+      needle = KV_FACT.format(k=key, v=value)
+      assert prompt[offsets[0]:offsets[0] + len(needle)] == needle  # the first offset is the asked needle
+      assert all(prompt[o:].startswith("Key ") for o in offsets)
+    # outside the needles and the question, the text is whole FILLER sentences (the needle sits at a boundary)
+    text = prompt
+    for o in sorted(offsets, reverse=True):
+      end = o + len(needle) if text[o:].startswith("The pass") else text.index(". ", o) + 2
+      text = text[:o] + text[end:]
+    filler = text[:text.rindex("What ")]
+    assert filler == "" or (FILLER * (len(filler) // len(FILLER) + 2)).endswith(filler)
+  assert kinds == {"passkey", "kv"}
+  depths = [src.example(i)[2][0] / len(src.example(i)[0]) for i in range(len(src))]
+  assert min(depths) < 0.2 and max(depths) > 0.6  # needles all over the document, not only near the end
+
+
+def test_retrieval_batches_weight_exactly_the_answer_tokens_and_never_split_a_document():
+  cfg = default_config()
+  cfg.data.source = "retrieval(answer_weight=8, kv_fraction=0.5)"
+  cfg.data.synthetic.update(num_docs=64, min_chars=120, max_chars=250)
+  cfg.data.eval_docs = 0
+  tok = ByteTokenizer()
+  train, _ = data.make_datasets(cfg.data, tok, seq_len=256, batch_size=2, seed=0, shard_index=0, shard_count=1)
+  for b in _take(train, 4):
+    for r in range(2):
+      seg, tgt, w = b["segment_ids"][r], b["targets"][r], b["loss_mask"][r]
+      assert set(np.unique(w)) <= {0.0, 1.0, 8.0}
+      for s in set(seg[seg > 0].tolist()):
+        rows = np.flatnonzero(seg == s)
+        doc = tok.decode(np.concatenate([b["inputs"][r, rows[:1]], tgt[rows]]))
+        assert doc.endswith((".",)) and ("pass key is" in doc or "holds value" in doc)  # whole document
+        answer = tok.decode(tgt[rows][w[rows] == 8])
+        assert doc.endswith(answer) and answer.strip(" .").isdigit() and answer.startswith(" ")
+        assert w[rows][-1] == 0 or tgt[rows][-1] != tok.bos_id  # nothing weighted across documents
+  with pytest.raises(ValueError, match="does not fit a row"):
+    next(iter(data.make_datasets(cfg.data, tok, seq_len=128, batch_size=2, seed=0, shard_index=0,
+                                 shard_count=1)[0]))
+
+
+def test_retrieval_source_names_parse_and_bad_ones_fail_clearly():
+  from longgen_jax.data.sources import open_corpus, parse_source
+  assert parse_source("retrieval(answer_weight=8, kv_fraction=0.25)") == (
+      "retrieval", {"answer_weight": 8.0, "kv_fraction": 0.25})
+  assert parse_source("synthetic") == ("synthetic", {})
+  assert open_corpus("retrieval(answer_weight=3)", num_docs=5).answer_weight == 3.0
+  for bad, msg in [("retrieval(weight=2)", "unknown argument"), ("jsonl(answer_weight=2)", "only 'retrieval'"),
+                   ("retrieval(answer_weight=x)", "not name=number")]:
+    with pytest.raises(ValueError, match=msg):
+      parse_source(bad)
+  with pytest.raises(ValueError, match="answer_weight > 0"):
+    open_corpus("retrieval(answer_weight=0)", num_docs=5)

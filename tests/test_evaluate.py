@@ -194,3 +194,106 @@ def test_out_is_checked_before_any_work(ckpt, tmp_path, capsys):
     out_text, err = capsys.readouterr()
     assert rc == 2 and match in err and out_text == ""  # nothing evaluated, nothing printed
   assert existing.read_text() == '{"mine": 1}'
+
+
+# ----------------------------------------------------------------------------- intervals, plots, task files
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path) -> bool:
+  data = open(path, "rb").read()
+  return data[:8] == PNG_MAGIC and data[12:16] == b"IHDR" and data.rstrip(b"\0")[-8:-4] == b"IEND"
+
+
+def test_wilson_interval_matches_a_hand_computation():
+  from longgen_jax.evaluation.common import wilson_interval
+  # 3 of 10, z = 1.96: centre (0.3 + 1.96^2/20) / (1 + 1.96^2/10) = 0.35550,
+  # half width 1.96 / 1.38415 * sqrt(0.3 * 0.7 / 10 + 1.96^2 / 400) = 0.24771
+  lo, hi = wilson_interval(3, 10)
+  assert abs(lo - 0.10779) < 1e-4 and abs(hi - 0.60322) < 1e-4
+  lo, hi = wilson_interval(0, 10)
+  assert lo == 0 and abs(hi - 0.27753) < 1e-4  # 0/10 is not "exactly 0": the interval still has width
+  lo, hi = wilson_interval(10, 10)
+  assert abs(lo - 0.72247) < 1e-4 and abs(hi - 1) < 1e-12
+  with pytest.raises(EvalError, match="0 <= hits <= n"):
+    wilson_interval(11, 10)
+
+
+def test_cli_passkey_writes_heatmap_intervals_and_goes_beyond_the_training_length(ckpt, tmp_path, capsys):
+  out = tmp_path / "grid.json"
+  # the checkpoint's max_seq_len is 512; 600 tokens run with --max-seq-len (RoPE base: the checkpoint's)
+  rc, io = _run(capsys, "passkey", "--ckpt", ckpt, "--dtype", "float32", "--lengths", "128,600",
+                "--depths", "0,1", "--samples", "3", "--batch-size", "3", "--max-seq-len", "1K", "--out", str(out))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  assert res["lengths"] == [128, 600] and res["checkpoint_max_seq_len"] == 512 and res["max_seq_len"] == 1024
+  assert res["rope_theta"] == preset("tiny").rope_theta
+  assert _is_png(res["plot"]) and res["plot"] == str(tmp_path / "grid.png")
+  from longgen_jax.evaluation.common import wilson_interval
+  for cell, ci in zip(res["cells"], np.asarray(res["ci95"]).reshape(-1, 2)):
+    hits = sum(a["correct"] for a in cell["answers"])
+    assert cell["hits"] == hits and cell["samples"] == 3
+    np.testing.assert_allclose(cell["ci95"], wilson_interval(hits, 3))
+    np.testing.assert_allclose(ci, cell["ci95"])
+  assert len(res["accuracy_by_length"]) == 2 and len(res["ci95_by_length"]) == 2 and len(res["mean_ci95"]) == 2
+  assert "95% CI" in io.out
+
+
+def test_cli_ppl_writes_a_plot(ckpt, tmp_path, capsys):
+  out, plot = tmp_path / "ppl.json", tmp_path / "pictures" / "loss.png"
+  plot.parent.mkdir()
+  rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--dtype", "float32", "--seq-len", "64", "--bucket", "16",
+                "--docs", "1", "--out", str(out), "--plot", str(plot))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  assert res["plot"] == str(plot) and _is_png(plot) and len(res["buckets"]) == 4  # earlier keys unchanged
+
+
+def _jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_ruler_and_babilong_readers_and_their_metrics(tmp_path):
+  from longgen_jax.evaluation import tasks
+  ruler = _jsonl(tmp_path / "validation.jsonl", [
+      {"index": 7, "input": "Magic number for apple: 123. What is it?", "outputs": ["123"], "length": 12,
+       "answer_prefix": " Answer:"},
+      {"index": 8, "input": "x Answer:", "outputs": ["a", "b"], "length": 3, "answer_prefix": " Answer:"}])
+  ex = tasks.read_ruler(ruler)
+  assert [e.index for e in ex] == ["7", "8"] and ex[0].length == 12 and ex[0].references == ("123",)
+  assert ex[0].prompt.endswith("What is it? Answer:") and ex[1].prompt == "x Answer:"  # prefix added once
+  assert tasks.ruler_string_match_all(" The number is 123.", ["123"]) == 1.0
+  assert tasks.ruler_string_match_all(" A and c", ["a", "b"]) == 0.5  # share found, case-insensitive
+  assert tasks.ruler_string_match_part(" A and c", ["a", "b"]) == 1.0
+  babi = _jsonl(tmp_path / "qa1.jsonl", [{"input": "Mary went to the bathroom.", "question": "Where is Mary?",
+                                          "target": "bathroom"}])
+  (b,) = tasks.read_babilong(babi)
+  assert b.prompt == "<context>\nMary went to the bathroom.\n</context>\n\nQuestion: Where is Mary?\nAnswer:"
+  assert tasks.babilong_match(" Bathroom. Then kitchen", ["bathroom"]) == 1.0
+  assert tasks.babilong_match(" kitchen. bathroom", ["bathroom"]) == 0.0  # only the first sentence counts
+  bad = _jsonl(tmp_path / "bad.jsonl", [{"input": "x", "outputs": "123"}])
+  with pytest.raises(EvalError, match="bad.jsonl line 1: field 'outputs' is a str"):
+    tasks.read_ruler(bad)
+  with pytest.raises(EvalError, match="qa1.jsonl line 1: no field 'outputs'"):
+    tasks.read_ruler(babi)
+
+
+def test_cli_ruler_and_babilong_score_generations(ckpt, tmp_path, capsys):
+  ruler = _jsonl(tmp_path / "niah.jsonl", [{"index": i, "input": f"The key is {i}. The key is", "outputs": [str(i)],
+                                            "length": 20} for i in range(3)])
+  out = tmp_path / "ruler.json"
+  rc, io = _run(capsys, "ruler", "--ckpt", ckpt, "--dtype", "float32", "--data", ruler, "--max-new-tokens", "4",
+                "--batch-size", "2", "--out", str(out))
+  assert rc == 0, io.err
+  res = json.loads(out.read_text())
+  assert res["mode"] == "ruler_all" and res["examples"] == 3 and list(res["score_by_length"]) == ["20"]
+  from longgen_jax.evaluation.tasks import ruler_string_match_all
+  assert all(r["score"] == ruler_string_match_all(r["output"], r["references"]) for r in res["results"])
+  babi = _jsonl(tmp_path / "qa.jsonl", [{"input": "Mary is here.", "question": "Who?", "target": "mary"}] * 2)
+  rc, io = _run(capsys, "babilong", "--ckpt", ckpt, "--dtype", "float32", "--data", babi, "--limit", "1",
+                "--max-new-tokens", "3")
+  assert rc == 0 and "babilong:" in io.out
+  rc, io = _run(capsys, "babilong", "--ckpt", ckpt, "--data", babi, "--max-new-tokens", "600")
+  assert rc == 2 and "exceeds the model's max_seq_len 512" in io.err
