@@ -117,10 +117,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def plot_path(args) -> str | None:
-  """--plot, else --out with .png, else None (no picture without a place for the results)."""
-  if getattr(args, "plot", None):
-    return args.plot
-  return os.path.splitext(args.out)[0] + ".png" if args.out else None
+  """--plot, else --out with .png, else None (no picture without a place for the results; none for tasks)."""
+  if args.command not in ("passkey", "ppl"):
+    return None
+  return args.plot or (os.path.splitext(args.out)[0] + ".png" if args.out else None)
 
 
 def check_writable(path: str, force: bool = False) -> None:
@@ -189,7 +189,7 @@ def run(args) -> dict:
   res["ckpt"] = args.ckpt
   res.update(checkpoint, max_seq_len=cfg.max_seq_len)
   print(text)
-  if plot and args.command in ("passkey", "ppl"):
+  if plot:
     from longgen_jax.evaluation import plots
     draw = plots.passkey_heatmap if args.command == "passkey" else plots.loss_by_position_plot
     res["plot"] = draw(res, plot, title=f"{os.path.basename(os.path.normpath(args.ckpt))}: {args.command}")

@@ -58,10 +58,12 @@ def train_overrides(variant: str, cpu_tiny: bool) -> list[str]:
   return [f"--config.{k}={v}" for k, v in sorted(tiny.items()) if base[k] != v]
 
 
-def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0) -> list[list[str]]:
-  """The train, passkey and ppl commands of one (variant, seed) job."""
+def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0,
+                 eval_overrides: dict | None = None) -> list[list[str]]:
+  """The train, passkey and ppl commands of one (variant, seed) job; eval_overrides replace keys of
+  base.EVAL (or CPU_TINY's)."""
   base = _load(os.path.join(REPRO, "base.py"))
-  ev = base.CPU_TINY["eval"] if cpu_tiny else base.EVAL
+  ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
   jobdir = os.path.join(out, variant, f"seed{seed}")
   py = sys.executable
   train = [py, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
@@ -94,13 +96,15 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
   save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
 
 
-def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict) -> dict:
+def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict,
+            eval_overrides: dict | None = None) -> dict:
   """Runs train + evaluations (logging to log.txt) and writes result.json; returns it."""
   jobdir = os.path.join(out, variant, f"seed{seed}")
   os.makedirs(jobdir, exist_ok=True)
   times = {}
   with open(os.path.join(jobdir, "log.txt"), "a") as log:
-    for name, cmd in zip(("train", "passkey", "ppl"), job_commands(variant, seed, out, init, cpu_tiny, steps)):
+    for name, cmd in zip(("train", "passkey", "ppl"),
+                         job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides)):
       log.write(f"$ {shlex.join(cmd)}\n")
       log.flush()
       t0 = time.time()
@@ -177,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--workers", type=int, default=1, help="parallel jobs without --gpus")
   p.add_argument("--steps", type=int, default=0, help="override total_steps (smoke tests)")
   p.add_argument("--out", default="results/repro", help="results directory")
+  for key in ("lengths", "depths", "samples"):
+    p.add_argument(f"--{key}", default=None, help=f"override the pass-key {key} of configs/repro/base.py")
   p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
   args = p.parse_args(argv)
 
@@ -197,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
   out = os.path.abspath(args.out)
   inits = {s: os.path.join(out, "init", f"seed{s}") for s in seeds}
   jobs = [(v, s) for s in seeds for v in variants]
+  ev = {k: getattr(args, k) for k in ("lengths", "depths", "samples") if getattr(args, k)}
 
   if args.dry_run:
     for v, s in jobs:
-      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps):
+      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev):
         print(shlex.join(cmd))
     return 0
 
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return
       t0 = time.time()
       try:
-        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env)
+        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev)
         acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
         print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
               file=sys.stderr)

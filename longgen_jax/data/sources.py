@@ -244,7 +244,8 @@ class RetrievalSource:
   scattered through the filler and a question about one of them (distractors the model must not
   copy). `example(i)` returns (prompt, answer, needle offsets) so the input pipeline can weight the
   answer tokens by `answer_weight` in the loss; `source[i]` is prompt + answer, a plain document.
-  Document i depends only on (seed, i); total lengths are uniform in [min_chars, max_chars].
+  Document i depends only on (seed, i); total lengths are log-uniform in [min_chars, max_chars]: many
+  short documents (dense answers, so retrieval is learned early) and long ones (far needles).
   """
 
   def __init__(self, num_docs: int, seed: int = 0, min_chars: int = 200, max_chars: int = 4000,
@@ -267,7 +268,7 @@ class RetrievalSource:
     if not 0 <= i < self.num_docs:
       raise IndexError(i)
     rng = np.random.default_rng([self.seed, i, 7])
-    n = int(rng.integers(self.min_chars, self.max_chars + 1))
+    n = int(np.exp(rng.uniform(np.log(self.min_chars), np.log(self.max_chars + 1))))
     if rng.random() >= self.kv_fraction:
       key = str(rng.integers(10000, 100000))
       needles, question, answer = [PASSKEY_FACT.format(key=key)], PASSKEY_QUESTION, f" {key}."
