@@ -124,6 +124,40 @@ class Block(nnx.Module):
     return constrain_activation(x_BTE + self.mlp(self.post_attention_layernorm(x_BTE))), aux
 
 
+def _ends(cfg: ModelConfig, rngs, dtype, param_dtype):
+  """The modules around the layers: token embedding, final norm, LM head (None when tied)."""
+  embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                    embedding_init=_init, rngs=rngs)
+  norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+  head = None if cfg.tie_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs, dtype, param_dtype)
+  return embed, norm, head
+
+
+def random_params(cfg: ModelConfig, *, seed: int, param_dtype=jnp.float32, shardings=None) -> dict:
+  """Random weights with the layout of `nnx.to_pure_dict(nnx.state(Llama(cfg, ...)))`, made piece by piece.
+
+  One compiled initializer makes the embedding, norm and head, another every layer (all layers share it:
+  a block's weights do not depend on its attention spec), so initialisation compiles in seconds at any
+  depth; one jit over a whole 32-layer 7B model took minutes to compile on GPU. `shardings` (the same
+  pytree, e.g. FSDP shardings) places each piece as it is made, so no device holds the whole model.
+  Layer i draws from fold_in(key(seed), i), the rest from fold_in(key(seed), num_layers).
+  """
+  key = jax.random.key(seed)
+  state = lambda module: nnx.to_pure_dict(nnx.state(module))
+  ends = lambda k: dict(zip(("embed_tokens", "norm", "lm_head"),
+                            map(lambda m: None if m is None else state(m),
+                                _ends(cfg, nnx.Rngs(k), param_dtype, param_dtype))))
+  block = lambda k: state(Block(cfg, cfg.layer_specs[0], rngs=nnx.Rngs(k), dtype=param_dtype,
+                                param_dtype=param_dtype))
+  out_ends = None if shardings is None else {k: v for k, v in shardings.items() if k != "layers"}
+  params = {k: v for k, v in jax.jit(ends, out_shardings=out_ends)(
+      jax.random.fold_in(key, cfg.num_layers)).items() if v is not None}
+  layer_sharding = None if shardings is None else shardings["layers"][0]
+  make_block = jax.jit(block, out_shardings=layer_sharding)  # compiled once, called per layer
+  params["layers"] = {i: make_block(jax.random.fold_in(key, i)) for i in range(cfg.num_layers)}
+  return params
+
+
 class Llama(nnx.Module):
   """`model(tokens[B,T], positions[B,T], segment_ids=None) -> logits[B,T,V]` (float32).
 
@@ -140,13 +174,9 @@ class Llama(nnx.Module):
       raise ValueError(f"remat must be one of {list(REMAT_POLICIES)}, got {remat!r}")
     self.config, self.dtype, self.attn_impl, self.remat = cfg, dtype, attn_impl, remat
     self.scan_layers, self.context = scan_layers, context
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=param_dtype, embedding_init=_init, rngs=rngs)
+    self.embed_tokens, self.norm, self.lm_head = _ends(cfg, rngs, dtype, param_dtype)
     self.layers = nnx.List([Block(cfg, spec, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
                             for spec in cfg.layer_specs])
-    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-    self.lm_head = None if cfg.tie_embeddings else _linear(cfg.hidden_size, cfg.vocab_size, rngs,
-                                                           dtype, param_dtype)
 
   def sequence_attend(self, spec: AttentionSpec, segment_ids: SegmentIds | jax.Array | None = None) -> Attend:
     """Attention of a whole sequence over itself (training, scoring): `attention()` with attn_impl, or

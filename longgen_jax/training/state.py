@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from longgen_jax.model.config import DTYPES, ModelConfig
-from longgen_jax.model.llama import Llama
+from longgen_jax.model.llama import Llama, random_params
 from longgen_jax.parallel import mesh as sharding
 from longgen_jax.parallel.context import ContextStrategy
 
@@ -45,8 +45,9 @@ def init_state(cfg, mc: ModelConfig, optimizer, shardings) -> dict:
   """Fresh train state laid out by `shardings`: random init, or weights from cfg.init_from."""
   with_opt = lambda params: new_train_state(params, optimizer)
   if not cfg.init_from:
-    make = lambda: with_opt(nnx.to_pure_dict(nnx.state(new_model(mc, cfg.model, cfg.seed))))
-    return jax.jit(make, out_shardings=shardings)()
+    params = random_params(mc, seed=cfg.seed, param_dtype=DTYPES[cfg.model.param_dtype],
+                           shardings=shardings["params"])
+    return jax.jit(with_opt, out_shardings=shardings, donate_argnums=0)(params)
   from longgen_jax.weights import load_pretrained
   model = load_pretrained(cfg.init_from, dtype=DTYPES[cfg.model.compute_dtype],
                           param_dtype=DTYPES[cfg.model.param_dtype], attn_impl=cfg.model.attn_impl,
