@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
   q.add_argument("--loss-chunk", type=parse_length, default=2048, help="positions whose logits exist at once")
   for cmd in (k, q):
     cmd.add_argument("--plot", default=None, help="write the PNG here (default: --out with .png; none without --out)")
+    cmd.add_argument("--title", default=None, help="the plot's title (default: the checkpoint directory's name)")
   for name, what in (("ruler", "RULER task files (JSONL: index, input, outputs, length)"),
                      ("babilong", "BABILong task files (JSONL: input, question, target)")):
     t = sub.add_parser(name, parents=[common], help=what)
@@ -192,7 +193,7 @@ def run(args) -> dict:
   if plot:
     from longgen_jax.evaluation import plots
     draw = plots.passkey_heatmap if args.command == "passkey" else plots.loss_by_position_plot
-    res["plot"] = draw(res, plot, title=f"{os.path.basename(os.path.normpath(args.ckpt))}: {args.command}")
+    res["plot"] = draw(res, plot, title=args.title or os.path.basename(os.path.normpath(args.ckpt)))
     print(f"wrote {plot}", file=sys.stderr)
   if args.out:
     with open(args.out, "w") as f:

@@ -36,7 +36,8 @@ def passkey_heatmap(res: dict, path: str, title: str | None = None) -> str:
   train_len = res.get("checkpoint_max_seq_len")
   if train_len and any(n > train_len for n in lengths):
     ax.axvline(sum(n <= train_len for n in lengths) - 0.5, color="k", ls="--", lw=1)
-  ax.set_title(title or f"pass-key accuracy ({res['samples']} samples per cell)", fontsize=10)
+  what = f"pass-key accuracy, {res['samples']} samples per cell"
+  ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
   fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -63,7 +64,8 @@ def loss_by_position_plot(res: dict, path: str, title: str | None = None) -> str
   if train_len and train_len < res["seq_len"]:
     ax.axvline(train_len, color="k", ls="--", lw=1, label="training length")
     ax.legend(loc="upper left", fontsize=8)
-  ax.set_title(title or f"loss by position ({res['docs']} documents)", fontsize=10)
+  what = f"loss by position, {res['docs']} documents"
+  ax.set_title(f"{title}\n{what}" if title else what, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
