@@ -228,7 +228,7 @@ def test_retrieval_documents_put_the_needle_where_they_say_in_the_eval_phrasing(
   assert min(depths) < 0.2 and max(depths) > 0.6  # needles all over the document, not only near the end
 
 
-def test_retrieval_batches_weight_exactly_the_answer_tokens_and_never_split_a_document():
+def test_retrieval_batches_weight_exactly_the_answer_tokens_never_split_a_document_and_resume():
   cfg = default_config()
   cfg.data.source = "retrieval(answer_weight=8, kv_fraction=0.5)"
   cfg.data.synthetic.update(num_docs=64, min_chars=120, max_chars=250)
@@ -246,6 +246,16 @@ def test_retrieval_batches_weight_exactly_the_answer_tokens_and_never_split_a_do
         answer = tok.decode(tgt[rows][w[rows] == 8])
         assert doc.endswith(answer) and answer.strip(" .").isdigit() and answer.startswith(" ")
         assert w[rows][-1] == 0 or tgt[rows][-1] != tok.bos_id  # nothing weighted across documents
+  it = iter(train)  # resumable: the packer's state survives a JSON round trip, like packed_batches'
+  _ = [next(it) for _ in range(3)]
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(2)]
+  it2 = iter(train)
+  it2.set_state(state)
+  for e in expected:
+    got = next(it2)
+    for k in e:
+      np.testing.assert_array_equal(got[k], e[k])
   with pytest.raises(ValueError, match="does not fit a row"):
     next(iter(data.make_datasets(cfg.data, tok, seq_len=128, batch_size=2, seed=0, shard_index=0,
                                  shard_count=1)[0]))

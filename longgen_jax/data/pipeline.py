@@ -15,7 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from longgen_jax.data.sources import AnswerPairs, RetrievalSource, open_corpus
+from longgen_jax.data.sources import AnswerPairs, RetrievalSource, open_corpus, parse_source
 from longgen_jax.data.tokenizer import Tokenizer
 
 _EVAL_SPLIT_SEED = 1234567  # fixed, so the held-out documents don't move when the training seed does
@@ -166,7 +166,7 @@ def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_si
   if shard_index is None or shard_count is None:
     import jax
     shard_index, shard_count = jax.process_index(), jax.process_count()
-  synthetic = data_cfg.source == "synthetic" or data_cfg.source.startswith("retrieval")
+  synthetic = parse_source(data_cfg.source)[0] in ("synthetic", "retrieval")  # they share data.synthetic
   source = open_corpus(data_cfg.source, data_cfg.paths, data_cfg.text_field,
                        **(dict(data_cfg.synthetic) if synthetic else {}))
   if isinstance(source, RetrievalSource):
@@ -187,8 +187,8 @@ def make_datasets(data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int, batch_si
 
 def _retrieval_datasets(source: RetrievalSource, data_cfg: Any, tokenizer: Tokenizer, *, seq_len: int,
                         batch_size: int, seed: int, shard_index: int, shard_count: int):
-  """make_datasets for the retrieval corpus: answers weighted, whole documents per row (no upsampling:
-  every document is long)."""
+  """make_datasets for the retrieval corpus: answers weighted, whole documents per row (data.upsample_*
+  does not apply: the corpus draws its own lengths)."""
   train_docs, eval_docs = split_documents(grain.MapDataset.source(AnswerPairs(source)), data_cfg.eval_docs)
   w = source.answer_weight
   train_docs = tokenize_answers(shard(train_docs, shard_index, shard_count), tokenizer, w, data_cfg.add_eos)
