@@ -365,3 +365,35 @@ def test_bad_conversion_arguments_and_unwritable_outputs_are_one_line_errors(hf,
   assert convert_cli.main(["hf-to-jax", "--hf-dir", str(single), "--out", str(blocker / "sub")]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_context_parallel_trained_scanned_checkpoint_round_trips_through_hf(tmp_path):
+  """Hugging Face weights -> training with scanned layers on a context-parallel mesh (2 CPU devices: ring for
+  the full layers, halo for the sparse ones) -> the exported model -> jax-to-hf: transformers loads the
+  trained weights bit for bit and its logits match ours (at a length the window covers, where the sparse
+  layers equal full attention, which is all transformers computes)."""
+  from conftest import train_cli
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                 num_attention_heads=4, num_key_value_heads=2, rope_theta=50000.0,
+                                 max_position_embeddings=256)  # vocab covers the byte tokenizer's 259 ids
+  transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf_in")
+  assert convert_cli.main(["hf-to-jax", "--hf-dir", str(tmp_path / "hf_in"), "--out", str(tmp_path / "ck")]) == 0
+  work = tmp_path / "run"
+  train_cli(work, f"--config.init_from={tmp_path / 'ck'}", "--config.mesh.data=1", "--config.mesh.context=2",
+            "--config.model.num_full_layers=2", "--config.model.sparse_spec=sink_window(4,28)",
+            "--config.model.scan_layers=True", "--config.export_model=True", "--config.optim.lr=1e-2",
+            devices=2, steps=2)
+  run_cfg = json.loads((work / "config.json").read_text())["train"]
+  assert run_cfg["mesh"]["context"] == 2 and run_cfg["model"]["scan_layers"]
+  assert convert_cli.main(["jax-to-hf", "--ckpt", str(work / "model"), "--out", str(tmp_path / "hf_out")]) == 0
+  back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out", dtype=torch.float32).eval()
+  ours = weights.load_pretrained(work / "model", attn_impl="reference")
+  assert [str(s) for s in ours.config.layer_specs] == ["sink_window(4,28)"] * 2 + ["full"] * 2 + ["sink_window(4,28)"] * 2
+  trained = back.model.layers[3].mlp.up_proj.weight
+  initial = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf_in").model.layers[3].mlp.up_proj.weight
+  assert not torch.equal(trained, initial)  # the round trip carries the trained weights, not the initial ones
+  np.testing.assert_array_equal(trained.detach().numpy().T, np.asarray(ours.layers[3].mlp.up_proj.kernel[...]))
+  tokens = np.random.default_rng(3).integers(3, 320, (2, 24)).astype(np.int32)  # 24 < 4 + 28: window covers all
+  _assert_logits_close(ours, back, tokens)
