@@ -1,6 +1,7 @@
 """Context-parallel attention on the GPUs of one host beside one GPU, in one run.
 
   PYTHONPATH=. python benchmarks/context_parallel.py [--seqs 131072,524288] [--check-seq 32768] [--out r.json]
+  PYTHONPATH=. python benchmarks/context_parallel.py --seqs 131072 --profile traces/   (then profile_overlap.py)
 
 Per pattern and total length T (B=1, 32 query and kv heads, head_dim 128, bf16, forward+backward
 with a random output cotangent):
@@ -89,6 +90,19 @@ def time_context(spec, strategy: ContextStrategy, T: int, reps: int, mesh, comm:
     return time_fn(fn, *args, min_time=0.0, reps=reps)
 
 
+def profile_context(spec, strategy: ContextStrategy, T: int, mesh, directory: str, reps: int = 2) -> None:
+  """A jax.profiler trace of `reps` compiled fwd+bwd calls (after a warm-up) in `directory`; read it with
+  benchmarks/profile_overlap.py (does the communication run under compute?) or TensorBoard/Perfetto."""
+  x = NamedSharding(mesh, P(None, "context", None, None))
+  args = random_inputs(T, x)
+  with jax.set_mesh(mesh):
+    fn = fwd_bwd(lambda q, k, v: context_attention(q, k, v, spec, strategy=strategy)).lower(*args).compile()
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(directory):
+      for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+
+
 def time_local_kernels(spec, T: int, cp: int, reps: int) -> float:
   """The halo's near-key calls of one device (both chunks), alone on GPU 0 (see the docstring)."""
   c = T // (2 * cp)
@@ -145,6 +159,8 @@ def main():
   p.add_argument("--check-seq", type=int, default=32768, help="0: no correctness check")
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--skip-one-gpu", action="store_true", help="context-parallel rows only (no efficiency)")
+  p.add_argument("--profile", default="", help="DIR: only trace each pattern's first strategy at the first "
+                 "length into DIR/<pattern> (no timings); summarise with benchmarks/profile_overlap.py")
   p.add_argument("--out", default="")
   args = p.parse_args()
   H = args.heads
@@ -154,6 +170,12 @@ def main():
   report = {"devices": f"{n} x {jax.devices()[0].device_kind}", "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "heads": H, "head_dim": D, "dtype": "bfloat16",
             "checks": {}, "timings": []}
+  if args.profile:
+    T = int(args.seqs.split(",")[0])
+    for spec in specs:
+      name, strategy = next(iter(strategies(spec).items()))
+      profile_context(spec, strategy, T, mesh, os.path.join(args.profile, f"{spec.kind}_{name}_{T}"))
+    return
   for spec in specs:
     if args.check_seq:
       report["checks"][str(spec)] = check(spec, args.check_seq, mesh)

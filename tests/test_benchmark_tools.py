@@ -1,0 +1,34 @@
+"""The benchmark scripts' own logic (not timings): the trace reader's overlap arithmetic, and a real trace."""
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import profile_overlap  # noqa: E402
+
+
+def test_overlap_counts_communication_under_compute_as_hidden():
+  kernels = [("fusion_1", 0, 100), ("gemm", 80, 150),                # compute busy [0, 150) and [300, 400)
+             ("ncclDevKernel_SendRecv", 50, 120),                    # fully under compute: hidden
+             ("ncclKernel_AllGather", 140, 200),                     # 10 under compute, 50 exposed
+             ("triton_attention", 300, 400), ("nccl_p2p", 390, 420)]  # 10 hidden, 20 exposed
+  r = profile_overlap.overlap_summary([(n, s * 10**6, e * 10**6) for n, s, e in kernels])
+  assert r["compute_ms"] == 250 and r["comm_ms"] == 70 + 60 + 30 - 0
+  assert r["hidden_ms"] == 70 + 10 + 10 and r["exposed_ms"] == 50 + 20
+  assert abs(r["hidden_fraction"] - 90 / 160) < 1e-12 and r["span_ms"] == 420
+
+
+def test_union_and_intersection():
+  assert profile_overlap.union([(5, 7), (0, 2), (1, 3), (7, 9)]) == [(0, 3), (5, 9)]
+  assert profile_overlap.intersection([(0, 3), (5, 9)], [(2, 6), (8, 20)]) == [(2, 3), (5, 6), (8, 9)]
+  assert profile_overlap.overlap_summary([("gemm", 0, 10)])["hidden_fraction"] is None  # no communication
+
+
+def test_reader_on_a_real_trace(tmp_path):
+  """A CPU trace has no GPU planes: the reader finds the file and returns nothing, without error."""
+  with jax.profiler.trace(str(tmp_path)):
+    jax.block_until_ready(jnp.ones(8) * 2)
+  assert profile_overlap.gpu_kernels(str(tmp_path)) == {}
