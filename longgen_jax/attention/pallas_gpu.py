@@ -17,6 +17,10 @@ kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 
 because it is faster for every pattern (figures in BENCHMARKS.md). The backward below consumes
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
+
+Backward on Hopper (opt-in): `LONGGEN_JAX_MGPU_BACKWARD=1` at trace time routes the backward to
+the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128, no segment ids);
+the Triton backward below stays the default until that kernel's GPU tests pass.
 """
 
 from __future__ import annotations
@@ -463,6 +467,14 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
 # ----------------------------------------------------------------------------- custom_vjp
 
 
+def _mgpu_backward(cfg: _Cfg, q) -> bool:
+  """Whether the backward runs the Mosaic GPU kernels (opt-in, read at trace time; Triton default)."""
+  if cfg.interpret or cfg.head_dim != q.shape[-1]:
+    return False
+  from longgen_jax.attention import pallas_mgpu_backward
+  return pallas_mgpu_backward.enabled() and pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg: _Cfg, q, k, v, qseg, kseg):
   return _forward(cfg, q, k, v, qseg, kseg)
@@ -481,6 +493,11 @@ def _flash_bwd(cfg, res, cotangents):
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   delta = delta - dlse.astype(jnp.float32) * LOG2E
   lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # empty rows: p = 0 everywhere
+  if _mgpu_backward(cfg, q):   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1): see pallas_mgpu_backward
+    from longgen_jax.attention import pallas_mgpu_backward
+    dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,
+                                                    q_offset=cfg.q_offset, head_dim=cfg.head_dim)
+    return dq, dk, dv, None, None
   dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
   dk, dv = _backward_dkv(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
   return dq, dk, dv, None, None

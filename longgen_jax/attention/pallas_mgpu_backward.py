@@ -1,0 +1,483 @@
+"""Block-sparse flash attention BACKWARD for Hopper in Pallas Mosaic GPU (wgmma + TMA).
+
+UNTESTED ON A GPU when written (no device that session): it lowers to a Mosaic GPU module on
+CPU (tests/test_pallas_mgpu.py lowers it for `cuda`), but has never been compiled by ptxas nor
+run. Every API detail not yet seen working is marked `# CHECK ON GPU:`. The Triton backward in
+`pallas_gpu` stays the default until tests/test_pallas_mgpu.py's GPU tests pass on this one.
+
+Switch: `LONGGEN_JAX_MGPU_BACKWARD=1`, read when `pallas_gpu`'s backward is TRACED (jit caches
+traces, so set it before the first call), or `with forced(True):` around the tracing (the
+benchmark times both backwards in one process that way). Why an environment switch and not a
+`Tiles` field: flipping it needs no change to any caller (training, ring attention, the
+benchmarks all reach the backward through `pallas_gpu`), the next device session flips it
+without editing code, and it keeps `Tiles` (a jit static argument everywhere) unchanged.
+
+Same inputs as the Triton backward: padded q, k, v, dO, the base-2 lse of the forward with
+empty rows (-inf) already replaced by +inf (so p = exp2(s - lse) = 0 there, no NaN), and
+delta = rowsum(dO * out) - log2(e) * dlse (the lse cotangent folds into delta). Two kernels,
+no atomics, so gradients are bit-for-bit deterministic:
+
+dQ: one program = one (query head, 128-row query tile, batch), as the forward: two compute
+  warpgroups own 64 rows each and walk the same key-tile list (`kv_table`, full tiles first,
+  then partial ones under the pattern mask); a memory warpgroup streams the listed K/V tiles
+  into a `stages`-deep SMEM ring. Per key tile: S = Q K^T, dP = dO V^T, P = exp2(S c - lse),
+  dS = P (dP - delta), dQ += dS K (three wgmmas; Q, dO, lse, delta stay resident).
+
+dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup, each with its
+  OWN query-tile list: the transposed layout at 64 x 64, full first), and the G query heads of
+  that kv head are looped over INSIDE the program (step = (list slot, head)), so GQA needs no
+  repeated K/V and no cross-program reduction. The memory warpgroup streams (Q, dO, lse,
+  delta) of each step into a per-warpgroup ring. Per step: S^T = K Q^T, P^T, dV += P^T dO,
+  dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q (four wgmmas).
+  Why two independent key tiles per program rather than one 128-key tile split in halves
+  (JAX's dense example): block_sparse's strided 64-blocks would make the non-strided half
+  walk the strided half's long list for nothing (~1.7x the work at (64,16,64)). Load balance:
+  the key tiles of one head are sorted by list length (longest first) and paired, and the
+  pair axis is the slowest grid axis that varies per head, so the longest programs start
+  first and the makespan is max(longest list x G, total / SMs); lists are not split, which
+  avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
+  the longest program could dominate: see benchmarks/NOTES_attention.md).
+
+Supported: bf16/fp16, head_dim 64 or 128, no segment ids (`supported()`), Hopper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from longgen_jax.attention.pallas_mgpu import BLOCK_Q, HALF, _tile_mask, is_hopper, kv_table
+from longgen_jax.attention.spec import AttentionSpec, block_layout
+
+LOG2E = math.log2(math.e)
+ENV = "LONGGEN_JAX_MGPU_BACKWARD"
+BQ_DKV = 64   # query rows per dK/dV step (the wgmma N of S^T)
+BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
+
+_FORCED: list[bool | None] = [None]
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuBwdTiles:
+  """dQ key tile width and ring depths. SMEM at head_dim 128, bf16 (limit 227 KB; checked when
+  lowering): dQ 64 KB (Q, dO of two warpgroups) + 2 x stages_dq x 16 KB x block_k_dq / 64 (K, V
+  ring) -> 128 KB at the defaults; dK/dV 64 KB (K, V of two key tiles) + 2 x 2 x stages_dkv x
+  16 KB (Q, dO rings of two warpgroups) -> 193 KB at stages_dkv 2 (3 fits only at head_dim 64).
+  block_k_dq 64 keeps S, dP, dS and the dQ accumulator within the 232 registers of a compute
+  warpgroup; 128 lowers too (CHECK ON GPU: spills)."""
+
+  block_k_dq: int = 64
+  stages_dq: int = 2
+  stages_dkv: int = 2
+
+
+def enabled() -> bool:
+  """Whether `pallas_gpu` should route its backward here (where `supported`)."""
+  if _FORCED[0] is not None:
+    return _FORCED[0]
+  return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def forced(on: bool | None):
+  """Overrides the environment switch while tracing inside this block (None: follow it)."""
+  old, _FORCED[0] = _FORCED[0], on
+  try:
+    yield
+  finally:
+    _FORCED[0] = old
+
+
+def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
+  """Whether this backward serves the call (else the Triton backward does). Segment ids are
+  declined (the Mosaic forward declines them too)."""
+  return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+          and head_dim in (64, 128) and not has_segments and is_hopper(device))
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
+            q_offset: int = 0) -> np.ndarray:
+  """int32[H', n_key_tiles, 2 + width]: per (kv head, 64-key tile) [count, n_full, q tiles...].
+
+  The transposed layout at 64 x 64 over Tp query rows (padded rows are ordinary rows) and S
+  keys: the query tiles that visit each key tile, full ones first (ascending), then partial
+  ones (ascending); slots past `count` repeat the last listed tile. Key tiles past the
+  layout's (keys only at or past S) get count 0.
+  """
+  lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, BK_DKV, q_offset)
+  width = lay.q_index.shape[-1]
+  valid = np.arange(width)[None, None, :] < lay.q_count[..., None]
+  rank = np.where(valid, np.where(lay.q_full, 0, 1), 2)        # full, partial, padding
+  order = np.argsort(rank, axis=-1, kind="stable")
+  index = np.take_along_axis(lay.q_index, order, -1)
+  n_full = (lay.q_full & valid).sum(-1).astype(np.int32)
+  tab = np.concatenate([lay.q_count[..., None], n_full[..., None], index], -1).astype(np.int32)
+  nk = tab.shape[1]
+  if n_key_tiles < nk:
+    raise ValueError(f"{n_key_tiles} key tiles cannot hold the layout's {nk}")
+  if n_key_tiles > nk:
+    tab = np.concatenate([tab, np.zeros((tab.shape[0], n_key_tiles - nk, tab.shape[2]), np.int32)], 1)
+  return tab
+
+
+def unit_pairs(qtab: np.ndarray) -> np.ndarray:
+  """int32[H', P, 2, 3]: the dK/dV programs, per kv head: (key tile, count, n_full) of the two
+  compute warpgroups, longest lists first (pairs of similar length; stable by key tile). An odd
+  tile count leaves the last program's second warpgroup a dummy (-1, 0, 0) that writes nothing.
+  """
+  H, nk = qtab.shape[:2]
+  P = -(-nk // 2)
+  out = np.zeros((H, P, 2, 3), np.int32)
+  out[..., 0] = -1
+  for h in range(H):
+    order = np.argsort(-qtab[h, :, 0], kind="stable")
+    units = np.stack([order, qtab[h, order, 0], qtab[h, order, 1]], -1)
+    out[h].reshape(-1, 3)[:nk] = units
+  return out
+
+
+def _pad(x, axis: int, size: int, value=0):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
+                  S: int, q_offset: int = 0, head_dim: int | None = None,
+                  tiles: MgpuBwdTiles | None = None, interpret=None):
+  """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S.
+
+  lse_BHT: base-2 lse of the forward with +inf for rows without an allowed key; delta_BHT:
+  rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
+  length must have zero dO and delta (then they contribute nothing). Lengths are padded here
+  to what the kernels tile (128 query rows, 64/128 keys) and sliced back.
+  """
+  tiles = tiles or MgpuBwdTiles()
+  B, Tp_in, Hq, D = q_BTHD.shape
+  Sp_in, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
+  if Hq % Hkv:
+    raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+  if D % 64 or D > 128:
+    raise ValueError(f"mgpu backward needs head_dim 64 or 128, got {D}")
+  if tiles.block_k_dq % 64:
+    raise ValueError(f"block_k_dq must be a multiple of 64, got {tiles.block_k_dq}")
+  Tp = _round_up(Tp_in, BLOCK_Q)
+  Sp = _round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq))
+  q = _pad(q_BTHD, 1, Tp)
+  do = _pad(do_BTHD.astype(q_BTHD.dtype), 1, Tp)
+  lse = lse_BHT.astype(jnp.float32)
+  lse = _pad(jnp.where(lse == -jnp.inf, jnp.inf, lse), 2, Tp, jnp.inf)   # empty/padded rows: p = 0
+  delta = _pad(delta_BHT.astype(jnp.float32), 2, Tp)
+  k, v = _pad(k_BSKD, 1, Sp), _pad(v_BSKD, 1, Sp)
+  scale = 1.0 / math.sqrt(head_dim or D)
+  dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
+                interpret=interpret)
+  dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale,
+                     tiles=tiles, interpret=interpret)
+  return dq[:, :Tp_in], dk[:, :Sp_in], dv[:, :Sp_in]
+
+
+def _transforms():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+# ----------------------------------------------------------------------------- dQ
+
+
+def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interpret):
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+
+  B, Tp, Hq, D = q.shape
+  Hkv = k.shape[2]
+  G = Hq // Hkv
+  bk, stages = tiles.block_k_dq, tiles.stages_dq
+  dtype = q.dtype
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)     # [H', nq, 2 + width], 128-row tiles
+  nq = table.shape[1]
+  per_head = spec.head_dependent(Hkv)
+  c = scale * LOG2E
+
+  def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+                                q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free):
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
+    kv_head = lax.div(h, jnp.int32(G))
+    hl = kv_head if per_head else 0
+    count, n_full = tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+      q_base = qt * BLOCK_Q + wg * HALF
+      rows = pl.ds(q_base, HALF)
+      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_bar.at[wg])
+      plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, lse_bar.at[wg])
+      plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, delta_bar.at[wg])
+      for bar in (q_bar, do_bar, lse_bar, delta_bar):
+        plgpu.barrier_wait(bar.at[wg])
+      # CHECK ON GPU: 1-D f32 SMEM -> row-vector layout, as JAX's attention_mgpu backward does.
+      lse_r = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      delta_r = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      dq = plgpu.layout_cast(jnp.full((HALF, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(j, dq, masked: bool):
+        slot = lax.rem(j, jnp.int32(stages))
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def s_fn(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        s = pl.run_scoped(s_fn, plgpu.ACC((HALF, bk), jnp.float32))
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def dp_fn(acc_ref):
+          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].transpose((1, 0)))
+          return acc_ref[...]
+        dp = pl.run_scoped(dp_fn, plgpu.ACC((HALF, bk), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        if masked:
+          kt = tab_ref[hl, qt, 2 + j]
+          q_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 0, layout=plgpu.Layout.WGMMA)
+          k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
+          ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
+          s = jnp.where(ok, s, -jnp.inf)
+        # lse = +inf on empty rows and s = -inf on masked pairs: both give p = 0, never NaN.
+        p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_r, s.shape, [0]))
+        ds = p * (dp - lax.broadcast_in_dim(delta_r, dp.shape, [0]))
+
+        def dq_fn(acc_ref):
+          plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem.at[slot])
+        dq = pl.run_state(dq_fn)(plgpu.ACC.init(dq))
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, n_full, functools.partial(step, masked=False), dq)
+      dq = lax.fori_loop(n_full, count, functools.partial(step, masked=True), dq)
+      q_smem[...] = (dq * scale).astype(dtype)        # Q is no longer read: stage dQ there
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(j, slot):
+        keys = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < count)(functools.partial(fetch, i, i))
+
+      @pl.loop(stages, jnp.maximum(count, stages))
+      def _(j):
+        slot = lax.rem(j, jnp.int32(stages))
+        keys = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)    # read before the wait: hides latency
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+  tr = _transforms()
+  return plgpu.kernel(
+      longgen_flash_bwd_dq_mgpu,
+      out_type=jax.ShapeDtypeStruct((B, Tp, Hq, D), dtype),
+      scratch_types=[
+          plgpu.SMEM((2, HALF, D), dtype, transforms=tr),          # Q (then dQ), per warpgroup
+          plgpu.SMEM((2, HALF, D), dtype, transforms=tr),          # dO
+          plgpu.SMEM((2, HALF), jnp.float32),                      # lse
+          plgpu.SMEM((2, HALF), jnp.float32),                      # delta
+          plgpu.SMEM((stages, bk, D), dtype, transforms=tr),       # K ring
+          plgpu.SMEM((stages, bk, D), dtype, transforms=tr),       # V ring
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_barriers=stages),
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),      # both warpgroups free a slot
+          plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      ],
+      grid=(Hq, nq, B),
+      grid_names=("h", "qt", "b"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(jnp.asarray(table), q, k, v, do, lse, delta)
+
+
+# ----------------------------------------------------------------------------- dK, dV
+
+
+def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interpret):
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+
+  B, Tp, Hq, D = q.shape
+  Sp, Hkv = k.shape[1], k.shape[2]
+  G = Hq // Hkv
+  stages = tiles.stages_dkv
+  dtype = q.dtype
+  qtab = q_table(spec, Tp, S, Hkv, Sp // BK_DKV, q_offset)   # [H', nk, 2 + width]
+  units = unit_pairs(qtab)                                    # [H', P, 2, 3]
+  P = units.shape[1]
+  per_head = spec.head_dependent(Hkv)
+  c = scale * LOG2E
+
+  def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                                 delta_ref, dk_ref, dv_ref,
+                                 k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+                                 k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free):
+    b, kv_head, pair, wg = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p"),
+                            lax.axis_index("wg"))
+    hp = kv_head if per_head else 0
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      kt, count, n_full = unit_ref[hp, pair, wg, 0], unit_ref[hp, pair, wg, 1], unit_ref[hp, pair, wg, 2]
+      k_w, v_w = k_smem.at[wg], v_smem.at[wg]
+      keys = pl.ds(jnp.maximum(kt, 0) * BK_DKV, BK_DKV)
+
+      @pl.when(kt >= 0)
+      def _():
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_w, k_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_w, v_bar.at[wg])
+        plgpu.barrier_wait(k_bar.at[wg])
+        plgpu.barrier_wait(v_bar.at[wg])
+
+      zeros_kd = plgpu.layout_cast(jnp.full((BK_DKV, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+      zeros_kq = plgpu.layout_cast(jnp.full((BK_DKV, BQ_DKV), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def step(it, carry, masked: bool):
+        dk, dv = carry
+        ring = wg * stages + lax.rem(it, jnp.int32(stages))
+        q_s, do_s = q_smem.at[ring], do_smem.at[ring]
+        plgpu.barrier_wait(q_bar.at[ring])
+
+        def st_fn(acc_ref):                     # S^T = K Q^T  [keys, queries]
+          plgpu.wgmma(acc_ref, k_w, q_s.transpose((1, 0)))
+          return acc_ref[...]
+        sT = pl.run_scoped(st_fn, plgpu.ACC((BK_DKV, BQ_DKV), jnp.float32))
+        plgpu.barrier_wait(lse_bar.at[ring])
+        # CHECK ON GPU: column-vector layout (reduce(0)) from a 1-D f32 SMEM ring slot.
+        lse_c = plgpu.load(lse_smem.at[ring], layout=plgpu.Layout.WGMMA.reduce(0))
+        if masked:
+          qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
+          k_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
+          q_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
+          ok = _tile_mask(spec, q_pos + (q_offset + qt * BQ_DKV), k_pos + kt * BK_DKV, kv_head, Hkv, S)
+          sT = jnp.where(ok, sT, -jnp.inf)
+        pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse_c, sT.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[ring])
+
+        def dv_dp_fn(refs):                     # one wait for both wgmmas
+          dv_ref, dpT_ref = refs
+          plgpu.wgmma(dv_ref, pT.astype(dtype), do_s)                  # dV += P^T dO
+          plgpu.wgmma(dpT_ref, v_w, do_s.transpose((1, 0)))            # dP^T = V dO^T
+        dv, dpT = pl.run_state(dv_dp_fn)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros_kq)))
+        plgpu.barrier_wait(delta_bar.at[ring])
+        delta_c = plgpu.load(delta_smem.at[ring], layout=plgpu.Layout.WGMMA.reduce(0))
+        dsT = pT * (dpT - lax.broadcast_in_dim(delta_c, dpT.shape, [1]))
+
+        def dk_fn(acc_ref):
+          plgpu.wgmma(acc_ref, dsT.astype(dtype), q_s)                 # dK += dS^T Q
+        dk = pl.run_state(dk_fn)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(free.at[ring])     # Q, dO, lse, delta of this slot all read
+        return dk, dv
+
+      carry = lax.fori_loop(0, n_full * G, functools.partial(step, masked=False), (zeros_kd, zeros_kd))
+      dk, dv = lax.fori_loop(n_full * G, count * G, functools.partial(step, masked=True), carry)
+
+      @pl.when(kt >= 0)
+      def _():
+        k_w[...] = (dk * scale).astype(dtype)   # K, V no longer read: stage dK, dV there
+        v_w[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_w, dk_ref.at[b, keys, kv_head])
+        plgpu.copy_smem_to_gmem(v_w, dv_ref.at[b, keys, kv_head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      kts = [unit_ref[hp, pair, w, 0] for w in range(2)]
+      steps = [unit_ref[hp, pair, w, 1] * G for w in range(2)]
+
+      def fetch(w, it, slot):
+        j, g = lax.div(it, jnp.int32(G)), lax.rem(it, jnp.int32(G))
+        qt = qtab_ref[hp, jnp.maximum(kts[w], 0), 2 + j]
+        h = kv_head * G + g
+        rows = pl.ds(qt * BQ_DKV, BQ_DKV)
+        ring = w * stages + slot
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[ring], q_bar.at[ring])
+        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem.at[ring], lse_bar.at[ring])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem.at[ring], do_bar.at[ring])
+        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[ring], delta_bar.at[ring])
+
+      for i in range(stages):
+        for w in range(2):
+          pl.when(steps[w] > i)(functools.partial(fetch, w, jnp.int32(i), i))
+
+      # One issuer for both rings, in step order; pairs have similar lengths, so neither
+      # warpgroup waits long on the other's free slot.
+      @pl.loop(stages, jnp.maximum(jnp.maximum(steps[0], steps[1]), stages))
+      def _(it):
+        slot = lax.rem(it, jnp.int32(stages))
+        for w in range(2):
+          @pl.when(it < steps[w])
+          def _():
+            plgpu.barrier_wait(free.at[w * stages + slot])
+            fetch(w, it, slot)
+
+  tr = _transforms()
+  ring = 2 * stages
+  out_kv = jax.ShapeDtypeStruct((B, Sp, Hkv, D), dtype)
+  dk, dv = plgpu.kernel(
+      longgen_flash_bwd_dkv_mgpu,
+      out_type=[out_kv, out_kv],
+      scratch_types=[
+          plgpu.SMEM((2, BK_DKV, D), dtype, transforms=tr),        # K (then dK), per warpgroup
+          plgpu.SMEM((2, BK_DKV, D), dtype, transforms=tr),        # V (then dV)
+          plgpu.SMEM((ring, BQ_DKV, D), dtype, transforms=tr),     # Q ring, stages per warpgroup
+          plgpu.SMEM((ring, BQ_DKV, D), dtype, transforms=tr),     # dO ring
+          plgpu.SMEM((ring, BQ_DKV), jnp.float32),                 # lse ring
+          plgpu.SMEM((ring, BQ_DKV), jnp.float32),                 # delta ring
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=2),
+          plgpu.Barrier(num_barriers=ring),
+          plgpu.Barrier(num_barriers=ring),
+          plgpu.Barrier(num_barriers=ring),
+          plgpu.Barrier(num_barriers=ring),
+          plgpu.Barrier(num_arrivals=1, num_barriers=ring),        # its warpgroup frees a slot
+      ],
+      # Heads fastest, then pairs longest-first: the longest lists of every head start first.
+      grid=(Hkv, P, B),
+      grid_names=("h", "p", "b"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interpret,
+  )(jnp.asarray(units), jnp.asarray(qtab), q, k, v, do, lse, delta)
+  return dk, dv
