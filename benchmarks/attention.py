@@ -3,7 +3,11 @@
   PYTHONPATH=. python benchmarks/attention.py [--seqs 8192,32768,131072] [--kv-heads 32,8]
 
 "ours" uses the default forward (Mosaic GPU on Hopper, see pallas_gpu); "ours_triton_fwd" forces
-the Triton forward; both share the Triton backward.
+the Triton forward; both share the Triton backward. `--mgpu-bwd` adds "ours_mgpu_bwd": the default
+forward with the Mosaic GPU backward (pallas_mgpu_backward, opt-in, switched on while tracing), so
+the two backwards and cuDNN are timed in one run on one card:
+
+  PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours:,ours_mgpu_bwd,cudnn
 
 Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
 a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
@@ -12,7 +16,9 @@ a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import datetime
 import json
 import statistics
@@ -54,25 +60,33 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
 
 def make_fns(name: str, spec, tiles=None):
   """(forward, forward+backward) jitted callables of (q, k, v, do)."""
-  if name in ("ours", "ours_triton_fwd"):
+  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd"):
+    from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
     if name == "ours_triton_fwd":   # the Triton forward instead of Mosaic GPU (same backward)
       tiles = dataclasses.replace(tiles or Tiles(), forward="triton")
+    # The backward switch is read while jit traces the custom_vjp backward (in fwd_bwd below);
+    # ours/ours_triton_fwd pin the Triton backward even if LONGGEN_JAX_MGPU_BACKWARD is set.
+    switch = functools.partial(pallas_mgpu_backward.forced, name == "ours_mgpu_bwd")
     attn = lambda q, k, v: pallas_attention(q, k, v, spec, tiles=tiles)
   elif name == "cudnn_causal":
+    switch = contextlib.nullcontext
     attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                         implementation="cudnn")
   else:
+    switch = contextlib.nullcontext
     attn = lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, local_window_size=(2047, 0), implementation="cudnn")
   fwd = jax.jit(lambda q, k, v, do: attn(q, k, v))
 
   def fwd_bwd(q, k, v, do):
-    out, vjp = jax.vjp(attn, q, k, v)
-    return out, vjp(do)
+    with switch():
+      out, vjp = jax.vjp(attn, q, k, v)
+      return out, vjp(do)
   return fwd, jax.jit(fwd_bwd)
 
 
+PATTERNS = [AttentionSpec.full(), AttentionSpec.sink_window(64, 1984), AttentionSpec.block_sparse(64, 16, 64)]
 CASES = [("ours", AttentionSpec.full()), ("ours", AttentionSpec.sink_window(64, 1984)),
          ("ours", AttentionSpec.block_sparse(64, 16, 64)),
          ("ours_triton_fwd", AttentionSpec.full()),
@@ -88,7 +102,10 @@ def main():
   ap.add_argument("--only", default="", help="comma list of case labels to keep")
   ap.add_argument("--json", default="")
   ap.add_argument("--sweep", default="", help="JSON list of Tiles kwargs: time ours with each")
+  ap.add_argument("--mgpu-bwd", action="store_true",
+                  help="also time ours_mgpu_bwd (Mosaic GPU backward) per pattern")
   args = ap.parse_args()
+  case_list = CASES + ([("ours_mgpu_bwd", s) for s in PATTERNS] if args.mgpu_bwd else [])
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B=1 Hq={HQ} D={D} bf16")
   rows = []
@@ -100,7 +117,7 @@ def main():
       k = jax.random.normal(kk, (1, T, hkv, D), jnp.bfloat16)
       v = jax.random.normal(kv, (1, T, hkv, D), jnp.bfloat16)
       do = jax.random.normal(kd, (1, T, HQ, D), jnp.bfloat16)
-      cases = [(n, s, None) for n, s in CASES]
+      cases = [(n, s, None) for n, s in case_list]
       if args.sweep:
         from longgen_jax.attention.pallas_gpu import Tiles
         cases = [("ours", s, Tiles(**kw)) for n, s in CASES if n == "ours"
