@@ -32,9 +32,9 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   Why two independent key tiles per program rather than one 128-key tile split in halves
   (JAX's dense example): block_sparse's strided 64-blocks would make the non-strided half
   walk the strided half's long list for nothing (~1.7x the work at (64,16,64)). Load balance:
-  the key tiles of one head are sorted by list length (longest first) and paired, and the
-  pair axis is the slowest grid axis that varies per head, so the longest programs start
-  first and the makespan is max(longest list x G, total / SMs); lists are not split, which
+  the key tiles of one head are sorted by list length (longest first) and paired; heads are
+  the fastest grid axis and pairs the next, so the longest programs of every head start
+  first and the makespan is ~max(longest list x G, total / SMs); lists are not split, which
   avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
@@ -162,7 +162,7 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
                   tiles: MgpuBwdTiles | None = None, interpret=None):
   """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S.
 
-  lse_BHT: base-2 lse of the forward with +inf for rows without an allowed key; delta_BHT:
+  lse_BHT: base-2 lse of the forward (+inf or -inf on rows without an allowed key); delta_BHT:
   rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
   length must have zero dO and delta (then they contribute nothing). Lengths are padded here
   to what the kernels tile (128 query rows, 64/128 keys) and sliced back.
@@ -355,13 +355,16 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
 
     @pl.when(wg < 2)
     def _compute():
+      # CHECK ON GPU: register pressure. dK and dV accumulators (64 x D fp32 each: 64 + 64
+      # registers per thread at D 128) live across the loop beside S^T, P^T, dP^T, dS^T (32 each)
+      # and their bf16 copies; ptxas spills would show as a slow kernel, not a wrong one.
       plgpu.set_max_registers(232, action="increase")
       kt, count, n_full = unit_ref[hp, pair, wg, 0], unit_ref[hp, pair, wg, 1], unit_ref[hp, pair, wg, 2]
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
       keys = pl.ds(jnp.maximum(kt, 0) * BK_DKV, BK_DKV)
 
-      @pl.when(kt >= 0)
-      def _():
+      @pl.when(kt >= 0)   # CHECK ON GPU: waits under pl.when keep each thread's phase bits
+      def _():             # consistent (every barrier of a group is waited once per phase)
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_w, k_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_w, v_bar.at[wg])
         plgpu.barrier_wait(k_bar.at[wg])
@@ -392,6 +395,8 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
         pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse_c, sT.shape, [1]))
         plgpu.barrier_wait(do_bar.at[ring])
 
+        # CHECK ON GPU: register operand A (P^T, dS^T in the WGMMA layout of an accumulator)
+        # with B = do_s (64 x D) and its transpose, as JAX's attention_mgpu backward does.
         def dv_dp_fn(refs):                     # one wait for both wgmmas
           dv_ref, dpT_ref = refs
           plgpu.wgmma(dv_ref, pT.astype(dtype), do_s)                  # dV += P^T dO
@@ -441,7 +446,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
           pl.when(steps[w] > i)(functools.partial(fetch, w, jnp.int32(i), i))
 
       # One issuer for both rings, in step order; pairs have similar lengths, so neither
-      # warpgroup waits long on the other's free slot.
+      # warpgroup waits long on the other's free slot. CHECK ON GPU: if the profile shows the
+      # compute warpgroups starved here, give each ring its own issuing warp (or 3 stages at D 64).
+      # CHECK ON GPU: grid=(Hkv, P, B) launches heads fastest (as the forward's grid assumes).
       @pl.loop(stages, jnp.maximum(jnp.maximum(steps[0], steps[1]), stages))
       def _(it):
         slot = lax.rem(it, jnp.int32(stages))
