@@ -35,16 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def one(args) -> dict:
   """Lower, compile and (optionally) run one configuration in this process."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
 
   from longgen_jax.model.config import preset
-  from longgen_jax.parallel.mesh import batch_sharding, make_mesh, replicated
-  from longgen_jax.training.loss import make_loss_fn
+  from longgen_jax.parallel.mesh import make_mesh
   from longgen_jax.training.optimizer import make_optimizer
-  from longgen_jax.training.state import abstract_model, new_model, new_train_state, state_shardings
-  from longgen_jax.training.step import make_train_step
+  from longgen_jax.training.state import random_state
+  from longgen_jax.training.step import sharded_step
 
   base = preset(args.preset, num_layers=args.layers, max_seq_len=args.seq_len)
   mc = base.all_full() if args.variant in ("full", "cudnn") else base
@@ -54,24 +51,15 @@ def one(args) -> dict:
   optim = types.SimpleNamespace(lr=1e-5, min_lr_ratio=1.0, warmup_steps=10, schedule="constant", decay_steps=0,
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 1000)
-  graphdef, abstract_params = abstract_model(mc, mcfg)
-  shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
   T, B = args.seq_len, args.batch
   # One mesh over the devices this process sees: FSDP over all of them (data x fsdp = the batch split).
   mesh = make_mesh(data=1, fsdp=-1)
-  state_sh = state_shardings(shapes, mesh)
-  batch_sh = batch_sharding(mesh, leading_dims=1)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
-  abstract_batch = {k: jax.ShapeDtypeStruct((1, B, T), dt, sharding=batch_sh) for k, dt in
-                    (("inputs", jnp.int32), ("targets", jnp.int32), ("positions", jnp.int32),
-                     ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
-  loss_fn = make_loss_fn(graphdef, loss_chunk=min(args.loss_chunk, T), segment_attention=False)
-  step = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                 out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+  steps = sharded_step(mc, mcfg, optimizer, schedule, mesh, batch_shape=(1, B, T),
+                       loss_chunk=min(args.loss_chunk, T), segment_attention=False)
   context = jax.set_mesh(mesh)
   context.__enter__()  # attention runs per shard of this mesh; left open for the timed steps
   t0 = time.perf_counter()
-  lowered = step.lower(abstract_state, abstract_batch)
+  lowered = steps.train.lower(steps.state, steps.batch)
   lower_s = time.perf_counter() - t0
   sites = collections.Counter(re.findall(r"stablehlo\.custom_call @([\w$.\-]+)\(", lowered.as_text()))
   t0 = time.perf_counter()
@@ -82,13 +70,12 @@ def one(args) -> dict:
        "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 2**30,
        "xla_args_gb": getattr(mem, "argument_size_in_bytes", 0) / 2**30}
   if args.run:
-    state = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(new_model(mc, mcfg, seed=0))),
-                                            optimizer), out_shardings=state_sh)()
+    state = random_state(mc, mcfg, optimizer, steps.state_shardings, seed=0)
     tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32)
     batch = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:],
              "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (1, B, T)),
              "segment_ids": np.ones((1, B, T), np.int32), "loss_mask": np.ones((1, B, T), np.float32)}
-    batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}
+    batch = {k: jax.device_put(v, steps.batch_sharding) for k, v in batch.items()}
     state, m = compiled(state, batch)  # warm-up
     float(m["loss"])
     times = []

@@ -9,7 +9,8 @@ sink_window(64,1984)), a sequence length and global batch, a TPU topology and a 
 one `python -m longgen_jax.train` compiles (bf16 compute, fp32 weights + AdamW, remat full, scanned
 layers, chunked loss, context parallelism where the mesh has a context axis). Reported per chip:
 arguments (weights, AdamW state, batch), temporaries, new outputs; model FLOPs per step and the
-step time those FLOPs take at an assumed MFU (analytic, labelled so).
+step time those FLOPs take at an assumed MFU (analytic, labelled so); lower and compile seconds of this
+host (--scan both: with the layer scan and unrolled, the compile-time-vs-depth comparison at 70B).
 """
 
 from __future__ import annotations
@@ -30,13 +31,9 @@ from longgen_jax.attention.registry import compiling_for
 from longgen_jax.attention.sharding import MESH_AXES
 from longgen_jax.model.config import preset
 from longgen_jax.parallel.layout import padded_length
-from longgen_jax.parallel.mesh import batch_sharding, replicated
 from longgen_jax.training.flops import train_flops_per_token
-from longgen_jax.training.loop import BATCH_DTYPES
-from longgen_jax.training.loss import make_loss_fn
 from longgen_jax.training.optimizer import make_optimizer
-from longgen_jax.training.state import abstract_model, new_train_state, state_shardings
-from longgen_jax.training.step import make_train_step
+from longgen_jax.training.step import sharded_step
 
 V5P_HBM_GIB, V5P_TFLOPS = 95.0, 459.0
 
@@ -60,7 +57,7 @@ CASES = {
 }
 
 
-def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
+def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True) -> dict:
   topo = topologies.get_topology_desc(case.topology, platform="tpu")
   devices = np.array(topo.devices)
   if devices.size != int(np.prod(case.mesh)):
@@ -68,24 +65,20 @@ def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
   mesh = Mesh(devices.reshape(case.mesh), MESH_AXES)
   mc = preset(case.model, max_seq_len=case.seq_len)  # the LongGen pattern: 3/8 full, middle
   mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl="auto", remat="full",
-                               scan_layers=True)
+                               scan_layers=scan)
   optim = types.SimpleNamespace(lr=2e-5, min_lr_ratio=1.0, warmup_steps=50, schedule="constant", decay_steps=0,
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
   optimizer, schedule = make_optimizer(optim, 5000)
   context = case.mesh[2]
   T = padded_length(case.seq_len, context)
   with compiling_for("tpu"):
-    graphdef, params = abstract_model(mc, mcfg)
-    shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), params)
-    step = make_train_step(make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=True, context=context),
-                           optimizer, schedule)
-    state_sh, batch_sh = state_shardings(shapes, mesh), batch_sharding(mesh, leading_dims=1)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
-    batch = {k: jax.ShapeDtypeStruct((1, case.batch, T), dtype, sharding=batch_sh) for k, dtype in BATCH_DTYPES.items()}
+    steps = sharded_step(mc, mcfg, optimizer, schedule, mesh, batch_shape=(1, case.batch, T),
+                         loss_chunk=loss_chunk, segment_attention=True)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-      compiled = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                         out_shardings=(state_sh, replicated(mesh))).lower(state, batch).compile()
+      lowered = steps.train.lower(steps.state, steps.batch)
+      lower_s = time.perf_counter() - t0
+      compiled = lowered.compile()
     seconds = time.perf_counter() - t0
   m = compiled.memory_analysis()
   gib = lambda n: (n or 0) / 2**30
@@ -93,7 +86,8 @@ def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
   flops = train_flops_per_token(mc, case.seq_len) * case.batch * case.seq_len
   chips = devices.size
   return {"case": dataclasses.asdict(case), "pattern": [str(s) for s in mc.layer_specs[:1]] + ["..."],
-          "num_full": mc.num_full_layers, "chips": chips, "compile_s": round(seconds, 1),
+          "num_full": mc.num_full_layers, "chips": chips, "scan_layers": scan, "lower_s": round(lower_s, 1),
+          "compile_s": round(seconds - lower_s, 1),
           "per_chip_gib": {"arguments": round(gib(m.argument_size_in_bytes), 2), "temporaries":
                            round(gib(m.temp_size_in_bytes), 2), "new_outputs": round(new_out, 2),
                            "total": round(gib(m.argument_size_in_bytes) + gib(m.temp_size_in_bytes) + new_out, 2)},
@@ -105,17 +99,24 @@ def compile_case(case: Case, loss_chunk: int = 4096) -> dict:
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--cases", default=",".join(CASES))
+  p.add_argument("--scan", default="on", choices=["on", "off", "both"], help="layer runs as scans, unrolled, or both")
   p.add_argument("--out", default="")
   args = p.parse_args()
   results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "hbm_per_chip_gib": V5P_HBM_GIB,
              "results": []}
   for name in args.cases.split(","):
-    r = {"name": name, **compile_case(CASES[name])}
-    results["results"].append(r)
-    print(json.dumps(r), flush=True)
-    if args.out:
-      with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    for scan in {"on": [True], "off": [False], "both": [True, False]}[args.scan]:
+      t0 = time.perf_counter()
+      try:
+        r = {"name": name, **compile_case(CASES[name], scan=scan)}
+      except jax.errors.JaxRuntimeError as e:  # e.g. XLA refuses a plan over the chip's HBM: that is the answer
+        r = {"name": name, "case": dataclasses.asdict(CASES[name]), "scan_layers": scan,
+             "error": str(e).splitlines()[0][:300], "seconds_until_error": round(time.perf_counter() - t0, 1)}
+      results["results"].append(r)
+      print(json.dumps(r), flush=True)
+      if args.out:
+        with open(args.out, "w") as f:
+          json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

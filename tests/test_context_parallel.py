@@ -148,29 +148,17 @@ ATTENTION = textwrap.dedent(r'''
     # embedding, the MLPs or the chunked loss); the all-gathers are the fsdp x context weight shards.
     import types
     from longgen_jax.model.config import preset
-    from longgen_jax.parallel.mesh import batch_sharding, replicated
-    from longgen_jax.training.loss import make_loss_fn
     from longgen_jax.training.optimizer import make_optimizer
-    from longgen_jax.training.state import abstract_model, new_train_state, state_shardings
-    from longgen_jax.training.step import make_train_step
+    from longgen_jax.training.step import sharded_step
     T = 3968  # a length no weight has
     mcfg = types.SimpleNamespace(compute_dtype="float32", param_dtype="float32", attn_impl="xla_blockwise",
                                  remat="full", scan_layers=True)
     optim = types.SimpleNamespace(lr=1e-3, min_lr_ratio=1.0, warmup_steps=0, schedule="constant", decay_steps=0,
                                   weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
     optimizer, schedule = make_optimizer(optim, 10)
-    graphdef, params = abstract_model(preset("tiny", num_layers=3, max_seq_len=T), mcfg)
-    shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), params)
-    step = make_train_step(make_loss_fn(graphdef, loss_chunk=496, segment_attention=True, context=4), optimizer,
-                           schedule)
-    mesh = make_mesh(data=1, context=4, devices=jax.devices()[:4])
-    state_sh, batch_sh = state_shardings(shapes, mesh), batch_sharding(mesh, leading_dims=1)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
-    batch = {k: jax.ShapeDtypeStruct((1, 1, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sh)
-             for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-    with jax.set_mesh(mesh):
-      hlo = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh))).lower(
-          state, batch).compile().as_text()
+    hlo = sharded_step(preset("tiny", num_layers=3, max_seq_len=T), mcfg, optimizer, schedule,
+                       make_mesh(data=1, context=4, devices=jax.devices()[:4]), batch_shape=(1, 1, T),
+                       loss_chunk=496, segment_attention=True).compile_train().as_text()
     gathers = [line for line in hlo.splitlines() if "all-gather" in line and "=" in line]
     sequence_gathers = [line[:160] for line in gathers if any(
         str(T) in dims.split(",") for dims in re.findall(r"\[([\d,]*)\]", line.split("all-gather")[0]))]

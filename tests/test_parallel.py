@@ -16,11 +16,9 @@ SCRIPT = textwrap.dedent('''
     from longgen_jax.attention import AttentionSpec, SegmentIds, attention, dense_mask, register_impl
     from longgen_jax.attention.reference import reference_attention
     from longgen_jax.model.config import preset
-    from longgen_jax.parallel.mesh import batch_sharding, make_mesh, replicated
-    from longgen_jax.training.loss import make_loss_fn
+    from longgen_jax.parallel.mesh import make_mesh
     from longgen_jax.training.optimizer import make_optimizer
-    from longgen_jax.training.state import abstract_model, new_train_state, state_shardings
-    from longgen_jax.training.step import make_train_step
+    from longgen_jax.training.step import sharded_step
 
     def host_attention(q, k, v, spec, *, q_segment_ids=None, kv_segment_ids=None, q_offset=0, return_lse=False):
       """An opaque forward (numpy on the host, like a custom call to XLA) with an XLA backward."""
@@ -58,20 +56,10 @@ SCRIPT = textwrap.dedent('''
     optim = types.SimpleNamespace(lr=1e-3, min_lr_ratio=1.0, warmup_steps=0, schedule="constant", decay_steps=0,
                                   weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
     optimizer, schedule = make_optimizer(optim, 10)
-    graphdef, params = abstract_model(mc, mcfg)
-    shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), params)
-    step = make_train_step(make_loss_fn(graphdef, loss_chunk=0, segment_attention=True), optimizer, schedule)
     B, T = 8, 256
     for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
-      mesh = make_mesh(data=-1, devices=devices)
-      state_sh = state_shardings(shapes, mesh)
-      batch_sh = batch_sharding(mesh, leading_dims=1)
-      state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
-      batch = {k: jax.ShapeDtypeStruct((1, B, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sh)
-               for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
-      with jax.set_mesh(mesh):
-        compiled = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                           out_shardings=(state_sh, replicated(mesh))).lower(state, batch).compile()
+      compiled = sharded_step(mc, mcfg, optimizer, schedule, make_mesh(data=-1, devices=devices),
+                              batch_shape=(1, B, T), loss_chunk=0, segment_attention=True).compile_train()
       hlo = compiled.as_text()
       out[name] = {"all_gathers": hlo.count("all-gather"),
                    "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}

@@ -26,10 +26,9 @@ from longgen_jax.parallel.runtime import enable_compile_cache
 from longgen_jax.parallel.layout import padded_length, to_context_layout
 from longgen_jax.training.config import build_model_config, changed_settings, context_strategy, validate_config
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
-from longgen_jax.training.loss import make_loss_fn
 from longgen_jax.training.optimizer import make_optimizer
-from longgen_jax.training.state import abstract_model, init_state, new_train_state, state_shardings
-from longgen_jax.training.step import make_eval_step, make_train_step
+from longgen_jax.training.state import init_state
+from longgen_jax.training.step import sharded_step
 from longgen_jax.weights.format import is_checkpoint
 
 
@@ -143,40 +142,27 @@ def prepare(cfg, workdir: str) -> Run | None:
   train_iter = iter(train_ds)
 
   optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
-  graphdef, abstract_params = abstract_model(mc, cfg.model, context_strategy(cfg))
-  shapes = jax.eval_shape(lambda p: new_train_state(p, optimizer), abstract_params)
-  state_sh = state_shardings(shapes, mesh)
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                shapes, state_sh)  # shapes with shardings: restore and compile targets
-  resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
-
   A, T = cfg.grad_accum, padded_length(cfg.seq_len, context)
-  batch_sh = sharding.batch_sharding(mesh, leading_dims=1)
+  steps = sharded_step(mc, cfg.model, optimizer, schedule, mesh, batch_shape=(A, cfg.batch_size // A, T),
+                       loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention,
+                       context=context_strategy(cfg))
+  resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
   if not rows and jax.process_count() > 1:
-    _check_process_rows(batch_sh, (A, cfg.batch_size // A, T))
-  loss_fn = make_loss_fn(graphdef, loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention,
-                         context=context)
-  step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule), in_shardings=(state_sh, batch_sh),
-                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(loss_fn), in_shardings=(state_sh["params"], batch_sh),
-                    out_shardings=sharding.replicated(mesh))
+    _check_process_rows(steps.batch_sharding, (A, cfg.batch_size // A, T))
 
   def to_device(batch):
     local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
-    return (sharding.whole_to_global if rows else sharding.host_to_global)(local, batch_sh)
+    return (sharding.whole_to_global if rows else sharding.host_to_global)(local, steps.batch_sharding)
 
   tokens_per_step = cfg.batch_size * cfg.seq_len  # real tokens (the layout may pad)
   flops_per_step = train_flops_per_token(mc, cfg.seq_len) * tokens_per_step
-  _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(abstract_params) / 1e6:.1f}M params, "
-       f"pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on {jax.device_count()} "
-       f"{jax.devices()[0].device_kind} device(s)")
+  _log(f"model: {mc.num_layers} layers ({mc.num_full_layers} full), {_count(steps.state['params']) / 1e6:.1f}M "
+       f"params, pattern {[str(s) for s in mc.layer_specs]}; {tokens_per_step} tokens/step on "
+       f"{jax.device_count()} {jax.devices()[0].device_kind} device(s)")
   t0 = time.perf_counter()
-  abstract_batch = {k: jax.ShapeDtypeStruct((A, cfg.batch_size // A, T), dt, sharding=batch_sh)
-                    for k, dt in BATCH_DTYPES.items()}
-  with jax.set_mesh(mesh), out_of_memory_hint(cfg):  # attention runs per shard of this mesh
-    step_fn = step_fn.lower(abstract_state, abstract_batch).compile()
-    if eval_ds is not None and not cfg.dry_run:
-      eval_fn = eval_fn.lower(abstract_state["params"], abstract_batch).compile()
+  with out_of_memory_hint(cfg):  # attention runs per shard of the mesh
+    step_fn = steps.compile_train()
+    eval_fn = steps.compile_eval() if eval_ds is not None and not cfg.dry_run else steps.eval
   compile_s = time.perf_counter() - t0
   _log(f"compiled train step in {compile_s:.1f}s")
   if cfg.dry_run:  # before any weight is loaded or checkpoint touched
@@ -194,7 +180,7 @@ def prepare(cfg, workdir: str) -> Run | None:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                       async_save=cfg.async_checkpoint)
-  start, state, saved = ckpt.restore_newest(abstract_state, train_iter, _log)
+  start, state, saved = ckpt.restore_newest(steps.state, train_iter, _log)
   if start is not None:
     changed = changed_settings(saved, resolved)
     if changed:
@@ -203,11 +189,11 @@ def prepare(cfg, workdir: str) -> Run | None:
   else:
     start = 0
     with jax.set_mesh(mesh):
-      state = init_state(cfg, mc, optimizer, state_sh)
+      state = init_state(cfg, mc, optimizer, steps.state_shardings)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       json.dump(resolved, f, indent=2)
-  return Run(cfg, workdir, mc, mesh, graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
+  return Run(cfg, workdir, mc, mesh, steps.graphdef, state, start, step_fn, eval_fn, to_device, train_iter, eval_ds,
              ckpt, MetricsWriter(workdir, start), resolved, tokens_per_step, flops_per_step,
              (cfg.peak_tflops or peak_tflops() or 0.0) * 1e12 * jax.device_count())
 
@@ -270,9 +256,6 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
           "without running") from None
     return False
 
-
-BATCH_DTYPES = {"inputs": np.dtype(np.int32), "targets": np.dtype(np.int32), "positions": np.dtype(np.int32),
-                "segment_ids": np.dtype(np.int32), "loss_mask": np.dtype(np.float32)}
 
 
 def _finite_or_raise(run: Run, step: int, metrics) -> tuple[float, float]:

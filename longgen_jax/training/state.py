@@ -41,13 +41,17 @@ def new_train_state(params, optimizer: optax.GradientTransformation) -> dict:
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
 
+def random_state(mc: ModelConfig, mcfg, optimizer, shardings, seed: int) -> dict:
+  """A train state with random weights (`model.llama.random_params`), laid out by `shardings`."""
+  params = random_params(mc, seed=seed, param_dtype=DTYPES[mcfg.param_dtype], shardings=shardings["params"])
+  return jax.jit(lambda p: new_train_state(p, optimizer), out_shardings=shardings, donate_argnums=0)(params)
+
+
 def init_state(cfg, mc: ModelConfig, optimizer, shardings) -> dict:
   """Fresh train state laid out by `shardings`: random init, or weights from cfg.init_from."""
   with_opt = lambda params: new_train_state(params, optimizer)
   if not cfg.init_from:
-    params = random_params(mc, seed=cfg.seed, param_dtype=DTYPES[cfg.model.param_dtype],
-                           shardings=shardings["params"])
-    return jax.jit(with_opt, out_shardings=shardings, donate_argnums=0)(params)
+    return random_state(mc, cfg.model, optimizer, shardings, cfg.seed)
   from longgen_jax.weights import load_pretrained
   model = load_pretrained(cfg.init_from, dtype=DTYPES[cfg.model.compute_dtype],
                           param_dtype=DTYPES[cfg.model.param_dtype], attn_impl=cfg.model.attn_impl,
