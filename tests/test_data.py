@@ -267,6 +267,10 @@ def test_retrieval_source_names_parse_and_bad_ones_fail_clearly():
       "retrieval", {"answer_weight": 8.0, "kv_fraction": 0.25})
   assert parse_source("synthetic") == ("synthetic", {})
   assert open_corpus("retrieval(answer_weight=3)", num_docs=5).answer_weight == 3.0
+  # lengths: log-uniform by default (median ~ sqrt(100 * 1000) = 316), uniform with log_lengths=0 (~550)
+  for arg, median in (("", 316), ("(log_lengths=0)", 550)):
+    src = open_corpus("retrieval" + arg, num_docs=400, min_chars=100, max_chars=1000)
+    assert abs(np.median([len(src[i]) for i in range(400)]) - median) < 60
   for bad, msg in [("retrieval(weight=2)", "unknown argument"), ("jsonl(answer_weight=2)", "only 'retrieval'"),
                    ("retrieval(answer_weight=x)", "not name=number")]:
     with pytest.raises(ValueError, match=msg):

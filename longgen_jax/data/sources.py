@@ -244,12 +244,12 @@ class RetrievalSource:
   scattered through the filler and a question about one of them (distractors the model must not
   copy). `example(i)` returns (prompt, answer, needle offsets) so the input pipeline can weight the
   answer tokens by `answer_weight` in the loss; `source[i]` is prompt + answer, a plain document.
-  Document i depends only on (seed, i); total lengths are log-uniform in [min_chars, max_chars]: many
-  short documents (dense answers, so retrieval is learned early) and long ones (far needles).
+  Document i depends only on (seed, i); total lengths are log-uniform in [min_chars, max_chars] (many
+  short documents: dense answers; and long ones: far needles), or uniform with log_lengths=0.
   """
 
   def __init__(self, num_docs: int, seed: int = 0, min_chars: int = 200, max_chars: int = 4000,
-               answer_weight: float = 1.0, kv_fraction: float = 0.25):
+               answer_weight: float = 1.0, kv_fraction: float = 0.25, log_lengths: float = 1):
     if num_docs < 1 or not 0 < min_chars <= max_chars:
       raise ValueError(f"retrieval source needs num_docs >= 1 and 0 < min_chars <= max_chars; got "
                        f"{num_docs}, {min_chars}, {max_chars}")
@@ -259,6 +259,7 @@ class RetrievalSource:
     self.num_docs, self.seed = num_docs, seed
     self.min_chars, self.max_chars = min_chars, max_chars
     self.answer_weight, self.kv_fraction = float(answer_weight), float(kv_fraction)
+    self.log_lengths = bool(log_lengths)
 
   def __len__(self):
     return self.num_docs
@@ -268,7 +269,10 @@ class RetrievalSource:
     if not 0 <= i < self.num_docs:
       raise IndexError(i)
     rng = np.random.default_rng([self.seed, i, 7])
-    n = int(np.exp(rng.uniform(np.log(self.min_chars), np.log(self.max_chars + 1))))
+    if self.log_lengths:
+      n = int(np.exp(rng.uniform(np.log(self.min_chars), np.log(self.max_chars + 1))))
+    else:
+      n = int(rng.integers(self.min_chars, self.max_chars + 1))
     if rng.random() >= self.kv_fraction:
       key = str(rng.integers(10000, 100000))
       needles, question, answer = [PASSKEY_FACT.format(key=key)], PASSKEY_QUESTION, f" {key}."
@@ -330,10 +334,10 @@ def parse_source(kind: str) -> tuple[str, dict]:
       raise ValueError(f"bad data.source {kind!r}: argument {part!r} is not name=number") from None
   if args and m.group(1) != "retrieval":
     raise ValueError(f"bad data.source {kind!r}: only 'retrieval' takes arguments")
-  unknown = set(args) - {"answer_weight", "kv_fraction"}
+  unknown = set(args) - {"answer_weight", "kv_fraction", "log_lengths"}
   if unknown:
     raise ValueError(f"bad data.source {kind!r}: unknown argument(s) {sorted(unknown)}; "
-                     "retrieval takes answer_weight and kv_fraction")
+                     "retrieval takes answer_weight, kv_fraction and log_lengths")
   return m.group(1), args
 
 
