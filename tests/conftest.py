@@ -23,6 +23,15 @@ def run_model(model, tokens_BT, **kw):
   return model(tokens_BT, sequence_positions(tokens_BT), **kw)
 
 
+def attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=0):
+  """Fresh normal q [B,T,Hq,D], k, v [B,S,Hkv,D], output cotangent dout [B,T,Hq,D] in `dtype`, and a
+  float32 lse cotangent [B,Hq,T]: the inputs of a kernel's gradient check."""
+  ks = jax.random.split(jax.random.key(seed), 5)
+  normal = lambda key, shape: jax.random.normal(key, shape, jax.numpy.float32).astype(dtype)
+  return (normal(ks[0], (B, T, Hq, D)), normal(ks[1], (B, S, Hkv, D)), normal(ks[2], (B, S, Hkv, D)),
+          normal(ks[3], (B, T, Hq, D)), jax.random.normal(ks[4], (B, Hq, T), jax.numpy.float32))
+
+
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 

@@ -1,4 +1,7 @@
-"""Mosaic GPU forward: host-side tables and predicate on CPU; the kernel on a Hopper GPU."""
+"""Mosaic GPU forward and backward: host-side tables and predicate on CPU (and the backward lowered for
+CUDA there); the kernels on a Hopper GPU."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -6,10 +9,11 @@ import numpy as np
 import pytest
 
 from longgen_jax.attention import pallas_mgpu
+from longgen_jax.attention import pallas_mgpu_backward as mbwd
 from longgen_jax.attention.pallas_mgpu import MgpuTiles, kv_table, mgpu_forward
 from longgen_jax.attention.reference import reference_attention
-from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
-from tests.conftest import gpu_only, rel_err
+from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout, dense_mask
+from tests.conftest import attention_grad_inputs, gpu_only, rel_err
 
 SPECS = [AttentionSpec.full(), AttentionSpec.sink_window(64, 200),
          AttentionSpec.block_sparse(64, 4, 8)]
@@ -129,11 +133,6 @@ def test_pallas_gpu_routes_forward_and_grads(spec):
 # Host side (tables, pairing, switch), a numpy walk of exactly the kernels' tile schedule, and the
 # kernels lowered to Mosaic GPU modules for `cuda` run on CPU; the kernels themselves on a Hopper GPU.
 
-import functools
-
-from longgen_jax.attention import pallas_mgpu_backward as mbwd
-from longgen_jax.attention.spec import dense_mask
-
 BWD_SPECS = SPECS + [AttentionSpec.block_sparse(64, 2, 4, homo_head=True)]
 
 
@@ -217,16 +216,6 @@ def _reference_grads(q, k, v, do, dlse, spec, q_offset):
   f = lambda q, k, v: reference_attention(q, k, v, spec, q_offset=q_offset, return_lse=True)
   (out, lse), vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
   return out, lse, vjp((do.astype(jnp.float32), dlse.astype(jnp.float32)))
-
-
-def _bwd_inputs(B, T, S, Hq, Hkv, D, seed, dtype=jnp.bfloat16):
-  ks = jax.random.split(jax.random.PRNGKey(seed), 5)
-  q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (B, S, Hkv, D), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (B, S, Hkv, D), jnp.float32).astype(dtype)
-  do = jax.random.normal(ks[3], (B, T, Hq, D), jnp.float32).astype(dtype)
-  dlse = jax.random.normal(ks[4], (B, Hq, T), jnp.float32)
-  return q, k, v, do, dlse
 
 
 def _kernel_inputs(out, lse, do, dlse):
@@ -320,7 +309,7 @@ BWD_EMU_CASES = [  # spec, B, T, S, Hq, Hkv, D, q_offset
 
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset", BWD_EMU_CASES)
 def test_kernel_schedule_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_offset):
-  q, k, v, do, dlse = _bwd_inputs(B, T, S, Hq, Hkv, D, seed=T + S, dtype=jnp.float32)
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=T + S)
   out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, q_offset)
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
   for bk in (64, 128):
@@ -331,7 +320,7 @@ def test_kernel_schedule_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_o
 
 def test_kernel_schedule_empty_rows_give_zero_grads_on_cpu():
   spec = AttentionSpec.sink_window(0, 100)      # rows 300..399 see keys 201..299; rows 400.. none
-  q, k, v, do, dlse = _bwd_inputs(1, 256, 300, 2, 1, 64, seed=3, dtype=jnp.float32)
+  q, k, v, do, dlse = attention_grad_inputs(1, 256, 300, 2, 1, 64, jnp.float32, seed=3)
   out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, 300)
   assert np.isinf(np.asarray(lse)).any()
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
@@ -396,7 +385,7 @@ BWD_GPU_CASES = [  # spec, B, T, S, Hq, Hkv, D, q_offset, dtype
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", BWD_GPU_CASES)
 def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype):
   """The kernels alone, fed the reference's out and lse: dq/dk/dv vs the float32 vjp (with dlse)."""
-  q, k, v, do, dlse = _bwd_inputs(B, T, S, Hq, Hkv, D, seed=T + Hkv + D, dtype=dtype)
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D)
   out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, q_offset)
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
   run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset))
@@ -414,7 +403,7 @@ def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dt
 @hopper_only
 def test_mgpu_backward_empty_rows_zero_and_finite():
   spec = AttentionSpec.sink_window(0, 100)   # rows 300..399 see keys 201..299, rows 400.. none
-  q, k, v, do, dlse = _bwd_inputs(1, 256, 300, 4, 2, 128, seed=5)
+  q, k, v, do, dlse = attention_grad_inputs(1, 256, 300, 4, 2, 128, jnp.bfloat16, seed=5)
   out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, 300)
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
   dq, dk, dv = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=300, q_offset=300))(
@@ -434,7 +423,7 @@ def test_pallas_attention_grads_through_mgpu_backward(spec, Hkv, D):
   Triton backward, on fresh inputs (GQA 1/4/8)."""
   from longgen_jax.attention.pallas_gpu import pallas_attention
   T, Hq = 700, 8
-  q, k, v, do, dlse = _bwd_inputs(1, T, T, Hq, Hkv, D, seed=11 + Hkv + D)
+  q, k, v, do, dlse = attention_grad_inputs(1, T, T, Hq, Hkv, D, jnp.bfloat16, seed=11 + Hkv + D)
 
   def loss(q, k, v):
     out, lse = pallas_attention(q, k, v, spec, return_lse=True)

@@ -8,7 +8,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
-from conftest import rel_err
+from conftest import attention_grad_inputs, rel_err
 from longgen_jax.attention import attention
 from longgen_jax.attention import pallas_tpu as pt
 from longgen_jax.attention.reference import reference_attention
@@ -69,16 +69,6 @@ def test_traced_q_offset_is_a_clear_error():
 # ----------------------------------------------------------------------------- kernels
 
 
-def _inputs(B, T, S, Hq, Hkv, D, dtype, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.float32).astype(dtype)
-  k = jax.random.normal(ks[1], (B, S, Hkv, D), jnp.float32).astype(dtype)
-  v = jax.random.normal(ks[2], (B, S, Hkv, D), jnp.float32).astype(dtype)
-  do = jax.random.normal(ks[3], (B, T, Hq, D), jnp.float32).astype(dtype)
-  dlse = jax.random.normal(ks[4], (B, Hq, T), jnp.float32)
-  return q, k, v, do, dlse
-
-
 def _run(fn, q, k, v, do, dlse, spec, **kw):
   """Outputs and the vjp of (out, lse) under random cotangents (lse's included)."""
   (out, lse), vjp = jax.vjp(lambda q, k, v: fn(q, k, v, spec, return_lse=True, **kw), q, k, v)
@@ -88,7 +78,7 @@ def _run(fn, q, k, v, do, dlse, spec, **kw):
 def _check(spec, *, B=1, T, S=None, Hq, Hkv, D=32, dtype=jnp.float32, q_offset=0, segments=None,
            block_sizes=None, tol=None):
   S = T if S is None else S
-  q, k, v, do, dlse = _inputs(B, T, S, Hq, Hkv, D, dtype)
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype)
   kw = dict(q_offset=q_offset)
   if segments is not None:
     kw.update(q_segment_ids=segments[0], kv_segment_ids=segments[1])

@@ -35,6 +35,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from longgen_jax.attention.padding import pad_axis, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -104,10 +105,6 @@ class _Cfg:
     # Over the padded query length: padded rows (zero q, zero dO) are ordinary rows, so every
     # kernel's tiles cover all Tp rows and no backward tile reads an unwritten out/lse row.
     return block_layout(self.spec, self.Tp, self.S, self.Hkv, bq, bk, self.q_offset)
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def _tables(index, full, count):
@@ -506,14 +503,6 @@ def _flash_bwd(cfg, res, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_to(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def _prepare(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, q_segment_ids, kv_segment_ids, q_offset,
              tiles: Tiles | None, block_q: int | None, block_k: int | None, interpret: bool):
   """(static config, padded q, k, v, q seg, kv seg) of one call."""
@@ -531,17 +520,17 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, q_segment_ids, kv_segm
   tiles.check()
   bq_max = max(tiles.block_q, tiles.block_q_dq, tiles.block_q_dkv)
   bk_max = max(tiles.block_k, tiles.block_k_dq, tiles.block_k_dkv)
-  Tp, Sp, Dp = _round_up(T, bq_max), _round_up(S, bk_max), max(16, pl.next_power_of_2(D))
+  Tp, Sp, Dp = round_up(T, bq_max), round_up(S, bk_max), max(16, pl.next_power_of_2(D))
   has_seg = q_segment_ids is not None
   cfg = _Cfg(spec, tiles, T, S, Tp, Sp, Hkv, Hq // Hkv, int(q_offset), has_seg, interpret, D)
   # Zero-padding head_dim (to a power of two for Triton) changes no dot product.
-  q = _pad_to(_pad_to(q_BTHD, 3, Dp), 1, Tp)
-  k = _pad_to(_pad_to(k_BSKD, 3, Dp), 1, Sp)
-  v = _pad_to(_pad_to(v_BSKD, 3, Dp), 1, Sp)
+  q = pad_axis(pad_axis(q_BTHD, 3, Dp), 1, Tp)
+  k = pad_axis(pad_axis(k_BSKD, 3, Dp), 1, Sp)
+  v = pad_axis(pad_axis(v_BSKD, 3, Dp), 1, Sp)
   qseg = kseg = None
   if has_seg:
-    qseg = _pad_to(q_segment_ids.astype(jnp.int32), 1, Tp, -1)
-    kseg = _pad_to(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)
+    qseg = pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1)
+    kseg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)
   return cfg, q, k, v, qseg, kseg
 
 
@@ -575,9 +564,9 @@ def pallas_attention_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BHT, dout_BT
   S = k_BSKD.shape[1]
   cfg, q, k, v, qseg, kseg = _prepare(q_BTHD, k_BSKD, v_BSKD, spec, q_segment_ids, kv_segment_ids, q_offset,
                                       tiles, block_q, block_k, interpret)
-  pad_rows = lambda x: _pad_to(_pad_to(x, 3, q.shape[3]), 1, cfg.Tp)
-  lse2 = _pad_to(lse_BHT.astype(jnp.float32) / LN2, 2, cfg.Tp, -jnp.inf)  # padded rows: empty
-  dlse2 = _pad_to(dlse_BHT.astype(jnp.float32) * LN2, 2, cfg.Tp)
+  pad_rows = lambda x: pad_axis(pad_axis(x, 3, q.shape[3]), 1, cfg.Tp)
+  lse2 = pad_axis(lse_BHT.astype(jnp.float32) / LN2, 2, cfg.Tp, -jnp.inf)  # padded rows: empty
+  dlse2 = pad_axis(dlse_BHT.astype(jnp.float32) * LN2, 2, cfg.Tp)
   res = (q, k, v, qseg, kseg, pad_rows(out_BTHD.astype(q.dtype)), lse2)
   dq, dk, dv, _, _ = _flash_bwd(cfg, res, (pad_rows(dout_BTHD), dlse2))
   return dq[:, :T, :, :D], dk[:, :S, :, :D], dv[:, :S, :, :D]

@@ -34,6 +34,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from longgen_jax.attention.padding import pad_axis, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -75,20 +76,50 @@ def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,
   differs between kv heads.
   """
   lay = block_layout(spec, T, S, Hkv, BLOCK_Q, block_k, q_offset)
-  width = lay.kv_index.shape[-1]
-  valid = np.arange(width)[None, None, :] < lay.kv_count[..., None]
-  rank = np.where(valid, np.where(lay.kv_full, 0, 1), 2)     # full, partial, padding
-  order = np.argsort(rank, axis=-1, kind="stable")
-  index = np.take_along_axis(lay.kv_index, order, -1)
-  n_full = (lay.kv_full & valid).sum(-1).astype(np.int32)
-  head = np.concatenate([lay.kv_count[..., None], n_full[..., None]], -1)
-  return np.concatenate([head, index], -1).astype(np.int32)
+  return full_first_table(lay.kv_index, lay.kv_full, lay.kv_count)
+
+
+def full_first_table(index, full, count) -> np.ndarray:
+  """int32[..., 2 + width]: a layout's per-row tile lists (`index`, `full` [..., width], `count` [...])
+  as [count, n_full, tiles...] with the full tiles first, then the partial ones (each ascending), so a
+  kernel runs an unmasked loop over [0, n_full) and a masked one over [n_full, count)."""
+  valid = np.arange(index.shape[-1]) < count[..., None]
+  rank = np.where(valid, np.where(full, 0, 1), 2)             # full, partial, padding
+  ordered = np.take_along_axis(index, np.argsort(rank, axis=-1, kind="stable"), -1)
+  n_full = (full & valid).sum(-1)
+  return np.concatenate([count[..., None], n_full[..., None], ordered], -1).astype(np.int32)
 
 
 def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
   """The pattern on non-negative int32 positions (lax.div/rem are floor division/modulo there),
   with keys past the sequence end masked."""
   return allowed(spec, q_pos, k_pos, kv_head, Hkv, div=lax.div, mod=lax.rem) & (k_pos < S)
+
+
+def stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+                    bk: int, stages: int):
+  """The memory warpgroup of a kernel walking one key-tile list: TMA copies of the K/V tiles
+  `tile_of(j)` (j < count) of batch row `b`, kv head `kv_head`, into a `stages`-deep SMEM ring,
+  slot j % stages, each copy after the compute warpgroups freed the slot."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+  plgpu.set_max_registers(40, action="decrease")
+
+  def fetch(j, slot):
+    rows = pl.ds(tile_of(j) * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+  for i in range(stages):
+    pl.when(i < count)(functools.partial(fetch, i, i))
+
+  @pl.loop(stages, jnp.maximum(count, stages))
+  def _(j):
+    slot = lax.rem(j, jnp.int32(stages))
+    rows = pl.ds(tile_of(j) * bk, bk)    # read before the wait: hides latency
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
 
 
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
@@ -111,12 +142,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   bk, stages = tiles.block_k, tiles.stages
   scale = 1.0 / math.sqrt(head_dim or D)
   dtype = q_BTHD.dtype
-  Tp = -(-Tp_in // BLOCK_Q) * BLOCK_Q
-  Sp = -(-max(Sp_in, S) // bk) * bk
-  q = jnp.pad(q_BTHD, ((0, 0), (0, Tp - Tp_in), (0, 0), (0, 0))) if Tp != Tp_in else q_BTHD
-  pad_k = ((0, 0), (0, Sp - Sp_in), (0, 0), (0, 0))
-  k = jnp.pad(k_BSKD, pad_k) if Sp != Sp_in else k_BSKD
-  v = jnp.pad(v_BSKD, pad_k) if Sp != Sp_in else v_BSKD
+  Tp, Sp = round_up(Tp_in, BLOCK_Q), round_up(max(Sp_in, S), bk)
+  q, k, v = pad_axis(q_BTHD, 1, Tp), pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
   # The table spans every padded row (padding rows come out finite, as the backward needs);
   # real rows see the same keys, tiles are only marked full where the predicate says so.
   table = kv_table(spec, Tp, S, Hkv, bk, q_offset)
@@ -208,24 +235,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
 
     @pl.when(wg == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(j, slot):
-        rows = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < count)(functools.partial(fetch, i, i))
-
-      @pl.loop(stages, jnp.maximum(count, stages))
-      def _(j):
-        slot = lax.rem(j, jnp.int32(stages))
-        rows = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)    # read before the wait: hides latency
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+      stream_kv_tiles(lambda j: tab_ref[hl, qt, 2 + j], count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                      k_bar, v_bar, k_free, v_free, bk, stages)
 
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   out, lse = plgpu.kernel(

@@ -55,10 +55,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longgen_jax.attention.pallas_mgpu import BLOCK_Q, HALF, _tile_mask, is_hopper, kv_table
+from longgen_jax.attention.padding import pad_axis, round_up
+from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, full_first_table, is_hopper,
+                                               kv_table, stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
-LOG2E = math.log2(math.e)
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
 BQ_DKV = 64   # query rows per dK/dV step (the wgmma N of S^T)
 BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
@@ -104,10 +105,6 @@ def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
           and head_dim in (64, 128) and not has_segments and is_hopper(device))
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
             q_offset: int = 0) -> np.ndarray:
   """int32[H', n_key_tiles, 2 + width]: per (kv head, 64-key tile) [count, n_full, q tiles...].
@@ -118,13 +115,7 @@ def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
   layout's (keys only at or past S) get count 0.
   """
   lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, BK_DKV, q_offset)
-  width = lay.q_index.shape[-1]
-  valid = np.arange(width)[None, None, :] < lay.q_count[..., None]
-  rank = np.where(valid, np.where(lay.q_full, 0, 1), 2)        # full, partial, padding
-  order = np.argsort(rank, axis=-1, kind="stable")
-  index = np.take_along_axis(lay.q_index, order, -1)
-  n_full = (lay.q_full & valid).sum(-1).astype(np.int32)
-  tab = np.concatenate([lay.q_count[..., None], n_full[..., None], index], -1).astype(np.int32)
+  tab = full_first_table(lay.q_index, lay.q_full, lay.q_count)
   nk = tab.shape[1]
   if n_key_tiles < nk:
     raise ValueError(f"{n_key_tiles} key tiles cannot hold the layout's {nk}")
@@ -149,14 +140,6 @@ def unit_pairs(qtab: np.ndarray) -> np.ndarray:
   return out
 
 
-def _pad(x, axis: int, size: int, value=0):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
-
-
 def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
                   S: int, q_offset: int = 0, head_dim: int | None = None,
                   tiles: MgpuBwdTiles | None = None, interpret=None):
@@ -176,14 +159,14 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
     raise ValueError(f"mgpu backward needs head_dim 64 or 128, got {D}")
   if tiles.block_k_dq % 64:
     raise ValueError(f"block_k_dq must be a multiple of 64, got {tiles.block_k_dq}")
-  Tp = _round_up(Tp_in, BLOCK_Q)
-  Sp = _round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq))
-  q = _pad(q_BTHD, 1, Tp)
-  do = _pad(do_BTHD.astype(q_BTHD.dtype), 1, Tp)
+  Tp = round_up(Tp_in, BLOCK_Q)
+  Sp = round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq))
+  q = pad_axis(q_BTHD, 1, Tp)
+  do = pad_axis(do_BTHD.astype(q_BTHD.dtype), 1, Tp)
   lse = lse_BHT.astype(jnp.float32)
-  lse = _pad(jnp.where(lse == -jnp.inf, jnp.inf, lse), 2, Tp, jnp.inf)   # empty/padded rows: p = 0
-  delta = _pad(delta_BHT.astype(jnp.float32), 2, Tp)
-  k, v = _pad(k_BSKD, 1, Sp), _pad(v_BSKD, 1, Sp)
+  lse = pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 2, Tp, jnp.inf)   # empty/padded rows: p = 0
+  delta = pad_axis(delta_BHT.astype(jnp.float32), 2, Tp)
+  k, v = pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
   scale = 1.0 / math.sqrt(head_dim or D)
   dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
                 interpret=interpret)
@@ -279,25 +262,9 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interp
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
-    def _memory():
-      plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(j, slot):
-        keys = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < count)(functools.partial(fetch, i, i))
-
-      @pl.loop(stages, jnp.maximum(count, stages))
-      def _(j):
-        slot = lax.rem(j, jnp.int32(stages))
-        keys = pl.ds(tab_ref[hl, qt, 2 + j] * bk, bk)    # read before the wait: hides latency
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
+    def _memory():   # the forward's K/V ring, same list
+      stream_kv_tiles(lambda j: tab_ref[hl, qt, 2 + j], count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                      k_bar, v_bar, k_free, v_free, bk, stages)
 
   tr = _transforms()
   return plgpu.kernel(

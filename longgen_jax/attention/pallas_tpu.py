@@ -33,6 +33,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
+from longgen_jax.attention.padding import round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LANES = 128  # splash tiles are multiples of the TPU lane width
@@ -162,16 +163,12 @@ def default_block_sizes(spec: AttentionSpec) -> sk.BlockSizes:
                        block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 def fit_block_sizes(bs: sk.BlockSizes, q_len: int, kv_len: int):
   """Clamps tiles to the (lane-rounded) lengths; returns (block sizes, padded T, padded S)."""
   if bs.use_fused_bwd_kernel:
     raise ValueError("use_fused_bwd_kernel is not supported: its dQ buffer is [kv_blocks, H, T, D] "
                      "float32, too large at long context")
-  tq, tk = _round_up(q_len, LANES), _round_up(kv_len, LANES)
+  tq, tk = round_up(q_len, LANES), round_up(kv_len, LANES)
   fq = lambda b, dflt: min(b if b is not None else dflt, tq)
   fk = lambda b, dflt: min(b if b is not None else dflt, tk)
   bq, bkv = fq(bs.block_q, None), fk(bs.block_kv, None)
@@ -188,8 +185,8 @@ def fit_block_sizes(bs: sk.BlockSizes, q_len: int, kv_len: int):
                "block_kv_dkv_compute", "block_q_dq", "block_kv_dq"):
     if getattr(fitted, name) % LANES:
       raise ValueError(f"splash block size {name}={getattr(fitted, name)} must be a multiple of {LANES}")
-  q_len_p = _round_up(q_len, math.lcm(bq, bq_dkv, bq_dq))
-  kv_len_p = _round_up(kv_len, math.lcm(bkv, bkv_dkv, bkv_dq))
+  q_len_p = round_up(q_len, math.lcm(bq, bq_dkv, bq_dq))
+  kv_len_p = round_up(kv_len, math.lcm(bkv, bkv_dkv, bkv_dq))
   return fitted, q_len_p, kv_len_p
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longgen_jax.attention.padding import pad_axis
 from longgen_jax.attention.reference import masked_attend
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
@@ -17,14 +18,6 @@ from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 def default_tile(spec: AttentionSpec) -> int:
   return min(spec.block_size, 128) if spec.kind == "block_sparse" else 64
 
-
-def _pad_axis(x, axis: int, size: int, value=0):
-  pad = size - x.shape[axis]
-  if pad == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segment_ids=None,
@@ -39,17 +32,17 @@ def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segmen
   nq, nk, M = layout.num_q_blocks, layout.num_k_blocks, layout.kv_index.shape[-1]
 
   # Per-step inputs, query tile axis first.
-  q_nBKGqD = _pad_axis(q_BTHD, 1, nq * bq).reshape(B, nq, bq, Hkv, G, D).transpose(1, 0, 3, 4, 2, 5)
+  q_nBKGqD = pad_axis(q_BTHD, 1, nq * bq).reshape(B, nq, bq, Hkv, G, D).transpose(1, 0, 3, 4, 2, 5)
   kv_index = jnp.asarray(np.broadcast_to(layout.kv_index, (Hkv, nq, M)).transpose(1, 0, 2))
   kv_count = jnp.asarray(np.broadcast_to(layout.kv_count, (Hkv, nq)).T)
   has_segments = q_segment_ids is not None
   if has_segments:
-    q_seg_nBq = _pad_axis(q_segment_ids, 1, nq * bq, -1).reshape(B, nq, bq).transpose(1, 0, 2)
-    kv_seg_BnK = _pad_axis(kv_segment_ids, 1, nk * bk, -2).reshape(B, nk, bk)
+    q_seg_nBq = pad_axis(q_segment_ids, 1, nq * bq, -1).reshape(B, nq, bq).transpose(1, 0, 2)
+    kv_seg_BnK = pad_axis(kv_segment_ids, 1, nk * bk, -2).reshape(B, nk, bk)
   else:
     q_seg_nBq = jnp.zeros((nq, 1, 1), jnp.int32)
-  k_KnBkD = _pad_axis(k_BSKD, 1, nk * bk).reshape(B, nk, bk, Hkv, D).transpose(3, 1, 0, 2, 4)
-  v_KnBkD = _pad_axis(v_BSKD, 1, nk * bk).reshape(B, nk, bk, Hkv, D).transpose(3, 1, 0, 2, 4)
+  k_KnBkD = pad_axis(k_BSKD, 1, nk * bk).reshape(B, nk, bk, Hkv, D).transpose(3, 1, 0, 2, 4)
+  v_KnBkD = pad_axis(v_BSKD, 1, nk * bk).reshape(B, nk, bk, Hkv, D).transpose(3, 1, 0, 2, 4)
   heads_K = jnp.arange(Hkv)
 
   @jax.checkpoint
