@@ -16,7 +16,6 @@ continues an interrupted set (training itself resumes from its checkpoints).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import queue
@@ -28,13 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPRO = os.path.join(ROOT, "configs", "repro")
-
-
-def _load(path: str):
-  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+sys.path.insert(0, ROOT)  # run from a checkout
+from longgen_jax.training.config import load_config_module  # noqa: E402
 
 
 def variant_names() -> list[str]:
@@ -50,7 +44,7 @@ def _flat(cfg, prefix: str = "") -> dict:
 
 def train_overrides(variant: str, cpu_tiny: bool) -> list[str]:
   """--config.KEY=VALUE flags turning the variant's file into the run (the CPU-tiny shrink, if asked)."""
-  module = _load(os.path.join(REPRO, f"{variant}.py"))
+  module = load_config_module(os.path.join(REPRO, f"{variant}.py"))
   if not cpu_tiny:
     return []
   base = _flat(module.get_config())
@@ -62,7 +56,7 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
                  eval_overrides: dict | None = None) -> list[list[str]]:
   """The train, passkey and ppl commands of one (variant, seed) job; eval_overrides replace keys of
   base.EVAL (or CPU_TINY's)."""
-  base = _load(os.path.join(REPRO, "base.py"))
+  base = load_config_module(os.path.join(REPRO, "base.py"))
   ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
   jobdir = os.path.join(out, variant, f"seed{seed}")
   py = sys.executable
@@ -91,7 +85,7 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
   from longgen_jax.model.config import ModelConfig
   from longgen_jax.model.llama import Llama
   from longgen_jax.weights import save_model
-  base = _load(os.path.join(REPRO, "base.py"))
+  base = load_config_module(os.path.join(REPRO, "base.py"))
   dims = base.CPU_TINY["model"] if cpu_tiny else base.MODEL
   save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
 
@@ -137,7 +131,6 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
 def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   """summary.json + summary.md from the result.json files present: per variant and length, the mean
   accuracy over seeds and the 95% Wilson interval of all its samples pooled."""
-  sys.path.insert(0, ROOT)
   from longgen_jax.evaluation.common import format_length, wilson_interval
   rows, lengths = [], None
   for v in variants:

@@ -4,12 +4,11 @@ python scripts/reproduce.py --variants all_full   (or: python -m longgen_jax.tra
 --workdir=DIR --config.init_from=INIT, INIT a checkpoint of base.MODEL: the runner writes one per seed)
 """
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location("repro_base", os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
-base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(base)
+from longgen_jax.training import load_config_module
+
+base = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "base.py"))
 
 VARIANT = dict(full_fraction=1, sparse="sink_window", placement="middle")
 

@@ -17,15 +17,21 @@ if TYPE_CHECKING:
   import ml_collections
 
 
-def load_config_file(path: str | os.PathLike) -> "ml_collections.ConfigDict":
-  """`get_config()` of a config file (configs/*.py are files, not a package)."""
+def load_config_module(path: str | os.PathLike):
+  """A config file as a module (configs/*.py are files, not a package): for configs built on another
+  file's helpers (configs/repro/*.py on base.py)."""
   import importlib.util
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   if spec is None or not os.path.isfile(path):
     raise FileNotFoundError(f"no config file at {path}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_config_file(path: str | os.PathLike) -> "ml_collections.ConfigDict":
+  """`get_config()` of a config file."""
+  return load_config_module(path).get_config()
 
 
 def default_config() -> "ml_collections.ConfigDict":
