@@ -144,15 +144,20 @@ def random_params(cfg: ModelConfig, *, seed: int, param_dtype=jnp.float32, shard
   """
   key = jax.random.key(seed)
   state = lambda module: nnx.to_pure_dict(nnx.state(module))
-  ends = lambda k: dict(zip(("embed_tokens", "norm", "lm_head"),
-                            map(lambda m: None if m is None else state(m),
-                                _ends(cfg, nnx.Rngs(k), param_dtype, param_dtype))))
-  block = lambda k: state(Block(cfg, cfg.layer_specs[0], rngs=nnx.Rngs(k), dtype=param_dtype,
-                                param_dtype=param_dtype))
-  out_ends = None if shardings is None else {k: v for k, v in shardings.items() if k != "layers"}
-  params = {k: v for k, v in jax.jit(ends, out_shardings=out_ends)(
-      jax.random.fold_in(key, cfg.num_layers)).items() if v is not None}
-  layer_sharding = None if shardings is None else shardings["layers"][0]
+
+  def ends(k):
+    modules = zip(("embed_tokens", "norm", "lm_head"), _ends(cfg, nnx.Rngs(k), param_dtype, param_dtype))
+    return {name: state(m) for name, m in modules if m is not None}   # no lm_head when tied
+
+  def block(k):
+    return state(Block(cfg, cfg.layer_specs[0], rngs=nnx.Rngs(k), dtype=param_dtype, param_dtype=param_dtype))
+
+  if shardings is None:
+    ends_sharding, layer_sharding = None, None
+  else:
+    ends_sharding = {name: s for name, s in shardings.items() if name != "layers"}
+    layer_sharding = shardings["layers"][0]
+  params = jax.jit(ends, out_shardings=ends_sharding)(jax.random.fold_in(key, cfg.num_layers))
   make_block = jax.jit(block, out_shardings=layer_sharding)  # compiled once, called per layer
   params["layers"] = {i: make_block(jax.random.fold_in(key, i)) for i in range(cfg.num_layers)}
   return params
