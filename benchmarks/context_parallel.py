@@ -80,12 +80,17 @@ def time_one_gpu(spec, impl: str, T: int, reps: int) -> float:
   return time_fn(fn, *args, min_time=0.0, reps=reps)
 
 
-def time_context(spec, strategy: ContextStrategy, T: int, reps: int, mesh, comm: bool = True) -> float:
+def compiled_context(spec, strategy: ContextStrategy, T: int, mesh, comm: bool = True):
+  """(compiled context-parallel fwd+bwd, its inputs on the load-balanced layout)."""
   x = NamedSharding(mesh, P(None, "context", None, None))
   args = random_inputs(T, x)
   fn = fwd_bwd(lambda q, k, v: context_attention(q, k, v, spec, strategy=strategy))
   with jax.set_mesh(mesh), (contextlib.nullcontext() if comm else no_communication()):
-    fn = fn.lower(*args).compile()
+    return fn.lower(*args).compile(), args
+
+
+def time_context(spec, strategy: ContextStrategy, T: int, reps: int, mesh, comm: bool = True) -> float:
+  fn, args = compiled_context(spec, strategy, T, mesh, comm)
   with jax.set_mesh(mesh):
     return time_fn(fn, *args, min_time=0.0, reps=reps)
 
@@ -93,10 +98,8 @@ def time_context(spec, strategy: ContextStrategy, T: int, reps: int, mesh, comm:
 def profile_context(spec, strategy: ContextStrategy, T: int, mesh, directory: str, reps: int = 2) -> None:
   """A jax.profiler trace of `reps` compiled fwd+bwd calls (after a warm-up) in `directory`; read it with
   benchmarks/profile_overlap.py (does the communication run under compute?) or TensorBoard/Perfetto."""
-  x = NamedSharding(mesh, P(None, "context", None, None))
-  args = random_inputs(T, x)
+  fn, args = compiled_context(spec, strategy, T, mesh)
   with jax.set_mesh(mesh):
-    fn = fwd_bwd(lambda q, k, v: context_attention(q, k, v, spec, strategy=strategy)).lower(*args).compile()
     jax.block_until_ready(fn(*args))
     with jax.profiler.trace(directory):
       for _ in range(reps):
