@@ -41,7 +41,7 @@ def one(args) -> dict:
   from longgen_jax.parallel.mesh import make_mesh
   from longgen_jax.training.optimizer import make_optimizer
   from longgen_jax.training.state import random_state
-  from longgen_jax.training.step import sharded_step
+  from longgen_jax.training.step import compiled_memory, sharded_step
 
   base = preset(args.preset, num_layers=args.layers, max_seq_len=args.seq_len)
   mc = base.all_full() if args.variant in ("full", "cudnn") else base
@@ -65,10 +65,9 @@ def one(args) -> dict:
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
+  mem = compiled_memory(compiled)
   r = {"lower_s": lower_s, "compile_s": compile_s, "kernel_sites": dict(sites),
-       "xla_temp_gb": getattr(mem, "temp_size_in_bytes", 0) / 2**30,
-       "xla_args_gb": getattr(mem, "argument_size_in_bytes", 0) / 2**30}
+       "xla_temp_gb": mem["temporaries"] / 2**30, "xla_args_gb": mem["arguments"] / 2**30}
   if args.run:
     state = random_state(mc, mcfg, optimizer, steps.state_shardings, seed=0)
     tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (1, B, T + 1), dtype=np.int32)

@@ -33,7 +33,7 @@ from longgen_jax.model.config import preset
 from longgen_jax.parallel.layout import padded_length
 from longgen_jax.training.flops import train_flops_per_token
 from longgen_jax.training.optimizer import make_optimizer
-from longgen_jax.training.step import sharded_step
+from longgen_jax.training.step import compiled_memory, sharded_step
 
 V5P_HBM_GIB, V5P_TFLOPS = 95.0, 459.0
 
@@ -80,17 +80,13 @@ def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True) -> dict:
       lower_s = time.perf_counter() - t0
       compiled = lowered.compile()
     seconds = time.perf_counter() - t0
-  m = compiled.memory_analysis()
-  gib = lambda n: (n or 0) / 2**30
-  new_out = gib(m.output_size_in_bytes - m.alias_size_in_bytes)
+  memory = compiled_memory(compiled)
   flops = train_flops_per_token(mc, case.seq_len) * case.batch * case.seq_len
   chips = devices.size
   return {"case": dataclasses.asdict(case), "pattern": [str(s) for s in mc.layer_specs[:1]] + ["..."],
           "num_full": mc.num_full_layers, "chips": chips, "scan_layers": scan, "lower_s": round(lower_s, 1),
           "compile_s": round(seconds - lower_s, 1),
-          "per_chip_gib": {"arguments": round(gib(m.argument_size_in_bytes), 2), "temporaries":
-                           round(gib(m.temp_size_in_bytes), 2), "new_outputs": round(new_out, 2),
-                           "total": round(gib(m.argument_size_in_bytes) + gib(m.temp_size_in_bytes) + new_out, 2)},
+          "per_chip_gib": {k: round(n / 2**30, 2) for k, n in memory.items()},
           "model_tflop_per_step": round(flops / 1e12, 1),
           "analytic_step_s_at_40pct_mfu": round(flops / (chips * V5P_TFLOPS * 1e12 * 0.40), 2),
           "tpu_custom_calls": compiled.as_text().count("tpu_custom_call")}

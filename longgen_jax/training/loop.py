@@ -28,7 +28,7 @@ from longgen_jax.training.config import build_model_config, changed_settings, co
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
 from longgen_jax.training.optimizer import make_optimizer
 from longgen_jax.training.state import init_state
-from longgen_jax.training.step import sharded_step
+from longgen_jax.training.step import compiled_memory, sharded_step
 from longgen_jax.weights.format import is_checkpoint
 
 
@@ -166,16 +166,7 @@ def prepare(cfg, workdir: str) -> Run | None:
   compile_s = time.perf_counter() - t0
   _log(f"compiled train step in {compile_s:.1f}s")
   if cfg.dry_run:  # before any weight is loaded or checkpoint touched
-    memory = compiled_memory(step_fn)
-    _log(describe_compiled(memory, flops_per_step, mesh))
-    limit = _device_memory_limit()
-    if jax.process_index() == 0:  # machine-readable, for ladders of lengths or meshes
-      with open(os.path.join(workdir, "dry_run.json"), "w") as f:
-        json.dump({"mesh": dict(mesh.shape), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-                   "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
-                   "per_device_bytes": memory, "device_bytes_limit": limit,
-                   "fits": None if limit is None else memory["total"] <= limit,
-                   "model_flops_per_step": flops_per_step}, f, indent=1)
+    _report_dry_run(cfg, workdir, step_fn, flops_per_step, mesh, compile_s)
     return None
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
@@ -210,12 +201,19 @@ def _check_process_rows(batch_sh, shape):
                      "data.host_split='rows' for this mesh")
 
 
-def compiled_memory(compiled) -> dict:
-  """Per-device bytes from XLA's compiled memory analysis: arguments (weights, optimizer state, batch),
-  temporaries, new outputs (outputs not aliased to donated arguments) and their total."""
-  m = compiled.memory_analysis()
-  args, out, temp, alias = (getattr(m, f"{k}_size_in_bytes", 0) or 0 for k in ("argument", "output", "temp", "alias"))
-  return {"arguments": args, "temporaries": temp, "new_outputs": out - alias, "total": args + temp + out - alias}
+def _report_dry_run(cfg, workdir: str, compiled, flops_per_step: float, mesh, compile_s: float) -> None:
+  """--dry_run: the per-device memory and FLOPs as one log line and as WORKDIR/dry_run.json (for ladders of
+  lengths or meshes: benchmarks/multi_gpu_train.py), with the device's limit and whether the step fits."""
+  memory = compiled_memory(compiled)
+  _log(describe_compiled(memory, flops_per_step, mesh))
+  limit = _device_memory_limit()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "dry_run.json"), "w") as f:
+      json.dump({"mesh": dict(mesh.shape), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
+                 "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
+                 "per_device_bytes": memory, "device_bytes_limit": limit,
+                 "fits": None if limit is None else memory["total"] <= limit,
+                 "model_flops_per_step": flops_per_step}, f, indent=1)
 
 
 def describe_compiled(memory: dict, flops_per_step: float, mesh) -> str:

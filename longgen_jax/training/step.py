@@ -67,6 +67,14 @@ def make_eval_step(loss_fn: Callable) -> Callable:
   return step
 
 
+def compiled_memory(compiled) -> dict:
+  """Per-device bytes from XLA's compiled memory analysis: arguments (weights, optimizer state, batch),
+  temporaries, new outputs (outputs not aliased to donated arguments) and their total."""
+  m = compiled.memory_analysis()
+  args, out, temp, alias = (getattr(m, f"{k}_size_in_bytes", 0) or 0 for k in ("argument", "output", "temp", "alias"))
+  return {"arguments": args, "temporaries": temp, "new_outputs": out - alias, "total": args + temp + out - alias}
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedStep:
   """The train and eval steps jitted for `mesh`, and the abstract arrays (shapes, dtypes, shardings) they
