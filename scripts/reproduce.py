@@ -53,9 +53,9 @@ def train_overrides(variant: str, cpu_tiny: bool) -> list[str]:
 
 
 def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0,
-                 eval_overrides: dict | None = None) -> list[list[str]]:
+                 eval_overrides: dict | None = None, train_sets: tuple[str, ...] = ()) -> list[list[str]]:
   """The train, passkey and ppl commands of one (variant, seed) job; eval_overrides replace keys of
-  base.EVAL (or CPU_TINY's)."""
+  base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE training-config overrides for every variant."""
   base = load_config_module(os.path.join(REPRO, "base.py"))
   ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
   jobdir = os.path.join(out, variant, f"seed{seed}")
@@ -65,6 +65,7 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
            "--config.progress_bar=False", *train_overrides(variant, cpu_tiny)]
   if steps:
     train.append(f"--config.total_steps={steps}")
+  train += [f"--config.{kv}" for kv in train_sets]
   model = os.path.join(jobdir, "train", "model")
   common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
             "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
@@ -91,14 +92,14 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
 
 
 def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict,
-            eval_overrides: dict | None = None) -> dict:
+            eval_overrides: dict | None = None, train_sets: tuple[str, ...] = ()) -> dict:
   """Runs train + evaluations (logging to log.txt) and writes result.json; returns it."""
   jobdir = os.path.join(out, variant, f"seed{seed}")
   os.makedirs(jobdir, exist_ok=True)
   times = {}
   with open(os.path.join(jobdir, "log.txt"), "a") as log:
     for name, cmd in zip(("train", "passkey", "ppl"),
-                         job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides)):
+                         job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides, train_sets)):
       log.write(f"$ {shlex.join(cmd)}\n")
       log.flush()
       t0 = time.time()
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--cpu-tiny", action="store_true", help="the CPU-sized experiment (configs/repro/base.py CPU_TINY)")
   p.add_argument("--workers", type=int, default=1, help="parallel jobs without --gpus")
   p.add_argument("--steps", type=int, default=0, help="override total_steps (smoke tests)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a training-config override for every variant (e.g. data.synthetic.min_chars=1024)")
   p.add_argument("--out", default="results/repro", help="results directory")
   for key in ("lengths", "depths", "samples"):
     p.add_argument(f"--{key}", default=None, help=f"override the pass-key {key} of configs/repro/base.py")
@@ -197,10 +200,14 @@ def main(argv: list[str] | None = None) -> int:
   inits = {s: os.path.join(out, "init", f"seed{s}") for s in seeds}
   jobs = [(v, s) for s in seeds for v in variants]
   ev = {k: getattr(args, k) for k in ("lengths", "depths", "samples") if getattr(args, k)}
+  bad = [kv for kv in args.set if "=" not in kv]
+  if bad:
+    p.error(f"--set takes KEY=VALUE, got {bad}")
+  sets = tuple(args.set)
 
   if args.dry_run:
     for v, s in jobs:
-      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev):
+      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets):
         print(shlex.join(cmd))
     return 0
 
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         return
       t0 = time.time()
       try:
-        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev)
+        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev, sets)
         acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
         print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
               file=sys.stderr)
