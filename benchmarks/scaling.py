@@ -57,14 +57,14 @@ CASES = {
 }
 
 
-def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True) -> dict:
+def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True, remat: str = "full") -> dict:
   topo = topologies.get_topology_desc(case.topology, platform="tpu")
   devices = np.array(topo.devices)
   if devices.size != int(np.prod(case.mesh)):
     raise ValueError(f"{case}: mesh {case.mesh} needs {int(np.prod(case.mesh))} chips, topology has {devices.size}")
   mesh = Mesh(devices.reshape(case.mesh), MESH_AXES)
   mc = preset(case.model, max_seq_len=case.seq_len)  # the LongGen pattern: 3/8 full, middle
-  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl="auto", remat="full",
+  mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl="auto", remat=remat,
                                scan_layers=scan)
   optim = types.SimpleNamespace(lr=2e-5, min_lr_ratio=1.0, warmup_steps=50, schedule="constant", decay_steps=0,
                                 weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
@@ -84,7 +84,7 @@ def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True) -> dict:
   flops = train_flops_per_token(mc, case.seq_len) * case.batch * case.seq_len
   chips = devices.size
   return {"case": dataclasses.asdict(case), "pattern": [str(s) for s in mc.layer_specs[:1]] + ["..."],
-          "num_full": mc.num_full_layers, "chips": chips, "scan_layers": scan, "lower_s": round(lower_s, 1),
+          "num_full": mc.num_full_layers, "chips": chips, "scan_layers": scan, "remat": remat, "lower_s": round(lower_s, 1),
           "compile_s": round(seconds - lower_s, 1),
           "per_chip_gib": {k: round(n / 2**30, 2) for k, n in memory.items()},
           "model_tflop_per_step": round(flops / 1e12, 1),
@@ -96,6 +96,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--cases", default=",".join(CASES))
   p.add_argument("--scan", default="on", choices=["on", "off", "both"], help="layer runs as scans, unrolled, or both")
+  p.add_argument("--remat", default="full", choices=["full", "offload"],
+                 help="offload: the saved layer inputs and ring outputs in host memory (model.remat)")
   p.add_argument("--out", default="")
   args = p.parse_args()
   results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "hbm_per_chip_gib": V5P_HBM_GIB,
@@ -104,9 +106,9 @@ def main():
     for scan in {"on": [True], "off": [False], "both": [True, False]}[args.scan]:
       t0 = time.perf_counter()
       try:
-        r = {"name": name, **compile_case(CASES[name], scan=scan)}
+        r = {"name": name, **compile_case(CASES[name], scan=scan, remat=args.remat)}
       except jax.errors.JaxRuntimeError as e:  # e.g. XLA refuses a plan over the chip's HBM: that is the answer
-        r = {"name": name, "case": dataclasses.asdict(CASES[name]), "scan_layers": scan,
+        r = {"name": name, "case": dataclasses.asdict(CASES[name]), "scan_layers": scan, "remat": args.remat,
              "error": str(e).splitlines()[0][:300], "seconds_until_error": round(time.perf_counter() - t0, 1)}
       results["results"].append(r)
       print(json.dumps(r), flush=True)

@@ -138,7 +138,7 @@ ATTENTION = textwrap.dedent(r'''
     x = jnp.ones((1, 32, 2, 8))
     f = lambda x: jnp.sum(jnp.sin(context_attention(x, x * 2, x, full, impl="xla_blockwise")))
     permutes = {}
-    for name, policy in (("none", None), ("full", REMAT_POLICIES["full"]),
+    for name, policy in (("none", None), ("full", REMAT_POLICIES["full"]), ("offload", REMAT_POLICIES["offload"]),
                          ("nothing_saveable", jax.checkpoint_policies.nothing_saveable)):
       with jax.set_mesh(make_mesh(data=1, context=4, devices=jax.devices()[:4])):
         g = jax.value_and_grad(jax.checkpoint(f, policy=policy) if policy else f)
@@ -174,7 +174,7 @@ def test_context_attention_equals_unsharded_outputs_and_gradients():
   r = run_result_script(ATTENTION, devices=8)
   results, permutes = r["cases"], r["remat_permutes"]
   assert r["weight_gathers"] > 0 and r["sequence_gathers"] == [], r["sequence_gathers"]
-  assert permutes["full"] == permutes["none"] < permutes["nothing_saveable"], permutes
+  assert permutes["full"] == permutes["offload"] == permutes["none"] < permutes["nothing_saveable"], permutes
   assert len(results) == 16
   for r in results:
     assert max(r["errors"]) <= 1e-5, r

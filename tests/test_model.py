@@ -1,10 +1,14 @@
 """The NNX Llama: patterns, remat, tied head, packing with segment ids."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from conftest import rel_err, run_model
 from longgen_jax import AttentionSpec, Llama, preset
@@ -44,6 +48,36 @@ def test_remat_changes_nothing_but_memory():
   assert abs(float(l0 - l1)) < 1e-6
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     assert rel_err(b, a) < 1e-5
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_offload_remat_moves_layer_inputs_to_host_and_changes_nothing_else(scan):
+  """remat="offload" is "full" with the saved layer inputs in pinned host memory: the same loss and
+  gradients, and the gradient's program sends them to the host (CPU runs the transfers as copies; on a
+  TPU topology the compiled memory analysis counts them as host temporaries, benchmarks/scaling.py)."""
+  cfg = preset("tiny", num_layers=4)
+  tokens = _tokens(2, 40, cfg.vocab_size)
+
+  def grad_fn(remat):  # (value_and_grad over the model's state, that state)
+    graphdef, state = nnx.split(_model(cfg, remat=remat, scan_layers=scan))
+    loss = lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2)
+    return jax.value_and_grad(loss), state
+
+  (l0, g0), (l1, g1) = (f(state) for f, state in (grad_fn("full"), grad_fn("offload")))
+  assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    assert rel_err(b, a) < 1e-6
+  def host_residuals(remat):  # the residuals the backward keeps in host memory, as JAX describes them
+    graphdef, state = nnx.split(_model(cfg, remat=remat, scan_layers=scan))
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+      print_saved_residuals(lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2), state)
+    return [line for line in text.getvalue().splitlines() if "<host>" in line]
+
+  hidden = f"2,40,{cfg.hidden_size}]"  # [B, T, E] per layer, or [layers, B, T, E] stacked by the scan
+  offloaded = host_residuals("offload")
+  assert offloaded and all(line.split(" ")[0].endswith(hidden) for line in offloaded), offloaded
+  assert host_residuals("full") == []
 
 
 def test_implementations_agree_inside_the_model():

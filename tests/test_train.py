@@ -291,7 +291,7 @@ def test_dry_run_profile_and_peak_memory(tmp_path, capfd):
 def test_out_of_memory_becomes_one_line_naming_the_knobs():
   from longgen_jax.training.loop import OutOfDeviceMemory, out_of_memory_hint
   cfg = tiny_config()
-  with pytest.raises(OutOfDeviceMemory, match=r"lower config.batch_size=4 .*model.remat='full'.*mesh.fsdp .*mesh.context"):
+  with pytest.raises(OutOfDeviceMemory, match=r"lower config.batch_size=4 .*model.remat='full'.*'offload'.*mesh.fsdp .*mesh.context"):
     with out_of_memory_hint(cfg):
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 148.30GiB\n(details)")
   with pytest.raises(KeyError):  # other errors pass through unchanged

@@ -26,11 +26,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Under context parallelism "full" and "dots" also keep the ring attention's output and LSE (1/context
 # of a sequence per device), so the backward does not run the ring a second time; one device: no change.
 _KEEP_RING = jax.checkpoint_policies.save_only_these_names(RING_OUT, RING_LSE)
+# The name of each layer's input inside the remat'd unit: "offload" keeps it (and the ring's output and
+# LSE) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
+LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "none": None,                                                   # keep every activation
     "full": _KEEP_RING,                                             # recompute each layer
     "dots": jax.checkpoint_policies.save_from_both_policies(        # keep matmul outputs
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_RING),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(  # "full", saved copies on the host
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, RING_OUT, RING_LSE],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 

@@ -28,9 +28,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from longgen_jax.attention import AttentionSpec, SegmentIds
-from longgen_jax.model.config import REMAT_POLICIES, ModelConfig
+from longgen_jax.model.config import LAYER_INPUT, REMAT_POLICIES, ModelConfig
 from longgen_jax.parallel.context import ContextStrategy, context_attention
 from longgen_jax.parallel.mesh import constrain_activation
 
@@ -258,7 +259,7 @@ def _scan_blocks(blocks: Sequence[Block], x_BTE, positions_BT, attend: Attend, p
   weights = jax.tree.map(stack, *[nnx.state(b) for b in blocks])
 
   def body(x, layer_weights):
-    return nnx.merge(graphdef, layer_weights)(x, positions_BT, attend)
+    return nnx.merge(graphdef, layer_weights)(checkpoint_name(x, LAYER_INPUT), positions_BT, attend)
 
   if policy is not None:
     body = jax.checkpoint(body, policy=policy, prevent_cse=False)
@@ -269,7 +270,8 @@ def _scan_blocks(blocks: Sequence[Block], x_BTE, positions_BT, attend: Attend, p
 def _call_with(attend: Attend):
   """block, x, positions -> block(x, positions, attend): the unit remat (and scan) wraps."""
   def run(block, x_BTE, positions_BT):
-    return block(x_BTE, positions_BT, attend)
+    # every use of the input goes through its name, so a policy that offloads it keeps no device copy
+    return block(checkpoint_name(x_BTE, LAYER_INPUT), positions_BT, attend)
   return run
 
 

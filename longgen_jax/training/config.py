@@ -55,7 +55,7 @@ def default_config() -> "ml_collections.ConfigDict":
       compute_dtype="bfloat16",
       param_dtype="float32",    # master weights (and AdamW moments)
       attn_impl="auto",         # attention.registry.USER_NAMES: auto, pallas, cudnn, xla_blockwise, reference
-      remat="none",             # model.config.REMAT_POLICIES: none, full, dots
+      remat="none",             # model.config.REMAT_POLICIES: none, full, dots, offload
       scan_layers=True,         # runs of equal layers as one lax.scan (compile time flat in depth); False unrolls
       segment_attention=True,   # keep attention inside packed documents
   ))

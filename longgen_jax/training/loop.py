@@ -221,7 +221,9 @@ def describe_compiled(memory: dict, flops_per_step: float, mesh) -> str:
   gb = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
   return (f"dry run on mesh {dict(mesh.shape)}: per device {gb(memory['arguments'])} arguments (weights, optimizer "
           f"state, batch) + {gb(memory['temporaries'])} temporaries + {gb(memory['new_outputs'])} new outputs = "
-          f"{gb(memory['total'])}; {flops_per_step / 1e12:.4g} model TFLOP per step")
+          f"{gb(memory['total'])}" + (f" (+ {gb(memory['host_temporaries'])} in host memory)"
+                                       if memory.get("host_temporaries") else "")
+          + f"; {flops_per_step / 1e12:.4g} model TFLOP per step")
 
 
 def _device_memory_limit() -> int | None:
@@ -248,7 +250,8 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
       c = self.cfg
       raise OutOfDeviceMemory(
           f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
-          f"config.seq_len={c.seq_len}, set config.model.remat='full' (now {c.model.remat!r}), shard weights over "
+          f"config.seq_len={c.seq_len}, set config.model.remat='full' or, to keep the saved activations in host "
+          f"memory, 'offload' (now {c.model.remat!r}), shard weights over "
           f"more devices with config.mesh.fsdp (now {c.mesh.fsdp}) or split each sequence over more with "
           f"config.mesh.context (now {c.mesh.context}); `--config.dry_run=True` shows the per-device memory "
           "without running") from None

@@ -69,10 +69,13 @@ def make_eval_step(loss_fn: Callable) -> Callable:
 
 def compiled_memory(compiled) -> dict:
   """Per-device bytes from XLA's compiled memory analysis: arguments (weights, optimizer state, batch),
-  temporaries, new outputs (outputs not aliased to donated arguments) and their total."""
+  temporaries, new outputs (outputs not aliased to donated arguments) and their total; and, apart from the
+  device total, the host temporaries (what model.remat="offload" keeps in pinned host memory)."""
   m = compiled.memory_analysis()
-  args, out, temp, alias = (getattr(m, f"{k}_size_in_bytes", 0) or 0 for k in ("argument", "output", "temp", "alias"))
-  return {"arguments": args, "temporaries": temp, "new_outputs": out - alias, "total": args + temp + out - alias}
+  args, out, temp, alias, host = (getattr(m, f"{k}_size_in_bytes", 0) or 0
+                                  for k in ("argument", "output", "temp", "alias", "host_temp"))
+  return {"arguments": args, "temporaries": temp, "new_outputs": out - alias, "total": args + temp + out - alias,
+          "host_temporaries": host}
 
 
 @dataclasses.dataclass(frozen=True)
