@@ -1,9 +1,15 @@
 """Block-sparse flash attention BACKWARD for Hopper in Pallas Mosaic GPU (wgmma + TMA).
 
-UNTESTED ON A GPU when written (no device that session): it lowers to a Mosaic GPU module on
-CPU (tests/test_pallas_mgpu.py lowers it for `cuda`), but has never been compiled by ptxas nor
-run. Every API detail not yet seen working is marked `# CHECK ON GPU:`. The Triton backward in
-`pallas_gpu` stays the default until tests/test_pallas_mgpu.py's GPU tests pass on this one.
+Written without a GPU (it lowers to a Mosaic GPU module on CPU: tests/test_pallas_mgpu.py lowers it
+for `cuda`). First GPU runs, 2026-11-27 on H200s (JAX 0.11.2): every case of
+`test_mgpu_backward_matches_reference` (bf16/fp16, head_dim 64/128, GQA 1-8, T 640-4096, q_offset 512
+with T != S, non-multiple lengths) and `test_mgpu_backward_empty_rows_zero_and_finite` passed at least
+once, each taking ~50 s (mostly compilation). Under 4 pytest workers with a 50 s per-test limit, four
+tests failed (two reference cases that passed alone before and after, one more reference case, and
+`test_pallas_attention_grads_through_mgpu_backward[8-128-full]`); their tracebacks were not captured,
+so timeout vs a real failure is not established. Not yet: the routing tests through `pallas_gpu`, the
+timing. The `# CHECK ON GPU:` markers name API details seen compiling but not individually checked.
+The Triton backward in `pallas_gpu` stays the default until the whole GPU suite passes on this one.
 
 Switch: `LONGGEN_JAX_MGPU_BACKWARD=1`, read when `pallas_gpu`'s backward is TRACED (jit caches
 traces, so set it before the first call), or `with forced(True):` around the tracing (the
