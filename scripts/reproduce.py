@@ -52,20 +52,43 @@ def train_overrides(variant: str, cpu_tiny: bool) -> list[str]:
   return [f"--config.{k}={v}" for k, v in sorted(tiny.items()) if base[k] != v]
 
 
+Stage = tuple[int, tuple[str, ...]]  # (steps, KEY=VALUE overrides) of a training stage before the main one
+
+
+def parse_stage(text: str) -> Stage:
+  """'STEPS' or 'STEPS:KEY=VALUE;KEY=VALUE...' (';' between overrides: values may hold commas)."""
+  steps, _, sets = text.partition(":")
+  overrides = tuple(kv.strip() for kv in sets.split(";") if kv.strip())
+  if not steps.strip().isdigit() or int(steps) < 1 or any("=" not in kv for kv in overrides):
+    raise ValueError(f"a stage is STEPS[:KEY=VALUE;KEY=VALUE...] with STEPS >= 1, got {text!r}")
+  return int(steps), overrides
+
+
 def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0,
-                 eval_overrides: dict | None = None, train_sets: tuple[str, ...] = ()) -> list[list[str]]:
-  """The train, passkey and ppl commands of one (variant, seed) job; eval_overrides replace keys of
-  base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE training-config overrides for every variant."""
+                 eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
+                 stages: tuple[Stage, ...] = ()) -> list[list[str]]:
+  """The commands of one (variant, seed) job: one training per stage (a curriculum: each starts from the
+  previous one's exported model, the first from `init`), the main training (from the last stage's model),
+  passkey and ppl. eval_overrides replace keys of base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE
+  training-config overrides for every training of every variant, a stage's own overrides come after them."""
   base = load_config_module(os.path.join(REPRO, "base.py"))
   ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
   jobdir = os.path.join(out, variant, f"seed{seed}")
   py = sys.executable
-  train = [py, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
-           f"--workdir={os.path.join(jobdir, 'train')}", f"--config.init_from={init}", f"--config.seed={seed}",
+
+  def training(workdir: str, start: str, total_steps: int, extra: tuple[str, ...]) -> list[str]:
+    cmd = [py, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
+           f"--workdir={os.path.join(jobdir, workdir)}", f"--config.init_from={start}", f"--config.seed={seed}",
            "--config.progress_bar=False", *train_overrides(variant, cpu_tiny)]
-  if steps:
-    train.append(f"--config.total_steps={steps}")
-  train += [f"--config.{kv}" for kv in train_sets]
+    if total_steps:
+      cmd.append(f"--config.total_steps={total_steps}")
+    return cmd + [f"--config.{kv}" for kv in (*train_sets, *extra)]
+
+  commands, start = [], init
+  for i, (stage_steps, stage_sets) in enumerate(stages, 1):
+    commands.append(training(f"stage{i}", start, stage_steps, stage_sets))
+    start = os.path.join(jobdir, f"stage{i}", "model")
+  train = training("train", start, steps, ())
   model = os.path.join(jobdir, "train", "model")
   common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
             "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
@@ -74,7 +97,7 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
              ev["depths"], "--samples", str(ev["samples"]), "--out", os.path.join(jobdir, "passkey.json")]
   ppl = [py, "-m", "longgen_jax.evaluate", "ppl", *common, "--seq-len", str(ev["ppl_seq_len"]), "--bucket",
          str(ev["ppl_bucket"]), "--docs", str(ev["ppl_docs"]), "--out", os.path.join(jobdir, "ppl.json")]
-  return [train, passkey, ppl]
+  return [*commands, train, passkey, ppl]
 
 
 def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
@@ -92,14 +115,19 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
 
 
 def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict,
-            eval_overrides: dict | None = None, train_sets: tuple[str, ...] = ()) -> dict:
-  """Runs train + evaluations (logging to log.txt) and writes result.json; returns it."""
+            eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
+            stages: tuple[Stage, ...] = ()) -> dict:
+  """Runs the stages, train and evaluations (logging to log.txt) and writes result.json; returns it. A
+  stage whose exported model exists is not run again."""
   jobdir = os.path.join(out, variant, f"seed{seed}")
   os.makedirs(jobdir, exist_ok=True)
   times = {}
+  names = [f"stage{i}" for i in range(1, len(stages) + 1)] + ["train", "passkey", "ppl"]
   with open(os.path.join(jobdir, "log.txt"), "a") as log:
-    for name, cmd in zip(("train", "passkey", "ppl"),
-                         job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides, train_sets)):
+    for name, cmd in zip(names, job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides,
+                                             train_sets, stages)):
+      if name.startswith("stage") and os.path.exists(os.path.join(jobdir, name, "model", "config.json")):
+        continue
       log.write(f"$ {shlex.join(cmd)}\n")
       log.flush()
       t0 = time.time()
@@ -118,6 +146,7 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
       "variant": variant, "seed": seed, "cpu_tiny": cpu_tiny, "pattern": resolved["model"]["layer_specs"],
       "steps": metrics[-1]["step"], "final_loss": metrics[-1]["loss"], "final_eval_loss": evals[-1] if evals else None,
       "train_seq_len": resolved["train"]["seq_len"], "seconds": times,
+      "stages": [{"steps": n, "overrides": list(sets)} for n, sets in stages],
       "passkey": {k: passkey[k] for k in ("lengths", "depths", "samples", "accuracy", "ci95", "accuracy_by_length",
                                           "ci95_by_length", "mean_accuracy", "mean_ci95")},
       "ppl": {"seq_len": ppl["seq_len"], "mean_loss": ppl["mean_loss"], "mean_ppl": ppl["mean_ppl"],
@@ -176,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--steps", type=int, default=0, help="override total_steps (smoke tests)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a training-config override for every variant (e.g. data.synthetic.min_chars=1024)")
+  p.add_argument("--stage", action="append", default=[], metavar="STEPS[:KEY=VALUE;...]",
+                 help="a training stage before the main one (repeatable, in order; each starts from the "
+                      "previous one's model): a curriculum, e.g. '500:data.synthetic.max_chars=1024'; "
+                      "default: configs/repro/base.py STAGES (none with --cpu-tiny)")
   p.add_argument("--out", default="results/repro", help="results directory")
   for key in ("lengths", "depths", "samples"):
     p.add_argument(f"--{key}", default=None, help=f"override the pass-key {key} of configs/repro/base.py")
@@ -204,10 +237,17 @@ def main(argv: list[str] | None = None) -> int:
   if bad:
     p.error(f"--set takes KEY=VALUE, got {bad}")
   sets = tuple(args.set)
+  try:
+    stages = tuple(map(parse_stage, args.stage))
+  except ValueError as e:
+    p.error(str(e))
+  if not args.stage and not args.cpu_tiny:
+    stages = tuple((n, tuple(f"{k}={v}" for k, v in o.items()))
+                   for n, o in load_config_module(os.path.join(REPRO, "base.py")).STAGES)
 
   if args.dry_run:
     for v, s in jobs:
-      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets):
+      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets, stages):
         print(shlex.join(cmd))
     return 0
 
@@ -234,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return
       t0 = time.time()
       try:
-        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev, sets)
+        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev, sets, stages)
         acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
         print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
               file=sys.stderr)

@@ -82,7 +82,7 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny", "--variants",
          "hybrid_third_middle", "--seeds", "3", "--steps", "2", "--lengths", "128", "--depths", "0.5",
-         "--samples", "2", "--out", str(out)]
+         "--samples", "2", "--out", str(out), "--stage", "2:data.synthetic.max_chars=150;optim.lr=1e-3"]
   p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   job = out / "hybrid_third_middle" / "seed3"
@@ -92,8 +92,25 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
                             "sink_window(4,16)"]
   assert res["passkey"]["lengths"] == [128] and (job / "passkey.png").exists() and (job / "ppl.png").exists()
   assert "| hybrid_third_middle | 1 |" in (out / "summary.md").read_text()
+  # the curriculum stage trained first, with its overrides, and the main training started from its model
+  assert res["stages"] == [{"steps": 2, "overrides": ["data.synthetic.max_chars=150", "optim.lr=1e-3"]}]
+  stage = json.loads((job / "stage1" / "config.json").read_text())
+  assert stage["train"]["total_steps"] == 2 and stage["train"]["data"]["synthetic"]["max_chars"] == 150
+  main = json.loads((job / "train" / "config.json").read_text())
+  assert main["train"]["init_from"] == str(job / "stage1" / "model")
+  assert main["train"]["data"]["synthetic"]["max_chars"] != 150
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
   assert again.returncode == 0 and "done before, skipped" in again.stderr  # re-running continues a set
+
+
+def test_stage_syntax():
+  rep = _script()
+  assert rep.parse_stage("500") == (500, ())
+  assert rep.parse_stage("300:data.source=retrieval(answer_weight=8, kv_fraction=0); optim.lr=3e-3") == (
+      300, ("data.source=retrieval(answer_weight=8, kv_fraction=0)", "optim.lr=3e-3"))
+  for bad in ("", "0", "x:a=1", "10:lr"):
+    with pytest.raises(ValueError, match="STEPS"):
+      rep.parse_stage(bad)
 
 
 def test_summary_pools_seeds(tmp_path):

@@ -20,6 +20,11 @@ SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64
 EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
             max_seq_len="16K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8)
 
+# Training stages before the main one, each (steps, {key: value}) on top of the variant's config and
+# starting from the previous stage's model: a curriculum (scripts/reproduce.py --stage replaces it). None
+# yet: the GPU pilots of 2026-11-27 (docs/reproduction.md) did not find a setting that learns retrieval.
+STAGES: list[tuple[int, dict]] = []
+
 CPU_TINY = dict(
     model=dict(MODEL, hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4, num_kv_heads=2,
                head_dim=32, max_seq_len=256),
