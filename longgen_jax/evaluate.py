@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
   k.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
   k.add_argument("--samples", type=int, default=5, help="prompts (random keys) per cell")
   k.add_argument("--chunk-len", type=parse_length, default=2048, help="prefill chunk length")
+  k.add_argument("--kv-int8", action="store_true", help="full layers' KV cache in int8 (half the memory)")
   q = sub.add_parser("ppl", parents=[common], help="mean token loss bucketed by position")
   q.add_argument("--seq-len", type=parse_length, default=None,
                  help="tokens per document row (default: the model's max_seq_len)")
@@ -111,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens per example")
     t.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples (0 = all)")
     t.add_argument("--chunk-len", type=parse_length, default=2048, help="prefill chunk length")
+    t.add_argument("--kv-int8", action="store_true", help="full layers' KV cache in int8 (half the memory)")
     if name == "ruler":
       t.add_argument("--metric", default="all", choices=["all", "part"],
                      help="RULER's string_match_all (niah, vt, cwe, fwe) or string_match_part (qa)")
@@ -153,7 +155,7 @@ def run(args) -> dict:
     depths = parse_list(args.depths, float)
     check_passkey_args(cfg, tok, lengths, depths, args.samples, args.batch_size)
     res = passkey_grid(load(), tok, lengths, depths, samples=args.samples, seed=args.seed,
-                       batch_size=args.batch_size, chunk_len=args.chunk_len,
+                       batch_size=args.batch_size, chunk_len=args.chunk_len, kv_int8=args.kv_int8,
                        attn_impl=args.attn_impl, progress=progress)
     text = format_grid(res)
   elif args.command in ("ruler", "babilong"):
@@ -164,7 +166,7 @@ def run(args) -> dict:
     scorer = f"ruler_{args.metric}" if args.command == "ruler" else "babilong"
     assert scorer in SCORERS
     res = run_task(load(), tok, examples, scorer, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                   chunk_len=args.chunk_len, attn_impl=args.attn_impl, progress=progress)
+                   chunk_len=args.chunk_len, kv_int8=args.kv_int8, attn_impl=args.attn_impl, progress=progress)
     res["data"] = args.data
     text = format_task(res)
   else:
@@ -189,6 +191,8 @@ def run(args) -> dict:
     text = format_buckets(res)
   res["ckpt"] = args.ckpt
   res.update(checkpoint, max_seq_len=cfg.max_seq_len)
+  if args.command != "ppl":
+    res["kv_int8"] = args.kv_int8
   print(text)
   if plot:
     from longgen_jax.evaluation import plots

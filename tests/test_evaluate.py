@@ -118,6 +118,20 @@ def test_cli_passkey_grid(ckpt, tmp_path, capsys):
   assert "depth" in io.out and "overall" in io.out
 
 
+def test_cli_kv_int8_reaches_generation(ckpt, tmp_path, capsys, monkeypatch):
+  """--kv-int8 (passkey, ruler, babilong) generates with the int8 full-layer cache and says so in the JSON."""
+  from longgen_jax.evaluation import passkey
+  seen = []
+  real = passkey.generate
+  monkeypatch.setattr(passkey, "generate", lambda *a, **kw: seen.append(kw["kv_int8"]) or real(*a, **kw))
+  for flag, expected in (([], False), (["--kv-int8"], True)):
+    out = tmp_path / f"grid{len(flag)}.json"
+    rc, io = _run(capsys, "passkey", "--ckpt", ckpt, "--dtype", "float32", "--lengths", "128", "--depths", "0.5",
+                  "--samples", "1", "--out", str(out), *flag)
+    assert rc == 0, io.err
+    assert json.loads(out.read_text())["kv_int8"] is expected and seen[-1] is expected
+
+
 def test_cli_ppl_buckets_match_the_models_mean_loss(ckpt, tmp_path, capsys):
   out = tmp_path / "ppl.json"
   rc, io = _run(capsys, "ppl", "--ckpt", ckpt, "--dtype", "float32", "--seq-len", "128", "--bucket", "32",

@@ -13,6 +13,7 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parent.parent / "notebooks").glob("*.
 def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv("MPLBACKEND", "Agg")  # plt.show() must not open windows
+  monkeypatch.setenv("REPRO_NOTEBOOK_STEPS", "2")  # reproduction.ipynb re-runs the CPU set at this size
   cells = json.loads(path.read_text())["cells"]
   namespace = {}
   for i, cell in enumerate(c for c in cells if c["cell_type"] == "code"):
@@ -21,6 +22,11 @@ def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
     losses = [r["loss"] for r in namespace["records"] if "loss" in r]
     assert losses[-1] < losses[0] - 1.0  # the short training run learns
     assert len(namespace["new"]) == 24 and namespace["prompt"][0] == 1
+  if path.name == "reproduction.ipynb":
+    try:
+      _check_reproduction_notebook(namespace)
+    finally:
+      namespace["plt"].close("all")
   if path.name == "patterns.ipynb":
     try:
       _check_patterns_notebook(namespace)
@@ -83,3 +89,22 @@ def _check_patterns_notebook(ns):
     curve = {line.get_label(): line for line in ns["kv_fig"].axes[0].lines}[f"{name}, LongGen"]
     x, y = curve.get_data()
     assert y[list(x).index(131072)] == r["total"] / 1e9
+
+
+def _check_reproduction_notebook(ns):
+  """The recorded curves are the committed per-seed pass-key results (recounted from passkey.json), and
+  the re-run produced the two variants' jobs at the notebook's size."""
+  recorded = ns["RECORDED"]
+  lines = ns["accuracy_fig"].axes[0].lines
+  for row in ns["summary"]["variants"]:
+    cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
+    by_length = {}
+    for c in cells:
+      by_length.setdefault(c["length"], []).append(c["hits"] / c["samples"])
+    recount = [np.mean(by_length[n]) for n in ns["summary"]["lengths"]]
+    np.testing.assert_allclose(row["accuracy_by_length"], recount)
+    assert any(np.allclose(line.get_ydata(), recount) for line in lines), row["variant"]
+  assert len(ns["heatmap_fig"].axes) == len(ns["results"]) == 2
+  assert set(ns["new_results"]) == {"all_full", "all_sparse_sink"}
+  for runs in ns["new_results"].values():
+    assert runs[0]["steps"] == 2 and runs[0]["passkey"]["lengths"] == [128, 256]

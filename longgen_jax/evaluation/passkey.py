@@ -79,9 +79,10 @@ def score_answer(text: str, key: str) -> bool:
 
 
 def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *, samples: int = 5,
-                 seed: int = 0, batch_size: int = 1, chunk_len: int = 2048,
+                 seed: int = 0, batch_size: int = 1, chunk_len: int = 2048, kv_int8: bool = False,
                  attn_impl: str | None = None, progress: bool | None = None) -> dict:
-  """Accuracy of greedy pass-key retrieval per (length, depth) cell; see the module docstring."""
+  """Accuracy of greedy pass-key retrieval per (length, depth) cell; see the module docstring.
+  kv_int8 keeps the full layers' KV cache in int8 (half the cache: longer prompts or larger batches)."""
   from tqdm import tqdm
   check_passkey_args(model.config, tok, lengths, depths, samples, batch_size)
   max_new = _answer_tokens(tok)
@@ -99,8 +100,8 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
       for b in range(0, samples, batch_size):
         batch = prompts[b:b + batch_size]
         outputs += generate(model, [p.tokens for p in batch], max_new_tokens=max_new,
-                            stop_tokens=[tok.eos_id], chunk_len=chunk_len, attn_impl=attn_impl,
-                            pad_id=tok.pad_id)
+                            stop_tokens=[tok.eos_id], chunk_len=chunk_len, kv_int8=kv_int8,
+                            attn_impl=attn_impl, pad_id=tok.pad_id)
       texts = [tok.decode(o) for o in outputs]
       hits = [score_answer(t, p.key) for t, p in zip(texts, prompts)]
       acc[i, j] = float(np.mean(hits))

@@ -112,7 +112,7 @@ SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
 
 
 def run_task(model, tok, examples: Sequence[TaskExample], scorer: str, *, max_new_tokens: int = 32,
-             batch_size: int = 1, chunk_len: int = 2048, attn_impl: str | None = None,
+             batch_size: int = 1, chunk_len: int = 2048, kv_int8: bool = False, attn_impl: str | None = None,
              progress: bool | None = None) -> dict:
   """Greedy generation for every example, scored by `scorer` (a key of SCORERS); the mean score, its
   95% Wilson interval (scores counted as hits when 1), and the score per prompt length in tokens."""
@@ -133,7 +133,7 @@ def run_task(model, tok, examples: Sequence[TaskExample], scorer: str, *, max_ne
   for b in tqdm(range(0, len(examples), batch_size), desc=scorer, unit="batch",
                 disable=None if progress is None else not progress):
     outs = generate(model, prompts[b:b + batch_size], max_new_tokens=max_new_tokens, stop_tokens=[tok.eos_id],
-                    chunk_len=chunk_len, attn_impl=attn_impl, pad_id=tok.pad_id)
+                    chunk_len=chunk_len, kv_int8=kv_int8, attn_impl=attn_impl, pad_id=tok.pad_id)
     for e, p, o in zip(examples[b:b + batch_size], prompts[b:b + batch_size], outs):
       text = tok.decode(o)
       rows.append({"index": e.index, "tokens": len(p), "length": e.length, "references": list(e.references),
