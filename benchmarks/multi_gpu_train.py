@@ -16,6 +16,7 @@ allocated) and, with --run-longest N, times N steps at the longest length that f
 
   python benchmarks/multi_gpu_train.py --runs longgen_fsdp,full_cudnn_fsdp --seq-len 131072 --steps 3 --json r.json
   python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --ladder-run longgen_context --run-longest 1
+  python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --set model.remat=offload --run-longest 2
 """
 
 from __future__ import annotations
