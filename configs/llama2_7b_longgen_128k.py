@@ -39,7 +39,9 @@ def get_config():
   c.data.upsample_min_tokens = 32768
   c.data.eval_docs = 256
   c.mesh.data = 1
-  c.mesh.fsdp = -1                    # shard params + AdamW state over all devices
+  c.mesh.fsdp = -1                    # shard params + AdamW state over all devices (one whole 128K sequence
+                                      # per device; docs/scaling.md gives meshes that fit: e.g. fsdp 4 x
+                                      # context 2 on 8 GPUs, context 4 on 4 as measured)
   c.eval_every = 250
   c.eval_batches = 8
   c.log_every = 10

@@ -297,3 +297,17 @@ def test_out_of_memory_becomes_one_line_naming_the_knobs():
   with pytest.raises(KeyError):  # other errors pass through unchanged
     with out_of_memory_hint(cfg):
       raise KeyError("x")
+
+
+def test_every_config_file_validates_and_its_mesh_divides_the_batch():
+  """configs/*.py load and validate (weights paths aside), and each micro-batch splits evenly over the
+  fixed data x fsdp sizes they set (what the training loop requires on the mesh they are written for)."""
+  import glob
+  files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+  assert len(files) >= 4
+  for path in files:
+    cfg = train_lib.load_config_file(path)
+    cfg.init_from = ""  # the checkpoint paths of the recipes do not exist here
+    train_lib.validate_config(cfg)
+    fixed = [n for n in (cfg.mesh.data, cfg.mesh.fsdp) if n > 0]
+    assert (cfg.batch_size // cfg.grad_accum) % int(np.prod(fixed)) == 0, path
