@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU-only tests (they skip on CPU), as the device sessions run them: every GPU test file with the
+# default kernels, then the Pallas ones again with the Mosaic GPU backward switched on
+# (LONGGEN_JAX_MGPU_BACKWARD=1; its default stays off until this second pass is green).
+#
+#   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
+#
+# Mosaic GPU kernels take ~50 s each to compile, so tests run on several pytest workers (pytest-xdist)
+# with a generous per-test limit (pytest-timeout, where installed): a hang fails one test, not the run.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu_tests}
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+args=(-q -p no:cacheprovider -rfE)
+$py -c "import xdist" 2>/dev/null && args+=(-n "${WORKERS:-4}")
+$py -c "import pytest_timeout" 2>/dev/null && args+=(--timeout "${TEST_TIMEOUT:-400}")
+status=0
+run() {  # name, env, test files...
+  local name=$1 env=$2; shift 2
+  env $env $py -m pytest "${args[@]}" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "[gpu_tests] $name: $(tail -n 1 "$out/$name.log") (exit $rc, log $out/$name.log)"
+  [[ $rc -ne 0 ]] && status=$rc
+}
+run default "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
+run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+exit $status
