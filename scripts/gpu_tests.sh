@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-only tests (they skip on CPU), as the device sessions run them: every GPU test file with the
-# default kernels, then the Pallas ones again with the Mosaic GPU backward switched on
-# (LONGGEN_JAX_MGPU_BACKWARD=1; its default stays off until this second pass is green).
+# default kernels, then the Pallas ones again with the opt-in Mosaic GPU paths switched on: the backward
+# (LONGGEN_JAX_MGPU_BACKWARD=1) and the forward with segment ids (LONGGEN_JAX_MGPU_SEGMENTS=1); their
+# defaults stay off until this second pass is green.
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
 #
@@ -25,5 +26,5 @@ run() {  # name, env, test files...
   [[ $rc -ne 0 ]] && status=$rc
 }
 run default "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
-run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+run mgpu_opt_in "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
 exit $status

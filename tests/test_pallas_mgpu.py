@@ -54,12 +54,39 @@ def test_default_tiles():
   assert pallas_mgpu.default_mgpu_tiles(AttentionSpec.block_sparse(64, 16, 64)).block_k == 64
 
 
-def test_supported_only_on_hopper_bf16_d128():
+def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   on = pallas_mgpu.is_hopper()
+  monkeypatch.delenv(pallas_mgpu.SEGMENTS_ENV, raising=False)
   assert pallas_mgpu.supported(jnp.bfloat16, 128, False) == on
   assert not pallas_mgpu.supported(jnp.float32, 128, False)
   assert not pallas_mgpu.supported(jnp.bfloat16, 64, False)
-  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)
+  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)   # segment ids: opt-in until GPU-tested
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  assert pallas_mgpu.supported(jnp.bfloat16, 128, True) == on
+
+
+def test_segment_table_marks_no_tile_full():
+  spec = AttentionSpec.sink_window(64, 200)
+  plain, seg = kv_table(spec, 768, 768, 2, 128), kv_table(spec, 768, 768, 2, 128, all_partial=True)
+  assert plain[..., 1].sum() > 0 and np.all(seg[..., 1] == 0)
+  np.testing.assert_array_equal(plain[..., 0], seg[..., 0])          # the same tiles, all masked
+  for a, b in zip(plain.reshape(-1, plain.shape[-1]), seg.reshape(-1, seg.shape[-1])):
+    assert sorted(a[2:2 + a[0]]) == sorted(b[2:2 + b[0]])
+
+
+@pytest.mark.parametrize("spec,T,S,Hkv", [(AttentionSpec.full(), 384, 384, 1),
+                                          (AttentionSpec.sink_window(64, 200), 300, 812, 2)])
+def test_forward_with_segments_lowers_to_mosaic_gpu_on_cpu(spec, T, S, Hkv):
+  sd = jax.ShapeDtypeStruct
+  args = (sd((1, T, 4, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16),
+          sd((1, T), jnp.int32), sd((1, S), jnp.int32))
+  f = lambda q, k, v, qs, ks: mgpu_forward(q, k, v, spec, T=T, S=S, q_offset=S - T, q_segment_ids=qs,
+                                           kv_segment_ids=ks)
+  try:
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  except ImportError as e:   # a jaxlib without the Mosaic GPU bindings
+    pytest.skip(f"Mosaic GPU lowering unavailable: {e}")
+  assert text.count("custom_call @mosaic_gpu") == 1
 
 
 def _inputs(B, T, S, Hq, Hkv, seed=0, dtype=jnp.bfloat16):
@@ -92,6 +119,44 @@ def test_forward_matches_reference(spec, B, T, S, Hq, Hkv, q_offset, tiles):
                                      q_offset=q_offset, return_lse=True)
   assert rel_err(out[:, :T], ref) < 5e-3
   assert rel_err(lse2[:, :, :T] * np.log(2), ref_lse) < 1e-5
+
+
+def _packed_segments(B, T, S, q_offset, seed):
+  """Document ids of packed rows: keys [B, S] in runs of random lengths, the queries' ids those of
+  their positions (the queries are the last T keys when q_offset = S - T)."""
+  rng = np.random.default_rng(seed)
+  kseg = np.stack([np.repeat(np.arange(S), rng.integers(20, 400, S))[:S] for _ in range(B)]).astype(np.int32)
+  return jnp.asarray(kseg[:, q_offset:q_offset + T]), jnp.asarray(kseg)
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,q_offset", [
+    (AttentionSpec.full(), 2, 1000, 1000, 4, 1, 0), (AttentionSpec.sink_window(64, 200), 1, 777, 777, 4, 2, 0),
+    (AttentionSpec.block_sparse(64, 4, 8), 1, 1100, 1100, 8, 2, 0), (AttentionSpec.full(), 1, 300, 812, 4, 2, 512)])
+def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offset, monkeypatch):
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  q, k, v = _inputs(B, T, S, Hq, Hkv, seed=T)
+  qs, ks = _packed_segments(B, T, S, q_offset, seed=T)
+  out, lse2 = jax.jit(lambda q, k, v, qs, ks: mgpu_forward(
+      q, k, v, spec, T=T, S=S, q_offset=q_offset, q_segment_ids=qs, kv_segment_ids=ks))(q, k, v, qs, ks)
+  ref, ref_lse = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), spec, q_offset=q_offset,
+                                     q_segment_ids=qs, kv_segment_ids=ks, return_lse=True)
+  assert rel_err(out[:, :T], ref) < 5e-3
+  finite = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_array_equal(np.isfinite(np.asarray(lse2[:, :, :T])), finite)
+  assert rel_err(jnp.where(finite, lse2[:, :, :T] * np.log(2), 0), jnp.where(finite, ref_lse, 0)) < 1e-5
+  # and through pallas_attention (Mosaic forward, Triton backward): gradients with packed documents
+  from longgen_jax.attention.pallas_gpu import pallas_attention
+  do = jax.random.normal(jax.random.PRNGKey(3), q.shape, jnp.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * do)
+  ours = lambda q, k, v: pallas_attention(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks, q_offset=q_offset)
+  theirs = lambda q, k, v: reference_attention(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks,
+                                               q_offset=q_offset)
+  g = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
+  ref_g = jax.grad(loss(theirs), (0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+  for a, b in zip(g, ref_g):
+    assert rel_err(a, b) < 2e-2
 
 
 @gpu_only

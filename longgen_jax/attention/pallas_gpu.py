@@ -14,7 +14,8 @@ Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=Tru
 
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
 kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen
-because it is faster for every pattern (figures in BENCHMARKS.md). The backward below consumes
+because it is faster for every pattern (figures in BENCHMARKS.md); with segment ids too where
+`LONGGEN_JAX_MGPU_SEGMENTS=1` (opt-in until its GPU tests pass). The backward below consumes
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 
@@ -196,7 +197,7 @@ def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
     from longgen_jax.attention import pallas_mgpu
     if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg):
       return pallas_mgpu.mgpu_forward(q, k, v, cfg.spec, T=cfg.T, S=cfg.S, q_offset=cfg.q_offset,
-                                      head_dim=cfg.head_dim)
+                                      head_dim=cfg.head_dim, q_segment_ids=qseg, kv_segment_ids=kseg)
   B, Tp, Hq, D = q.shape
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   lay = cfg.layout(bq, bk)

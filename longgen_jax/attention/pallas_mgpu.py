@@ -18,8 +18,16 @@ side by side and share K/V tiles in L2; K/V are never repeated.
 
 Returns out [B,Tp,Hq,D] and the base-2 lse [B,Hq,Tp] (-inf for rows with no allowed key), the
 residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (multiples of
-64 compile too), no segment ids; `supported()` says when to use it. Mosaic GPU kernels do not
-run on CPU: host-side logic (`kv_table`, `supported`) is tested there, the kernel on the GPU.
+64 compile too); `supported()` says when to use it. Mosaic GPU kernels do not run on CPU:
+host-side logic (`kv_table`, `supported`) is tested there, the lowering for CUDA too, the kernel
+on the GPU.
+
+Segment ids (packed documents), opt-in until the GPU tests pass on them (`LONGGEN_JAX_MGPU_SEGMENTS=1`,
+read when the forward is traced; written without a GPU): segments are run-time data, so no tile can
+be known full on the host: every listed tile goes through the masked loop, whose mask also compares
+the row's segment id (loaded once per warpgroup) with each key's (loaded from GMEM per tile, before
+the tile's QK^T so the load overlaps it). Tiles of other documents are still visited (no run-time
+tile skipping); the Triton forward does the same.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +47,7 @@ from longgen_jax.attention.padding import pad_axis, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
+SEGMENTS_ENV = "LONGGEN_JAX_MGPU_SEGMENTS"
 HALF = 64            # query rows per compute warpgroup (one wgmma M tile)
 BLOCK_Q = 2 * HALF   # query rows per program
 
@@ -61,22 +71,28 @@ def is_hopper(device=None) -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
+def segments_enabled() -> bool:
+  """Whether calls with segment ids may use this kernel (opt-in: see the module docstring)."""
+  return os.environ.get(SEGMENTS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
   """Whether this kernel serves the call (else the Triton forward does)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and head_dim == 128 and not has_segments and is_hopper(device))
+          and head_dim == 128 and (not has_segments or segments_enabled()) and is_hopper(device))
 
 
 def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,
-             q_offset: int = 0) -> np.ndarray:
+             q_offset: int = 0, all_partial: bool = False) -> np.ndarray:
   """int32[H', nq, 2 + width]: per (kv head, 128-row query tile) [count, n_full, tiles...].
 
   Tiles are the layout's key tiles, full ones first (ascending), then partial ones
   (ascending); slots past `count` repeat the last listed tile. H' is 1 unless the pattern
-  differs between kv heads.
+  differs between kv heads. all_partial: no tile counts as full (segment ids mask at run time).
   """
   lay = block_layout(spec, T, S, Hkv, BLOCK_Q, block_k, q_offset)
-  return full_first_table(lay.kv_index, lay.kv_full, lay.kv_count)
+  full = np.zeros_like(lay.kv_full) if all_partial else lay.kv_full
+  return full_first_table(lay.kv_index, full, lay.kv_count)
 
 
 def full_first_table(index, full, count) -> np.ndarray:
@@ -124,13 +140,14 @@ def stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_
 
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
                  q_offset: int = 0, head_dim: int | None = None, tiles: MgpuTiles | None = None,
-                 interpret=None):
+                 q_segment_ids=None, kv_segment_ids=None, interpret=None):
   """out [B,Tp,Hq,D] and base-2 lse [B,Hq,Tp] for arrays padded past the true T, S.
 
   T, S: true lengths (keys at or past S are masked; rows past T are computed as ordinary
   rows and come out finite); Tp is the input's length, rounded up here to 128 if needed (the
   extra rows are sliced off again). `head_dim`: the true head_dim (softmax scale) if the
-  arrays are zero-padded past it.
+  arrays are zero-padded past it. Segment ids: int32 [B, Tp] / [B, Sp] as `pallas_gpu` pads them
+  (-1 / -2 past the true lengths: padding rows then see no key, lse -inf, as in the Triton forward).
   """
   del T  # rows past T need no special case
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
@@ -144,15 +161,20 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   dtype = q_BTHD.dtype
   Tp, Sp = round_up(Tp_in, BLOCK_Q), round_up(max(Sp_in, S), bk)
   q, k, v = pad_axis(q_BTHD, 1, Tp), pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
+  has_seg = q_segment_ids is not None
+  segments = ((pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1),
+               pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)) if has_seg else ())
   # The table spans every padded row (padding rows come out finite, as the backward needs);
   # real rows see the same keys, tiles are only marked full where the predicate says so.
-  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset, all_partial=has_seg)
   nq = table.shape[1]
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
-  def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2,
-             k_bar, v_bar, q_bar, k_free, v_free, sched):
+  def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, *refs):
+    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
+    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free,
+     sched) = refs[2:] if has_seg else refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
@@ -169,6 +191,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_base = qt * BLOCK_Q + wg * HALF
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, HALF), h], qo_smem, q_bar.at[wg])
+      q_seg = (plgpu.load(qseg_ref.at[b, pl.ds(q_base, HALF)], layout=plgpu.Layout.WGMMA.reduce(1),
+                          optimized=False) if has_seg else None)
       plgpu.barrier_wait(q_bar.at[wg])
       m = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.full((HALF,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -183,6 +207,10 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       def step(j, carry, masked: bool):
         acc, m, l = carry
         slot = lax.rem(j, jnp.int32(stages))
+        if masked:
+          kt = tab_ref[hl, qt, 2 + j]
+          k_seg = (plgpu.load(kseg_ref.at[b, pl.ds(kt * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
+                              optimized=False) if has_seg else None)   # issued before QK^T: overlaps it
 
         def qk_fn(acc_ref):
           plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -191,10 +219,11 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
         s = pl.run_scoped(qk_fn, plgpu.ACC((HALF, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
         if masked:
-          kt = tab_ref[hl, qt, 2 + j]
           q_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 0, layout=plgpu.Layout.WGMMA)
           k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
+          if has_seg:
+            ok = ok & (lax.broadcast_in_dim(q_seg, (HALF, bk), [0]) == lax.broadcast_in_dim(k_seg, (HALF, bk), [1]))
           s = jnp.where(ok, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         # A row with nothing allowed so far keeps m = -inf; exp2 against 0 keeps p = 0, no NaN.
@@ -261,5 +290,5 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(table), q, k, v)
+  )(jnp.asarray(table), q, k, v, *segments)
   return out[:, :Tp_in], lse[:, :, :Tp_in]
