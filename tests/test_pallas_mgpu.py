@@ -248,15 +248,18 @@ def test_switch_env_and_forced(monkeypatch):
   assert not mbwd.enabled()
 
 
-def test_backward_supported():
+def test_backward_supported(monkeypatch):
   on = pallas_mgpu.is_hopper()
+  monkeypatch.delenv(pallas_mgpu.SEGMENTS_ENV, raising=False)
   for d in (64, 128):
     for dt in (jnp.bfloat16, jnp.float16):
       assert mbwd.supported(dt, d, False) == on
   assert not mbwd.supported(jnp.float32, 128, False)
   assert not mbwd.supported(jnp.bfloat16, 96, False)
   assert not mbwd.supported(jnp.bfloat16, 256, False)
-  assert not mbwd.supported(jnp.bfloat16, 128, True)     # segment ids: the Triton backward
+  assert not mbwd.supported(jnp.bfloat16, 128, True)     # segment ids: the Triton backward, unless opted in
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  assert mbwd.supported(jnp.bfloat16, 128, True) == on
 
 
 def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
@@ -276,9 +279,10 @@ def dataclasses_replace(x, **kw):
   return dataclasses.replace(x, **kw)
 
 
-def _reference_grads(q, k, v, do, dlse, spec, q_offset):
+def _reference_grads(q, k, v, do, dlse, spec, q_offset, segments=None):
   """float32 reference: out, natural lse, and the vjp of (out, lse) at (do, dlse)."""
-  f = lambda q, k, v: reference_attention(q, k, v, spec, q_offset=q_offset, return_lse=True)
+  seg = dict(q_segment_ids=segments[0], kv_segment_ids=segments[1]) if segments else {}
+  f = lambda q, k, v: reference_attention(q, k, v, spec, q_offset=q_offset, return_lse=True, **seg)
   (out, lse), vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
   return out, lse, vjp((do.astype(jnp.float32), dlse.astype(jnp.float32)))
 
@@ -290,11 +294,12 @@ def _kernel_inputs(out, lse, do, dlse):
   return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2), delta
 
 
-def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64):
+def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64, segments=None):
   """float64 numpy walk of the kernels' exact schedule: dQ over `kv_table` (128-row tiles split in
   two 64-row halves, full tiles unmasked), dK/dV over `unit_pairs` x `q_table` with the G heads
   inside (full query tiles unmasked). Wrong tables (a partial tile marked full, a missing tile, a
-  key tile not covered) show up as a gradient error."""
+  key tile not covered) show up as a gradient error. segments: (q ids [B, T], kv ids [B, S]),
+  padded and compared as the kernels do (every tile masked)."""
   q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
   lse2, delta = np.asarray(lse2, np.float64), np.asarray(delta, np.float64)
   B, T, Hq, D = q.shape
@@ -306,16 +311,20 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
       [x, np.full(x.shape[:ax] + (n - x.shape[ax],) + x.shape[ax + 1:], val)], ax)
   q, do, lse2, delta = pad(q, Tp, 1), pad(do, Tp, 1), pad(lse2, Tp, 2, np.inf), pad(delta, Tp, 2)
   k, v = pad(k, Sp, 1), pad(v, Sp, 1)
+  has_seg = segments is not None
+  if has_seg:
+    qseg, kseg = pad(np.asarray(segments[0]), Tp, 1, -1), pad(np.asarray(segments[1]), Sp, 1, -2)
   scale = 1 / np.sqrt(D)
   c = scale * pallas_mgpu.LOG2E
   per_head = spec.head_dependent(Hkv)
 
-  def mask(q0, nq, k0, nk, h):
+  def mask(q0, nq, k0, nk, h, b):
     qp, kp = q_offset + q0 + np.arange(nq)[:, None], k0 + np.arange(nk)[None, :]
-    return allowed(spec, qp, kp, h, Hkv) & (kp < S)
+    ok = allowed(spec, qp, kp, h, Hkv) & (kp < S)
+    return ok & (qseg[b, q0:q0 + nq, None] == kseg[b, None, k0:k0 + nk]) if has_seg else ok
 
   dq = np.zeros_like(q)
-  tab = kv_table(spec, Tp, S, Hkv, block_k_dq, q_offset)
+  tab = kv_table(spec, Tp, S, Hkv, block_k_dq, q_offset, all_partial=has_seg)
   bk = block_k_dq
   with np.errstate(invalid="ignore", over="ignore"):
     for b in range(B):
@@ -331,13 +340,13 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
               ks = slice(kt * bk, kt * bk + bk)
               s = q[b, r, h] @ k[b, ks, kvh].T
               if j >= n_full:
-                s = np.where(mask(r.start, 64, kt * bk, bk, kvh), s, -np.inf)
+                s = np.where(mask(r.start, 64, kt * bk, bk, kvh, b), s, -np.inf)
               p = np.exp2(s * c - lse2[b, h, r][:, None])
               ds = p * (do[b, r, h] @ v[b, ks, kvh].T - delta[b, h, r][:, None])
               dq[b, r, h] += ds @ k[b, ks, kvh]
     dq *= scale
     dk, dv = np.full_like(k, np.nan), np.full_like(v, np.nan)       # NaN: a tile nobody wrote
-    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // 64, q_offset)
+    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // 64, q_offset, all_partial=has_seg)
     pairs = mbwd.unit_pairs(qtab)
     for b in range(B):
       for kvh in range(Hkv):
@@ -353,7 +362,7 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
             r = slice(qt * 64, qt * 64 + 64)
             sT = k[b, ks, kvh] @ q[b, r, h].T
             if j >= n_full:
-              sT = np.where(mask(qt * 64, 64, kt * 64, 64, kvh).T, sT, -np.inf)
+              sT = np.where(mask(qt * 64, 64, kt * 64, 64, kvh, b).T, sT, -np.inf)
             pT = np.exp2(sT * c - lse2[b, h, r][None, :])
             dv_t += pT @ do[b, r, h]
             dsT = pT * (v[b, ks, kvh] @ do[b, r, h].T - delta[b, h, r][None, :])
@@ -383,6 +392,20 @@ def test_kernel_schedule_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_o
     assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
 
 
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset", [BWD_EMU_CASES[0], BWD_EMU_CASES[2], BWD_EMU_CASES[3]])
+def test_kernel_schedule_with_segments_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_offset):
+  """Packed documents: every tile masked, ids compared (padding ids -1 / -2 match nothing)."""
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=T + S + 1)
+  segments = _packed_segments(B, T, S, q_offset, seed=T)
+  out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, q_offset, segments)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  for bk in (64, 128):
+    dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=bk, segments=segments)
+    assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+  plain = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset)   # ids ignored: wrong
+  assert rel_err(plain[0], rq) > 1e-3
+
+
 def test_kernel_schedule_empty_rows_give_zero_grads_on_cpu():
   spec = AttentionSpec.sink_window(0, 100)      # rows 300..399 see keys 201..299; rows 400.. none
   q, k, v, do, dlse = attention_grad_inputs(1, 256, 300, 2, 1, 64, jnp.float32, seed=3)
@@ -405,14 +428,18 @@ LOWER_CASES = [  # spec, Hq, Hkv, D, dtype, T, S, q_offset, tiles
 ]
 
 
+@pytest.mark.parametrize("segments", [False, True], ids=["", "segments"])
 @pytest.mark.parametrize("spec,Hq,Hkv,D,dtype,T,S,q_offset,tiles", LOWER_CASES)
-def test_backward_lowers_to_mosaic_gpu_on_cpu(spec, Hq, Hkv, D, dtype, T, S, q_offset, tiles):
+def test_backward_lowers_to_mosaic_gpu_on_cpu(spec, Hq, Hkv, D, dtype, T, S, q_offset, tiles, segments):
   """Traces and lowers both kernels for CUDA without a GPU: catches API misuse, wgmma shape and
   layout-inference errors and SMEM over-subscription (not ptxas, registers, or the run)."""
   sd = jax.ShapeDtypeStruct
   args = (sd((1, T, Hq, D), dtype), sd((1, S, Hkv, D), dtype), sd((1, S, Hkv, D), dtype),
           sd((1, T, Hq, D), dtype), sd((1, Hq, T), jnp.float32), sd((1, Hq, T), jnp.float32))
   f = functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset, tiles=tiles)
+  if segments:
+    args += (sd((1, T), jnp.int32), sd((1, S), jnp.int32))
+    f = lambda *a, f=f: f(*a[:6], q_segment_ids=a[6], kv_segment_ids=a[7])
   try:
     text = jax.jit(lambda *a: f(*a)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   except ImportError as e:   # a jaxlib without the Mosaic GPU bindings
@@ -462,6 +489,22 @@ def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dt
   again = run(q, k, v, do, lse2, delta)                 # deterministic: bit for bit
   for a, b in zip(got, again):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", [BWD_GPU_CASES[i] for i in (0, 1, 4, 5)])
+def test_mgpu_backward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype):
+  """Packed documents (segment ids), the kernels alone: dq/dk/dv vs the float32 vjp."""
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D + 1)
+  qs, ks = _packed_segments(B, T, S, q_offset, seed=T)
+  out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, q_offset, (qs, ks))
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset))
+  got = run(q, k, v, do, lse2, delta, q_segment_ids=qs, kv_segment_ids=ks)
+  for name, a, b in zip("dq dk dv".split(), got, ref):
+    assert np.isfinite(np.asarray(a, np.float32)).all(), name
+    assert rel_err(a, b) < 2e-2, name
 
 
 @gpu_only

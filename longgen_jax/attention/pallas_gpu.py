@@ -20,7 +20,8 @@ its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 
 Backward on Hopper (opt-in): `LONGGEN_JAX_MGPU_BACKWARD=1` at trace time routes the backward to
-the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128, no segment ids);
+the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128; segment ids with
+`LONGGEN_JAX_MGPU_SEGMENTS=1`);
 the Triton backward below stays the default until that kernel's GPU tests pass.
 """
 
@@ -494,7 +495,8 @@ def _flash_bwd(cfg, res, cotangents):
   if _mgpu_backward(cfg, q):   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1): see pallas_mgpu_backward
     from longgen_jax.attention import pallas_mgpu_backward
     dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,
-                                                    q_offset=cfg.q_offset, head_dim=cfg.head_dim)
+                                                    q_offset=cfg.q_offset, head_dim=cfg.head_dim,
+                                                    q_segment_ids=qseg, kv_segment_ids=kseg)
     return dq, dk, dv, None, None
   dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
   dk, dv = _backward_dkv(cfg, q, k, v, do, lse_b, delta, qseg, kseg)

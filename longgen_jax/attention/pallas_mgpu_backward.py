@@ -44,7 +44,8 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
-Supported: bf16/fp16, head_dim 64 or 128, no segment ids (`supported()`), Hopper.
+Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids where `LONGGEN_JAX_MGPU_SEGMENTS=1`
+(`supported()`; written without a GPU, lowered on CPU, GPU tests pending).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ from jax.experimental import pallas as pl
 
 from longgen_jax.attention.padding import pad_axis, round_up
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, full_first_table, is_hopper,
-                                               kv_table, stream_kv_tiles)
+                                               kv_table, segments_enabled, stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -105,23 +106,23 @@ def forced(on: bool | None):
 
 
 def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
-  """Whether this backward serves the call (else the Triton backward does). Segment ids are
-  declined (the Mosaic forward declines them too)."""
+  """Whether this backward serves the call (else the Triton backward does). Segment ids only where
+  `LONGGEN_JAX_MGPU_SEGMENTS=1` (opt-in, as for the Mosaic forward: `pallas_mgpu.segments_enabled`)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and head_dim in (64, 128) and not has_segments and is_hopper(device))
+          and head_dim in (64, 128) and (not has_segments or segments_enabled()) and is_hopper(device))
 
 
 def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
-            q_offset: int = 0) -> np.ndarray:
+            q_offset: int = 0, all_partial: bool = False) -> np.ndarray:
   """int32[H', n_key_tiles, 2 + width]: per (kv head, 64-key tile) [count, n_full, q tiles...].
 
   The transposed layout at 64 x 64 over Tp query rows (padded rows are ordinary rows) and S
   keys: the query tiles that visit each key tile, full ones first (ascending), then partial
   ones (ascending); slots past `count` repeat the last listed tile. Key tiles past the
-  layout's (keys only at or past S) get count 0.
+  layout's (keys only at or past S) get count 0. all_partial: no tile counts as full (segment ids).
   """
   lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, BK_DKV, q_offset)
-  tab = full_first_table(lay.q_index, lay.q_full, lay.q_count)
+  tab = full_first_table(lay.q_index, np.zeros_like(lay.q_full) if all_partial else lay.q_full, lay.q_count)
   nk = tab.shape[1]
   if n_key_tiles < nk:
     raise ValueError(f"{n_key_tiles} key tiles cannot hold the layout's {nk}")
@@ -148,13 +149,16 @@ def unit_pairs(qtab: np.ndarray) -> np.ndarray:
 
 def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
                   S: int, q_offset: int = 0, head_dim: int | None = None,
-                  tiles: MgpuBwdTiles | None = None, interpret=None):
+                  tiles: MgpuBwdTiles | None = None, q_segment_ids=None, kv_segment_ids=None,
+                  interpret=None):
   """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S.
 
   lse_BHT: base-2 lse of the forward (+inf or -inf on rows without an allowed key); delta_BHT:
   rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
   length must have zero dO and delta (then they contribute nothing). Lengths are padded here
-  to what the kernels tile (128 query rows, 64/128 keys) and sliced back.
+  to what the kernels tile (128 query rows, 64/128 keys) and sliced back. Segment ids (int32
+  [B, Tp] / [B, Sp], opt-in like the forward's): every tile is masked, the mask also compares ids
+  (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
   """
   tiles = tiles or MgpuBwdTiles()
   B, Tp_in, Hq, D = q_BTHD.shape
@@ -173,11 +177,15 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   lse = pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 2, Tp, jnp.inf)   # empty/padded rows: p = 0
   delta = pad_axis(delta_BHT.astype(jnp.float32), 2, Tp)
   k, v = pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
+  segments = ()
+  if q_segment_ids is not None:   # padded rows and keys match nothing (as pallas_gpu pads them)
+    segments = (pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1),
+                pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2))
   scale = 1.0 / math.sqrt(head_dim or D)
   dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
-                interpret=interpret)
+                segments=segments, interpret=interpret)
   dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale,
-                     tiles=tiles, interpret=interpret)
+                     tiles=tiles, segments=segments, interpret=interpret)
   return dq[:, :Tp_in], dk[:, :Sp_in], dv[:, :Sp_in]
 
 
@@ -189,7 +197,7 @@ def _transforms():
 # ----------------------------------------------------------------------------- dQ
 
 
-def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interpret):
+def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segments=(), interpret=None):
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
 
   B, Tp, Hq, D = q.shape
@@ -197,14 +205,16 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interp
   G = Hq // Hkv
   bk, stages = tiles.block_k_dq, tiles.stages_dq
   dtype = q.dtype
-  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)     # [H', nq, 2 + width], 128-row tiles
+  has_seg = bool(segments)
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset, all_partial=has_seg)   # [H', nq, 2 + width], 128-row tiles
   nq = table.shape[1]
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
-  def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-                                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-                                q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free):
+  def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
+    (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+     q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs[2:] if has_seg else refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
@@ -227,10 +237,16 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interp
       # CHECK ON GPU: 1-D f32 SMEM -> row-vector layout, as JAX's attention_mgpu backward does.
       lse_r = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
       delta_r = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
+      q_seg = (plgpu.load(qseg_ref.at[b, rows], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+               if has_seg else None)
       dq = plgpu.layout_cast(jnp.full((HALF, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def step(j, dq, masked: bool):
         slot = lax.rem(j, jnp.int32(stages))
+        if masked:
+          kt = tab_ref[hl, qt, 2 + j]
+          k_seg = (plgpu.load(kseg_ref.at[b, pl.ds(kt * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
+                              optimized=False) if has_seg else None)   # before the wgmmas: overlaps them
         plgpu.barrier_wait(k_bar.at[slot])
 
         def s_fn(acc_ref):
@@ -245,10 +261,11 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interp
         dp = pl.run_scoped(dp_fn, plgpu.ACC((HALF, bk), jnp.float32))
         plgpu.barrier_arrive(v_free.at[slot])
         if masked:
-          kt = tab_ref[hl, qt, 2 + j]
           q_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 0, layout=plgpu.Layout.WGMMA)
           k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
+          if has_seg:
+            ok = ok & (lax.broadcast_in_dim(q_seg, (HALF, bk), [0]) == lax.broadcast_in_dim(k_seg, (HALF, bk), [1]))
           s = jnp.where(ok, s, -jnp.inf)
         # lse = +inf on empty rows and s = -inf on masked pairs: both give p = 0, never NaN.
         p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_r, s.shape, [0]))
@@ -298,13 +315,13 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interp
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(table), q, k, v, do, lse, delta)
+  )(jnp.asarray(table), q, k, v, do, lse, delta, *segments)
 
 
 # ----------------------------------------------------------------------------- dK, dV
 
 
-def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, interpret):
+def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segments=(), interpret=None):
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
 
   B, Tp, Hq, D = q.shape
@@ -312,16 +329,17 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
   G = Hq // Hkv
   stages = tiles.stages_dkv
   dtype = q.dtype
-  qtab = q_table(spec, Tp, S, Hkv, Sp // BK_DKV, q_offset)   # [H', nk, 2 + width]
+  has_seg = bool(segments)
+  qtab = q_table(spec, Tp, S, Hkv, Sp // BK_DKV, q_offset, all_partial=has_seg)   # [H', nk, 2 + width]
   units = unit_pairs(qtab)                                    # [H', P, 2, 3]
   P = units.shape[1]
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
-  def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                                 delta_ref, dk_ref, dv_ref,
-                                 k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-                                 k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free):
+  def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
+    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
+    (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
+     k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs[2:] if has_seg else refs
     b, kv_head, pair, wg = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p"),
                             lax.axis_index("wg"))
     hp = kv_head if per_head else 0
@@ -343,6 +361,8 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
 
+      k_seg = (plgpu.load(kseg_ref.at[b, keys], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
+               if has_seg else None)   # this warpgroup's 64 keys: rows of S^T
       zeros_kd = plgpu.layout_cast(jnp.full((BK_DKV, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       zeros_kq = plgpu.layout_cast(jnp.full((BK_DKV, BQ_DKV), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -350,6 +370,10 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
         dk, dv = carry
         ring = wg * stages + lax.rem(it, jnp.int32(stages))
         q_s, do_s = q_smem.at[ring], do_smem.at[ring]
+        if masked:
+          qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
+          q_seg = (plgpu.load(qseg_ref.at[b, pl.ds(qt * BQ_DKV, BQ_DKV)], layout=plgpu.Layout.WGMMA.reduce(0),
+                              optimized=False) if has_seg else None)   # columns of S^T, before its wgmma
         plgpu.barrier_wait(q_bar.at[ring])
 
         def st_fn(acc_ref):                     # S^T = K Q^T  [keys, queries]
@@ -360,10 +384,11 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
         # CHECK ON GPU: column-vector layout (reduce(0)) from a 1-D f32 SMEM ring slot.
         lse_c = plgpu.load(lse_smem.at[ring], layout=plgpu.Layout.WGMMA.reduce(0))
         if masked:
-          qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
           k_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
           q_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + qt * BQ_DKV), k_pos + kt * BK_DKV, kv_head, Hkv, S)
+          if has_seg:
+            ok = ok & (lax.broadcast_in_dim(k_seg, sT.shape, [0]) == lax.broadcast_in_dim(q_seg, sT.shape, [1]))
           sT = jnp.where(ok, sT, -jnp.inf)
         pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse_c, sT.shape, [1]))
         plgpu.barrier_wait(do_bar.at[ring])
@@ -459,5 +484,5 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, inter
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(units), jnp.asarray(qtab), q, k, v, do, lse, delta)
+  )(jnp.asarray(units), jnp.asarray(qtab), q, k, v, do, lse, delta, *segments)
   return dk, dv
