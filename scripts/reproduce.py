@@ -66,11 +66,12 @@ def parse_stage(text: str) -> Stage:
 
 def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0,
                  eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
-                 stages: tuple[Stage, ...] = ()) -> list[list[str]]:
-  """The commands of one (variant, seed) job: one training per stage (a curriculum: each starts from the
-  previous one's exported model, the first from `init`), the main training (from the last stage's model),
-  passkey and ppl. eval_overrides replace keys of base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE
-  training-config overrides for every training of every variant, a stage's own overrides come after them."""
+                 stages: tuple[Stage, ...] = ()) -> list[tuple[str, list[str]]]:
+  """The (name, command) pairs of one (variant, seed) job: one training per stage ("stage1", ...; a
+  curriculum: each starts from the previous one's exported model, the first from `init`), the main
+  training ("train", from the last stage's model), "passkey" and "ppl". eval_overrides replace keys of
+  base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE training-config overrides for every training of every
+  variant, a stage's own overrides come after them."""
   base = load_config_module(os.path.join(REPRO, "base.py"))
   ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
   jobdir = os.path.join(out, variant, f"seed{seed}")
@@ -86,9 +87,9 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
 
   commands, start = [], init
   for i, (stage_steps, stage_sets) in enumerate(stages, 1):
-    commands.append(training(f"stage{i}", start, stage_steps, stage_sets))
+    commands.append((f"stage{i}", training(f"stage{i}", start, stage_steps, stage_sets)))
     start = os.path.join(jobdir, f"stage{i}", "model")
-  train = training("train", start, steps, ())
+  commands.append(("train", training("train", start, steps, ())))
   model = os.path.join(jobdir, "train", "model")
   common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
             "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
@@ -97,7 +98,7 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
              ev["depths"], "--samples", str(ev["samples"]), "--out", os.path.join(jobdir, "passkey.json")]
   ppl = [py, "-m", "longgen_jax.evaluate", "ppl", *common, "--seq-len", str(ev["ppl_seq_len"]), "--bucket",
          str(ev["ppl_bucket"]), "--docs", str(ev["ppl_docs"]), "--out", os.path.join(jobdir, "ppl.json")]
-  return [*commands, train, passkey, ppl]
+  return commands + [("passkey", passkey), ("ppl", ppl)]
 
 
 def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
@@ -122,10 +123,8 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
   jobdir = os.path.join(out, variant, f"seed{seed}")
   os.makedirs(jobdir, exist_ok=True)
   times = {}
-  names = [f"stage{i}" for i in range(1, len(stages) + 1)] + ["train", "passkey", "ppl"]
   with open(os.path.join(jobdir, "log.txt"), "a") as log:
-    for name, cmd in zip(names, job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides,
-                                             train_sets, stages)):
+    for name, cmd in job_commands(variant, seed, out, init, cpu_tiny, steps, eval_overrides, train_sets, stages):
       if name.startswith("stage") and os.path.exists(os.path.join(jobdir, name, "model", "config.json")):
         continue
       log.write(f"$ {shlex.join(cmd)}\n")
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
   if args.dry_run:
     for v, s in jobs:
-      for cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets, stages):
+      for _, cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets, stages):
         print(shlex.join(cmd))
     return 0
 

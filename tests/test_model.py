@@ -58,20 +58,19 @@ def test_offload_remat_moves_layer_inputs_to_host_and_changes_nothing_else(scan)
   cfg = preset("tiny", num_layers=4)
   tokens = _tokens(2, 40, cfg.vocab_size)
 
-  def grad_fn(remat):  # (value_and_grad over the model's state, that state)
+  def loss_and_state(remat):  # a loss of the model's state, and that state
     graphdef, state = nnx.split(_model(cfg, remat=remat, scan_layers=scan))
-    loss = lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2)
-    return jax.value_and_grad(loss), state
+    return (lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2)), state
 
-  (l0, g0), (l1, g1) = (f(state) for f, state in (grad_fn("full"), grad_fn("offload")))
+  (l0, g0), (l1, g1) = (jax.value_and_grad(loss)(state) for loss, state in map(loss_and_state, ("full", "offload")))
   assert abs(float(l0 - l1)) <= 1e-6 * abs(float(l0))
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     assert rel_err(b, a) < 1e-6
+
   def host_residuals(remat):  # the residuals the backward keeps in host memory, as JAX describes them
-    graphdef, state = nnx.split(_model(cfg, remat=remat, scan_layers=scan))
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
-      print_saved_residuals(lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2), state)
+      print_saved_residuals(*loss_and_state(remat))
     return [line for line in text.getvalue().splitlines() if "<host>" in line]
 
   hidden = f"2,40,{cfg.hidden_size}]"  # [B, T, E] per layer, or [layers, B, T, E] stacked by the scan

@@ -37,7 +37,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from longgen_jax.attention.padding import pad_axis, round_up
+from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -530,10 +530,7 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, q_segment_ids, kv_segm
   q = pad_axis(pad_axis(q_BTHD, 3, Dp), 1, Tp)
   k = pad_axis(pad_axis(k_BSKD, 3, Dp), 1, Sp)
   v = pad_axis(pad_axis(v_BSKD, 3, Dp), 1, Sp)
-  qseg = kseg = None
-  if has_seg:
-    qseg = pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1)
-    kseg = pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)
+  qseg, kseg = pad_segment_ids(q_segment_ids, kv_segment_ids, Tp, Sp) if has_seg else (None, None)
   return cfg, q, k, v, qseg, kseg
 
 

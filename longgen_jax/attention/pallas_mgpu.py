@@ -43,7 +43,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longgen_jax.attention.padding import pad_axis, round_up
+from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -71,9 +71,14 @@ def is_hopper(device=None) -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
+def env_switch(name: str) -> bool:
+  """An opt-in switch read from the environment (1/true/yes/on), for the Mosaic GPU paths not yet default."""
+  return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
 def segments_enabled() -> bool:
   """Whether calls with segment ids may use this kernel (opt-in: see the module docstring)."""
-  return os.environ.get(SEGMENTS_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+  return env_switch(SEGMENTS_ENV)
 
 
 def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
@@ -110,6 +115,24 @@ def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
   """The pattern on non-negative int32 positions (lax.div/rem are floor division/modulo there),
   with keys past the sequence end masked."""
   return allowed(spec, q_pos, k_pos, kv_head, Hkv, div=lax.div, mod=lax.rem) & (k_pos < S)
+
+
+def split_segment_refs(refs, has_seg: bool):
+  """(q segment ids ref, kv segment ids ref, the other refs) of a kernel whose inputs end with the two
+  optional segment-id arrays (None, None when the call has none)."""
+  return (refs[0], refs[1], refs[2:]) if has_seg else (None, None, refs)
+
+
+def load_ids(ids_ref, reduce_axis: int):
+  """A 1-D int32 GMEM slice of segment ids as a vector of a WGMMA tile: along its rows (reduce_axis=1)
+  or its columns (reduce_axis=0)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+  return plgpu.load(ids_ref, layout=plgpu.Layout.WGMMA.reduce(reduce_axis), optimized=False)
+
+
+def same_segment(row_ids, col_ids, shape):
+  """bool[shape]: whether each tile pair's row and column lie in the same document."""
+  return lax.broadcast_in_dim(row_ids, shape, [0]) == lax.broadcast_in_dim(col_ids, shape, [1])
 
 
 def stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
@@ -162,8 +185,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   Tp, Sp = round_up(Tp_in, BLOCK_Q), round_up(max(Sp_in, S), bk)
   q, k, v = pad_axis(q_BTHD, 1, Tp), pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
   has_seg = q_segment_ids is not None
-  segments = ((pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1),
-               pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2)) if has_seg else ())
+  segments = pad_segment_ids(q_segment_ids, kv_segment_ids, Tp, Sp) if has_seg else ()
   # The table spans every padded row (padding rows come out finite, as the backward needs);
   # real rows see the same keys, tiles are only marked full where the predicate says so.
   table = kv_table(spec, Tp, S, Hkv, bk, q_offset, all_partial=has_seg)
@@ -172,9 +194,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   c = scale * LOG2E
 
   def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, *refs):
-    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
-    (out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free,
-     sched) = refs[2:] if has_seg else refs
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
+    out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
@@ -191,8 +212,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_base = qt * BLOCK_Q + wg * HALF
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, HALF), h], qo_smem, q_bar.at[wg])
-      q_seg = (plgpu.load(qseg_ref.at[b, pl.ds(q_base, HALF)], layout=plgpu.Layout.WGMMA.reduce(1),
-                          optimized=False) if has_seg else None)
+      q_seg = load_ids(qseg_ref.at[b, pl.ds(q_base, HALF)], 1) if has_seg else None
       plgpu.barrier_wait(q_bar.at[wg])
       m = plgpu.layout_cast(jnp.full((HALF,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
       l = plgpu.layout_cast(jnp.full((HALF,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -209,8 +229,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
         slot = lax.rem(j, jnp.int32(stages))
         if masked:
           kt = tab_ref[hl, qt, 2 + j]
-          k_seg = (plgpu.load(kseg_ref.at[b, pl.ds(kt * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
-                              optimized=False) if has_seg else None)   # issued before QK^T: overlaps it
+          k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps QK^T
 
         def qk_fn(acc_ref):
           plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
@@ -223,7 +242,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
           k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
           if has_seg:
-            ok = ok & (lax.broadcast_in_dim(q_seg, (HALF, bk), [0]) == lax.broadcast_in_dim(k_seg, (HALF, bk), [1]))
+            ok = ok & same_segment(q_seg, k_seg, (HALF, bk))
           s = jnp.where(ok, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1) * c)
         # A row with nothing allowed so far keeps m = -inf; exp2 against 0 keeps p = 0, no NaN.

@@ -54,7 +54,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -62,9 +61,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longgen_jax.attention.padding import pad_axis, round_up
-from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, full_first_table, is_hopper,
-                                               kv_table, segments_enabled, stream_kv_tiles)
+from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
+from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, full_first_table,
+                                               is_hopper, kv_table, load_ids, same_segment, segments_enabled,
+                                               split_segment_refs, stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -92,7 +92,7 @@ def enabled() -> bool:
   """Whether `pallas_gpu` should route its backward here (where `supported`)."""
   if _FORCED[0] is not None:
     return _FORCED[0]
-  return os.environ.get(ENV, "0").strip().lower() in ("1", "true", "yes", "on")
+  return env_switch(ENV)
 
 
 @contextlib.contextmanager
@@ -177,10 +177,7 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   lse = pad_axis(jnp.where(lse == -jnp.inf, jnp.inf, lse), 2, Tp, jnp.inf)   # empty/padded rows: p = 0
   delta = pad_axis(delta_BHT.astype(jnp.float32), 2, Tp)
   k, v = pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
-  segments = ()
-  if q_segment_ids is not None:   # padded rows and keys match nothing (as pallas_gpu pads them)
-    segments = (pad_axis(q_segment_ids.astype(jnp.int32), 1, Tp, -1),
-                pad_axis(kv_segment_ids.astype(jnp.int32), 1, Sp, -2))
+  segments = pad_segment_ids(q_segment_ids, kv_segment_ids, Tp, Sp) if q_segment_ids is not None else ()
   scale = 1.0 / math.sqrt(head_dim or D)
   dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
                 segments=segments, interpret=interpret)
@@ -212,9 +209,9 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
   c = scale * LOG2E
 
   def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-     q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs[2:] if has_seg else refs
+     q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
@@ -237,16 +234,14 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
       # CHECK ON GPU: 1-D f32 SMEM -> row-vector layout, as JAX's attention_mgpu backward does.
       lse_r = plgpu.load(lse_smem, layout=plgpu.Layout.WGMMA.reduce(1))
       delta_r = plgpu.load(delta_smem, layout=plgpu.Layout.WGMMA.reduce(1))
-      q_seg = (plgpu.load(qseg_ref.at[b, rows], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-               if has_seg else None)
+      q_seg = load_ids(qseg_ref.at[b, rows], 1) if has_seg else None
       dq = plgpu.layout_cast(jnp.full((HALF, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def step(j, dq, masked: bool):
         slot = lax.rem(j, jnp.int32(stages))
         if masked:
           kt = tab_ref[hl, qt, 2 + j]
-          k_seg = (plgpu.load(kseg_ref.at[b, pl.ds(kt * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
-                              optimized=False) if has_seg else None)   # before the wgmmas: overlaps them
+          k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps the wgmmas
         plgpu.barrier_wait(k_bar.at[slot])
 
         def s_fn(acc_ref):
@@ -265,7 +260,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
           k_pos = plgpu.broadcasted_iota(jnp.int32, (HALF, bk), 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + q_base), k_pos + kt * bk, kv_head, Hkv, S)
           if has_seg:
-            ok = ok & (lax.broadcast_in_dim(q_seg, (HALF, bk), [0]) == lax.broadcast_in_dim(k_seg, (HALF, bk), [1]))
+            ok = ok & same_segment(q_seg, k_seg, (HALF, bk))
           s = jnp.where(ok, s, -jnp.inf)
         # lse = +inf on empty rows and s = -inf on masked pairs: both give p = 0, never NaN.
         p = jnp.exp2(s * c - lax.broadcast_in_dim(lse_r, s.shape, [0]))
@@ -337,9 +332,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
   c = scale * LOG2E
 
   def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
-     k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs[2:] if has_seg else refs
+     k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs
     b, kv_head, pair, wg = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p"),
                             lax.axis_index("wg"))
     hp = kv_head if per_head else 0
@@ -361,8 +356,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
 
-      k_seg = (plgpu.load(kseg_ref.at[b, keys], layout=plgpu.Layout.WGMMA.reduce(1), optimized=False)
-               if has_seg else None)   # this warpgroup's 64 keys: rows of S^T
+      k_seg = load_ids(kseg_ref.at[b, keys], 1) if has_seg else None   # this warpgroup's 64 keys: rows of S^T
       zeros_kd = plgpu.layout_cast(jnp.full((BK_DKV, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       zeros_kq = plgpu.layout_cast(jnp.full((BK_DKV, BQ_DKV), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -372,8 +366,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
         q_s, do_s = q_smem.at[ring], do_smem.at[ring]
         if masked:
           qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
-          q_seg = (plgpu.load(qseg_ref.at[b, pl.ds(qt * BQ_DKV, BQ_DKV)], layout=plgpu.Layout.WGMMA.reduce(0),
-                              optimized=False) if has_seg else None)   # columns of S^T, before its wgmma
+          q_seg = load_ids(qseg_ref.at[b, pl.ds(qt * BQ_DKV, BQ_DKV)], 0) if has_seg else None   # columns of S^T
         plgpu.barrier_wait(q_bar.at[ring])
 
         def st_fn(acc_ref):                     # S^T = K Q^T  [keys, queries]
@@ -388,7 +381,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
           q_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
           ok = _tile_mask(spec, q_pos + (q_offset + qt * BQ_DKV), k_pos + kt * BK_DKV, kv_head, Hkv, S)
           if has_seg:
-            ok = ok & (lax.broadcast_in_dim(k_seg, sT.shape, [0]) == lax.broadcast_in_dim(q_seg, sT.shape, [1]))
+            ok = ok & same_segment(k_seg, q_seg, sT.shape)
           sT = jnp.where(ok, sT, -jnp.inf)
         pT = jnp.exp2(sT * c - lax.broadcast_in_dim(lse_c, sT.shape, [1]))
         plgpu.barrier_wait(do_bar.at[ring])

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longgen_jax.attention.padding import pad_axis
+from longgen_jax.attention.padding import pad_axis, pad_segment_ids
 from longgen_jax.attention.reference import masked_attend
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
@@ -37,8 +37,9 @@ def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, q_segmen
   kv_count = jnp.asarray(np.broadcast_to(layout.kv_count, (Hkv, nq)).T)
   has_segments = q_segment_ids is not None
   if has_segments:
-    q_seg_nBq = pad_axis(q_segment_ids, 1, nq * bq, -1).reshape(B, nq, bq).transpose(1, 0, 2)
-    kv_seg_BnK = pad_axis(kv_segment_ids, 1, nk * bk, -2).reshape(B, nk, bk)
+    q_seg, kv_seg = pad_segment_ids(q_segment_ids, kv_segment_ids, nq * bq, nk * bk)
+    q_seg_nBq = q_seg.reshape(B, nq, bq).transpose(1, 0, 2)
+    kv_seg_BnK = kv_seg.reshape(B, nk, bk)
   else:
     q_seg_nBq = jnp.zeros((nq, 1, 1), jnp.int32)
   k_KnBkD = pad_axis(k_BSKD, 1, nk * bk).reshape(B, nk, bk, Hkv, D).transpose(3, 1, 0, 2, 4)

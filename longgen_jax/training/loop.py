@@ -143,12 +143,13 @@ def prepare(cfg, workdir: str) -> Run | None:
 
   optimizer, schedule = make_optimizer(cfg.optim, cfg.total_steps)
   A, T = cfg.grad_accum, padded_length(cfg.seq_len, context)
-  steps = sharded_step(mc, cfg.model, optimizer, schedule, mesh, batch_shape=(A, cfg.batch_size // A, T),
+  batch_shape = (A, cfg.batch_size // A, T)  # [micro-batches, sequences, tokens]
+  steps = sharded_step(mc, cfg.model, optimizer, schedule, mesh, batch_shape=batch_shape,
                        loss_chunk=cfg.loss_chunk, segment_attention=cfg.model.segment_attention,
                        context=context_strategy(cfg))
   resolved = {"train": cfg.to_dict(), "model": mc.to_dict()}
   if not rows and jax.process_count() > 1:
-    _check_process_rows(steps.batch_sharding, (A, cfg.batch_size // A, T))
+    _check_process_rows(steps.batch_sharding, batch_shape)
 
   def to_device(batch):
     local = {k: v.reshape(A, host_batch // A, T) for k, v in batch.items()}
