@@ -154,7 +154,7 @@ def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offse
   theirs = lambda q, k, v: reference_attention(q, k, v, spec, q_segment_ids=qs, kv_segment_ids=ks,
                                                q_offset=q_offset)
   g = jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v)
-  ref_g = jax.grad(loss(theirs), (0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+  ref_g = jax.jit(jax.grad(loss(theirs), (0, 1, 2)))(*(x.astype(jnp.float32) for x in (q, k, v)))
   for a, b in zip(g, ref_g):
     assert rel_err(a, b) < 2e-2
 
@@ -185,7 +185,8 @@ def test_pallas_gpu_routes_forward_and_grads(spec):
     return jnp.sum(out.astype(jnp.float32) * do) + jnp.sum(lse), (out, lse)
 
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  (_, (ref, ref_lse)), ref_g = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(*f32, None, "ref")
+  (_, (ref, ref_lse)), ref_g = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True),
+                                       static_argnums=(3, 4))(*f32, None, "ref")
   for tiles in (Tiles(), Tiles(forward="triton")):
     (_, (out, lse)), g = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True),
                                  static_argnums=(3, 4))(q, k, v, tiles, "pallas")
@@ -283,8 +284,12 @@ def _reference_grads(q, k, v, do, dlse, spec, q_offset, segments=None):
   """float32 reference: out, natural lse, and the vjp of (out, lse) at (do, dlse)."""
   seg = dict(q_segment_ids=segments[0], kv_segment_ids=segments[1]) if segments else {}
   f = lambda q, k, v: reference_attention(q, k, v, spec, q_offset=q_offset, return_lse=True, **seg)
-  (out, lse), vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
-  return out, lse, vjp((do.astype(jnp.float32), dlse.astype(jnp.float32)))
+
+  @jax.jit   # one compile, not one per op (op by op, GPU autotuning made this ~40 s a test)
+  def out_lse_grads(q, k, v, do, dlse):
+    (out, lse), vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
+    return out, lse, vjp((do.astype(jnp.float32), dlse.astype(jnp.float32)))
+  return out_lse_grads(q, k, v, do, dlse)
 
 
 def _kernel_inputs(out, lse, do, dlse):
