@@ -247,6 +247,11 @@ def test_switch_env_and_forced(monkeypatch):
   with mbwd.forced(True):
     assert mbwd.enabled()
   assert not mbwd.enabled()
+  monkeypatch.setenv(mbwd.ENV, "auto")   # per pattern, from the measured table
+  assert [mbwd.enabled(s) for s in SPECS] == [mbwd.FASTER_THAN_TRITON[s.kind] for s in SPECS]
+  assert mbwd.enabled(AttentionSpec.full()) and not mbwd.enabled(AttentionSpec.block_sparse(64, 16, 64))
+  with mbwd.forced(True):
+    assert mbwd.enabled(AttentionSpec.block_sparse(64, 16, 64))
 
 
 def test_backward_supported(monkeypatch):
@@ -273,6 +278,11 @@ def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
   assert pallas_gpu._mgpu_backward(cfg, q) == pallas_mgpu.is_hopper()
   monkeypatch.setenv(mbwd.ENV, "0")
   assert not pallas_gpu._mgpu_backward(cfg, q)
+  monkeypatch.setenv(mbwd.ENV, "auto")                   # full: measured faster
+  assert pallas_gpu._mgpu_backward(cfg, q) == pallas_mgpu.is_hopper()
+  sparse = pallas_gpu._prepare(q, k, v, AttentionSpec.block_sparse(64, 4, 8), None, None, 0, None, None, None,
+                               True)[0]
+  assert not pallas_gpu._mgpu_backward(dataclasses_replace(sparse, interpret=False), q)   # measured slower
 
 
 def dataclasses_replace(x, **kw):

@@ -21,8 +21,9 @@ its out + lse unchanged.
 
 Backward on Hopper (opt-in): `LONGGEN_JAX_MGPU_BACKWARD=1` at trace time routes the backward to
 the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128; segment ids with
-`LONGGEN_JAX_MGPU_SEGMENTS=1`);
-the Triton backward below stays the default until that kernel's GPU tests pass.
+`LONGGEN_JAX_MGPU_SEGMENTS=1`), `=auto` only for the patterns where they measured faster (full,
+sink_window; not block_sparse); the Triton backward below stays the default until that kernel's
+GPU suite passes.
 """
 
 from __future__ import annotations
@@ -467,11 +468,12 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
 
 
 def _mgpu_backward(cfg: _Cfg, q) -> bool:
-  """Whether the backward runs the Mosaic GPU kernels (opt-in, read at trace time; Triton default)."""
+  """Whether the backward runs the Mosaic GPU kernels (opt-in per call or per measured pattern, read at
+  trace time; Triton default)."""
   if cfg.interpret or cfg.head_dim != q.shape[-1]:
     return False
   from longgen_jax.attention import pallas_mgpu_backward
-  return pallas_mgpu_backward.enabled() and pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg)
+  return pallas_mgpu_backward.enabled(cfg.spec) and pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,17 +1,19 @@
 """Block-sparse flash attention BACKWARD for Hopper in Pallas Mosaic GPU (wgmma + TMA).
 
 Written without a GPU (it lowers to a Mosaic GPU module on CPU: tests/test_pallas_mgpu.py lowers it
-for `cuda`). First GPU runs, 2026-11-27 on H200s (JAX 0.11.2): every case of
-`test_mgpu_backward_matches_reference` (bf16/fp16, head_dim 64/128, GQA 1-8, T 640-4096, q_offset 512
-with T != S, non-multiple lengths) and `test_mgpu_backward_empty_rows_zero_and_finite` passed at least
-once, each taking ~50 s (mostly compilation). Under 4 pytest workers with a 50 s per-test limit, four
-tests failed (two reference cases that passed alone before and after, one more reference case, and
-`test_pallas_attention_grads_through_mgpu_backward[8-128-full]`); their tracebacks were not captured,
-so timeout vs a real failure is not established. Not yet: the routing tests through `pallas_gpu`, the
-timing. The `# CHECK ON GPU:` markers name API details seen compiling but not individually checked.
-The Triton backward in `pallas_gpu` stays the default until the whole GPU suite passes on this one.
+for `cuda`). On the GPU (2026-11-27, JAX 0.11.2): both kernels compile in 2-4 s together (H100,
+T 4096); the kernels alone match the float32 vjp (relative error 2.4e-3 to 2.8e-3, as the Triton
+backward) on full / sink_window / block_sparse, B 1-2, GQA 1-8, head_dim 64/128, bf16/fp16, q_offset,
+non-multiple lengths and empty rows; timed on an H100 beside the Triton backward and cuDNN
+(BENCHMARKS.md): full fwd+bwd 1.24x faster than with the Triton backward (1010.6 vs 1250.1 ms at
+128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower (long strided-tile lists are not
+split here, see "Load balance" below). No run has yet finished the whole GPU suite with this switch
+on (a slow test helper, since fixed, hit per-test limits): until one does, the Triton backward in
+`pallas_gpu` stays the default.
 
-Switch: `LONGGEN_JAX_MGPU_BACKWARD=1`, read when `pallas_gpu`'s backward is TRACED (jit caches
+Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (every call it supports), auto (only the patterns where it
+measured faster than the Triton backward: `FASTER_THAN_TRITON`), 0 or unset (never, the default
+until the GPU suite passes with it on). Read when `pallas_gpu`'s backward is TRACED (jit caches
 traces, so set it before the first call), or `with forced(True):` around the tracing (the
 benchmark times both backwards in one process that way). Why an environment switch and not a
 `Tiles` field: flipping it needs no change to any caller (training, ring attention, the
@@ -54,6 +56,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +76,15 @@ BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
 
 _FORCED: list[bool | None] = [None]
 
+# Per pattern kind, whether this backward beat the Triton one: fwd+bwd ms at 32K / 128K, one run on
+# one H100, JAX 0.11.2, 2026-11-27, B 1, 32 query / 8 kv heads, head_dim 128, bf16 (BENCHMARKS.md,
+# "The Mosaic GPU backward, timed"). `LONGGEN_JAX_MGPU_BACKWARD=auto` follows it.
+FASTER_THAN_TRITON = {
+    "full": True,           # 62.52 / 1010.59 vs Triton 77.66 / 1250.10 (cuDNN causal 55.40 / 915.94)
+    "sink_window": True,    # 10.65 / 43.98 vs 10.80 / 44.57
+    "block_sparse": False,  # 8.19 / 48.14 vs 7.10 / 46.08: strided key tiles' long lists are not split
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class MgpuBwdTiles:
@@ -88,10 +100,13 @@ class MgpuBwdTiles:
   stages_dkv: int = 2
 
 
-def enabled() -> bool:
-  """Whether `pallas_gpu` should route its backward here (where `supported`)."""
+def enabled(spec: AttentionSpec | None = None) -> bool:
+  """Whether `pallas_gpu` should route the backward of a call with pattern `spec` here (where
+  `supported`): the `forced` override, else the environment switch (module docstring)."""
   if _FORCED[0] is not None:
     return _FORCED[0]
+  if os.environ.get(ENV, "").strip().lower() == "auto":
+    return spec is not None and FASTER_THAN_TRITON.get(spec.kind, False)
   return env_switch(ENV)
 
 
