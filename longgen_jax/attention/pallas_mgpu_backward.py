@@ -6,8 +6,8 @@ T 4096); the kernels alone match the float32 vjp (relative error 2.4e-3 to 2.8e-
 backward) on full / sink_window / block_sparse, B 1-2, GQA 1-8, head_dim 64/128, bf16/fp16, q_offset,
 non-multiple lengths and empty rows; timed on an H100 beside the Triton backward and cuDNN
 (BENCHMARKS.md): full fwd+bwd 1.24x faster than with the Triton backward (1010.6 vs 1250.1 ms at
-128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower (long strided-tile lists are not
-split here, see "Load balance" below). No run has yet finished the whole GPU suite with this switch
+128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower (not profiled yet; candidates in
+BENCHMARKS.md: the unsplit strided-tile lists, see "Load balance" below, or their Q/dO streaming). No run has yet finished the whole GPU suite with this switch
 on (a slow test helper, since fixed, hit per-test limits): until one does, the Triton backward in
 `pallas_gpu` stays the default.
 
@@ -82,7 +82,7 @@ _FORCED: list[bool | None] = [None]
 FASTER_THAN_TRITON = {
     "full": True,           # 62.52 / 1010.59 vs Triton 77.66 / 1250.10 (cuDNN causal 55.40 / 915.94)
     "sink_window": True,    # 10.65 / 43.98 vs 10.80 / 44.57
-    "block_sparse": False,  # 8.19 / 48.14 vs 7.10 / 46.08: strided key tiles' long lists are not split
+    "block_sparse": False,  # 8.19 / 48.14 vs 7.10 / 46.08 (why: not profiled yet, BENCHMARKS.md)
 }
 
 
