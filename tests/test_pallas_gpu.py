@@ -49,7 +49,7 @@ def _check(spec, B, T, S, Hq, Hkv, D, *, seed=0, dtype=jnp.float32, q_offset=0, 
   ref = lambda q, k, v: reference_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                             v.astype(jnp.float32), spec, q_offset=q_offset,
                                             return_lse=True, **seg)
-  out, lse = ours(q, k, v)
+  out, lse = jax.jit(ours)(q, k, v)
   # Jitted: op by op, XLA compiles (and on GPU autotunes) every float32 dot of the reference's
   # backward on its own, which took ~40 s a test on an H200.
   with jax.default_matmul_precision("float32"):   # no tf32 in the ground truth on GPU
@@ -61,7 +61,7 @@ def _check(spec, B, T, S, Hq, Hkv, D, *, seed=0, dtype=jnp.float32, q_offset=0, 
   finite = np.isfinite(np.asarray(ref_lse))
   np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), finite)  # -inf exactly on empty rows
   assert rel_err(np.where(finite, lse, 0), np.where(finite, ref_lse, 0)) < tol
-  grads = jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2))(q, k, v)
+  grads = jax.jit(jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2)))(q, k, v)
   for name, g, r in zip("qkv", grads, ref_grads):
     assert g.shape == r.shape and np.all(np.isfinite(np.asarray(g, np.float32))), name
     assert rel_err(g, r) < (grad_tol or tol), (name, rel_err(g, r))
