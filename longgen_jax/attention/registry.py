@@ -19,6 +19,15 @@ Names users pass (training config, `attention(impl=...)`, prefill, evaluation, b
                  supports on a GPU (full causal layers, no segment ids, no q_offset); every
                  other call (and every call off GPU) gets the auto choice, so a LongGen model
                  with impl "cudnn" runs its sparse layers on our kernels.
+
+Why "auto" prefers our kernel over cuDNN for full layers on a GPU (one H100, JAX 0.11.2, 2026-11-27,
+B 1, 32 query / 8 kv heads, head_dim 128, bf16; BENCHMARKS.md "The Mosaic GPU backward, timed"):
+forward alone (prefill, scoring) ours is faster, 228.6 vs 238.7 ms at 128K; forward + backward cuDNN
+is faster, 915.9 ms vs 1010.6 (ours with the opt-in Mosaic backward) and 1250.1 (the default Triton
+backward). Training still defaults to ours because its gradients are bit-for-bit repeatable (no
+atomics), which exact resume relies on, while XLA lists fused attention among the GPU ops that may
+not be; `benchmarks/cudnn_determinism.py` measures that and has not run yet. Users who do not need
+it can set `attn_impl="cudnn"` (full layers on cuDNN, sparse layers on ours).
 """
 
 from __future__ import annotations
