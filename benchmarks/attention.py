@@ -2,12 +2,13 @@
 
   PYTHONPATH=. python benchmarks/attention.py [--seqs 8192,32768,131072] [--kv-heads 32,8]
 
-"ours" uses the default forward (Mosaic GPU on Hopper, see pallas_gpu); "ours_triton_fwd" forces
-the Triton forward; both share the Triton backward. `--mgpu-bwd` adds "ours_mgpu_bwd": the default
-forward with the Mosaic GPU backward (pallas_mgpu_backward, opt-in, switched on while tracing), so
-the two backwards and cuDNN are timed in one run on one card:
+"ours" is the default path (Mosaic GPU forward on Hopper; the backward LONGGEN_JAX_MGPU_BACKWARD
+picks, the Triton one unless set); "ours_triton_fwd" forces the Triton forward (same backward).
+`--mgpu-bwd` adds, per pattern, "ours_mgpu_bwd" and "ours_triton_bwd": the default forward with the
+Mosaic GPU backward (pallas_mgpu_backward) or the Triton backward forced while tracing, so the two
+backwards and cuDNN are timed in one run on one card whatever the switch says:
 
-  PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours:,ours_mgpu_bwd,cudnn
+  PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours_,cudnn
 
 Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
 a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
@@ -60,14 +61,15 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
 
 def make_fns(name: str, spec, tiles=None):
   """(forward, forward+backward) jitted callables of (q, k, v, do)."""
-  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd"):
+  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd"):
     from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
     if name == "ours_triton_fwd":   # the Triton forward instead of Mosaic GPU (same backward)
       tiles = dataclasses.replace(tiles or Tiles(), forward="triton")
-    # The backward switch is read while jit traces the custom_vjp backward (in fwd_bwd below);
-    # ours/ours_triton_fwd pin the Triton backward even if LONGGEN_JAX_MGPU_BACKWARD is set.
-    switch = functools.partial(pallas_mgpu_backward.forced, name == "ours_mgpu_bwd")
+    # The backward switch is read while jit traces the custom_vjp backward (in fwd_bwd below):
+    # None follows LONGGEN_JAX_MGPU_BACKWARD (the default path), True/False force one backward.
+    forced = {"ours_mgpu_bwd": True, "ours_triton_bwd": False}.get(name)
+    switch = functools.partial(pallas_mgpu_backward.forced, forced)
     attn = lambda q, k, v: pallas_attention(q, k, v, spec, tiles=tiles)
   elif name == "cudnn_causal":
     switch = contextlib.nullcontext
@@ -103,9 +105,10 @@ def main():
   ap.add_argument("--json", default="")
   ap.add_argument("--sweep", default="", help="JSON list of Tiles kwargs: time ours with each")
   ap.add_argument("--mgpu-bwd", action="store_true",
-                  help="also time ours_mgpu_bwd (Mosaic GPU backward) per pattern")
+                  help="also time ours_mgpu_bwd and ours_triton_bwd (each backward forced) per pattern")
   args = ap.parse_args()
-  case_list = CASES + ([("ours_mgpu_bwd", s) for s in PATTERNS] if args.mgpu_bwd else [])
+  case_list = CASES + ([(n, s) for n in ("ours_mgpu_bwd", "ours_triton_bwd") for s in PATTERNS]
+                       if args.mgpu_bwd else [])
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B=1 Hq={HQ} D={D} bf16")
   rows = []
