@@ -71,6 +71,7 @@ from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask,
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
+DEFAULT = "0"   # the switch when ENV is unset: "auto" once the whole GPU suite passes with ENV=1
 BQ_DKV = 64   # query rows per dK/dV step (the wgmma N of S^T)
 BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
 
@@ -105,9 +106,9 @@ def enabled(spec: AttentionSpec | None = None) -> bool:
   `supported`): the `forced` override, else the environment switch (module docstring)."""
   if _FORCED[0] is not None:
     return _FORCED[0]
-  if os.environ.get(ENV, "").strip().lower() == "auto":
+  if os.environ.get(ENV, DEFAULT).strip().lower() == "auto":
     return spec is not None and FASTER_THAN_TRITON.get(spec.kind, False)
-  return env_switch(ENV)
+  return env_switch(ENV, DEFAULT)
 
 
 @contextlib.contextmanager
