@@ -39,6 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
+from longgen_jax.attention.residuals import name_full_residuals
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LOG2E = math.log2(math.e)
@@ -482,7 +483,7 @@ def _flash(cfg: _Cfg, q, k, v, qseg, kseg):
 
 
 def _flash_fwd(cfg, q, k, v, qseg, kseg):
-  out, lse = _forward(cfg, q, k, v, qseg, kseg)
+  out, lse = name_full_residuals(cfg.spec, *_forward(cfg, q, k, v, qseg, kseg))   # remat keeps them
   return (out, lse), (q, k, v, qseg, kseg, out, lse)
 
 

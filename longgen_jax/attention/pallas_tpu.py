@@ -34,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask_info as mask_info_lib
 
 from longgen_jax.attention.padding import round_up
+from longgen_jax.attention.residuals import name_full_residuals
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
 LANES = 128  # splash tiles are multiples of the TPU lane width
@@ -223,11 +224,13 @@ def _splash_fn(spec: AttentionSpec, q_len: int, q_len_p: int, kv_len: int, kv_le
     return out, lse
 
   def attend_fwd(q, k, v, seg):
-    out, lse, empty = forward(q, k, v, seg)
-    return (out, lse), (q, k, v, seg, out, lse, empty)
+    out, lse, _ = forward(q, k, v, seg)
+    out, lse = name_full_residuals(spec, out, lse)   # remat keeps them (attention.residuals)
+    return (out, lse), (q, k, v, seg, out, lse)
 
   def attend_bwd(res, cotangents):
-    q, k, v, seg, out, lse, empty = res
+    q, k, v, seg, out, lse = res
+    empty = lse == -jnp.inf   # what `forward` marked, recovered so that no residual needs the kernel
     do, dlse = cotangents
     do = jnp.where(empty[..., None], 0, do).astype(q.dtype)
     dlse = jnp.where(empty, 0.0, dlse.astype(jnp.float32))

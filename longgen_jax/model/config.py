@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from longgen_jax.attention.residuals import FULL_LSE, FULL_OUT
 from longgen_jax.attention.spec import AttentionSpec, parse_spec
 from longgen_jax.parallel.context import RING_LSE, RING_OUT
 
@@ -23,19 +24,21 @@ PLACEMENTS = ("middle", "top", "bottom", "interleaved")
 LONGGEN_FULL_FRACTION = 3 / 8
 DEFAULT_SPARSE = AttentionSpec.sink_window(64, 1984)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# Under context parallelism "full" and "dots" also keep the ring attention's output and LSE (1/context
-# of a sequence per device), so the backward does not run the ring a second time; one device: no change.
-_KEEP_RING = jax.checkpoint_policies.save_only_these_names(RING_OUT, RING_LSE)
-# The name of each layer's input inside the remat'd unit: "offload" keeps it (and the ring's output and
-# LSE) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
+# "full" and "dots" also keep the output and LSE of every full layer's attention, the quadratic part of a
+# layer's forward (attention.residuals; under context parallelism the ring's, 1/context of a sequence per
+# device), so the backward does not run it a second time: one [B, T, Hq, D] array per full layer.
+_ATTENTION_RESIDUALS = (RING_OUT, RING_LSE, FULL_OUT, FULL_LSE)
+_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*_ATTENTION_RESIDUALS)
+# The name of each layer's input inside the remat'd unit: "offload" keeps it (and the attention residuals
+# above) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
 LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "none": None,                                                   # keep every activation
-    "full": _KEEP_RING,                                             # recompute each layer
+    "full": _KEEP_ATTENTION,                                        # recompute each layer but full attention
     "dots": jax.checkpoint_policies.save_from_both_policies(        # keep matmul outputs
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_RING),
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(  # "full", saved copies on the host
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, RING_OUT, RING_LSE],
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, *_ATTENTION_RESIDUALS],
         offload_src="device", offload_dst="pinned_host"),
 }
 
