@@ -166,22 +166,25 @@ def test_bad_tiles_raise():
     pallas_attention(q, q, q, FULL, block_q=24, interpret=True)
 
 
-@pytest.mark.parametrize("spec", [FULL, SINK], ids=str)
-def test_remat_full_keeps_full_attention_output_instead_of_rerunning_it(spec):
+@pytest.mark.parametrize("spec,T,q_offset", [(FULL, 40, 0), (SINK, 40, 0), (FULL, 24, 16)],
+                         ids=["full layer", "sparse layer", "full, queries after a prefix"])
+def test_remat_full_keeps_full_attention_output_instead_of_rerunning_it(spec, T, q_offset):
   """Under remat="full" a full layer's attention output and lse are residuals the backward keeps (named
   in the kernel's custom_vjp forward: attention.residuals), so it need not rerun the forward kernel; a
-  sparse layer's are not kept (cheap to recompute). The gradient is the same either way."""
+  sparse layer's are not kept (cheap to recompute), nor a piece's (queries after a prefix, as in a
+  context-parallel halo). The gradient is the same either way."""
   from jax.ad_checkpoint import print_saved_residuals
   from longgen_jax.attention.residuals import FULL_LSE, FULL_OUT
   from longgen_jax.model.config import REMAT_POLICIES
-  q, k, v, d_out, _ = _inputs(3, 1, 40, 40, 4, 2, 16, jnp.float32)
-  f = lambda q, k, v: jnp.sum(d_out * pallas_attention(q, k, v, spec, block_q=16, block_k=16, interpret=True))
+  q, k, v, d_out, _ = _inputs(3, 1, T, 40, 4, 2, 16, jnp.float32)
+  f = lambda q, k, v: jnp.sum(d_out * pallas_attention(q, k, v, spec, q_offset=q_offset, block_q=16, block_k=16,
+                                                       interpret=True))
   kept = jax.checkpoint(f, policy=REMAT_POLICIES["full"])
   text = io.StringIO()
   with contextlib.redirect_stdout(text):
     print_saved_residuals(kept, q, k, v)
   named = {name for name in (FULL_OUT, FULL_LSE) if f"named '{name}'" in text.getvalue()}
-  assert named == ({FULL_OUT, FULL_LSE} if spec.is_full else set()), text.getvalue()
+  assert named == ({FULL_OUT, FULL_LSE} if spec.is_full and T == 40 else set()), text.getvalue()
   recompute = jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
   for a, b in zip(jax.grad(kept, (0, 1, 2))(q, k, v), jax.grad(recompute, (0, 1, 2))(q, k, v)):
     np.testing.assert_array_equal(a, b)

@@ -483,7 +483,8 @@ def _flash(cfg: _Cfg, q, k, v, qseg, kseg):
 
 
 def _flash_fwd(cfg, q, k, v, qseg, kseg):
-  out, lse = name_full_residuals(cfg.spec, *_forward(cfg, q, k, v, qseg, kseg))   # remat keeps them
+  out, lse = name_full_residuals(cfg.spec, *_forward(cfg, q, k, v, qseg, kseg), T=cfg.T, S=cfg.S,
+                                 q_offset=cfg.q_offset)   # remat keeps them
   return (out, lse), (q, k, v, qseg, kseg, out, lse)
 
 

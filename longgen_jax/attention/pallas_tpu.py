@@ -198,7 +198,6 @@ def fit_block_sizes(bs: sk.BlockSizes, q_len: int, kv_len: int):
 def _splash_fn(spec: AttentionSpec, q_len: int, q_len_p: int, kv_len: int, kv_len_p: int,
                num_kv_heads: int, kv_head: int, q_offset: int, bs: sk.BlockSizes, interpret: bool):
   """custom_vjp (q[H,Tp,D], k[K,Sp,D], v, seg) -> (out[H,Tp,D], lse[H,Tp]) for one example."""
-  del q_len  # part of the cache key only
   fn = PatternMask(spec, kv_head, num_kv_heads, kv_len if kv_len_p > kv_len else None)
   info = functools.partial(mask_info, spec, q_len_p, kv_len, kv_len_p, num_kv_heads, kv_head,
                            q_offset=q_offset)
@@ -225,7 +224,7 @@ def _splash_fn(spec: AttentionSpec, q_len: int, q_len_p: int, kv_len: int, kv_le
 
   def attend_fwd(q, k, v, seg):
     out, lse, _ = forward(q, k, v, seg)
-    out, lse = name_full_residuals(spec, out, lse)   # remat keeps them (attention.residuals)
+    out, lse = name_full_residuals(spec, out, lse, T=q_len, S=kv_len, q_offset=q_offset)   # remat keeps them
     return (out, lse), (q, k, v, seg, out, lse)
 
   def attend_bwd(res, cotangents):

@@ -17,8 +17,10 @@ FULL_OUT = "full_attention_out"
 FULL_LSE = "full_attention_lse"
 
 
-def name_full_residuals(spec: AttentionSpec, out, lse):
-  """(out, lse) named FULL_OUT / FULL_LSE where `spec` is full, unchanged otherwise."""
-  if not spec.is_full:
+def name_full_residuals(spec: AttentionSpec, out, lse, *, T: int, S: int, q_offset: int):
+  """(out, lse) named FULL_OUT / FULL_LSE where the call is a full layer's attention of a whole sequence
+  over itself (full spec, T == S, q_offset 0), unchanged otherwise: pieces of context-parallel layers
+  (a halo's strided keys, an all-gather's local queries) are cheap or kept by the ring's own names."""
+  if not (spec.is_full and T == S and q_offset == 0):
     return out, lse
   return checkpoint_name(out, FULL_OUT), checkpoint_name(lse, FULL_LSE)
