@@ -203,6 +203,23 @@ def test_gpu_matches_reference(spec, G):
 
 
 @gpu_only
+def test_remat_full_keeps_cudnn_attention_output():
+  """All-full baselines on cuDNN get the same remat as our full layers: its forward's outputs are kept."""
+  from jax.ad_checkpoint import print_saved_residuals
+  from longgen_jax.attention.cudnn import cudnn_attention
+  from longgen_jax.model.config import CUDNN_ATTENTION_FORWARD, REMAT_POLICIES
+  q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 4, 64), jnp.bfloat16)
+  f = lambda q: jnp.sum(cudnn_attention(q, q, q, FULL).astype(jnp.float32))
+  saved = {}
+  for name, policy in (("full", REMAT_POLICIES["full"]), ("none kept", jax.checkpoint_policies.nothing_saveable)):
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+      print_saved_residuals(jax.checkpoint(f, policy=policy), q)
+    saved[name] = text.getvalue()
+  assert CUDNN_ATTENTION_FORWARD in saved["full"] and CUDNN_ATTENTION_FORWARD not in saved["none kept"], saved
+
+
+@gpu_only
 def test_gpu_offset_segments_fp16():
   T, S = 384, 1024
   seg = np.zeros((1, S), np.int32)

@@ -28,7 +28,17 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # layer's forward (attention.residuals; under context parallelism the ring's, 1/context of a sequence per
 # device), so the backward does not run it a second time: one [B, T, Hq, D] array per full layer.
 _ATTENTION_RESIDUALS = (RING_OUT, RING_LSE, FULL_OUT, FULL_LSE)
-_KEEP_ATTENTION = jax.checkpoint_policies.save_only_these_names(*_ATTENTION_RESIDUALS)
+CUDNN_ATTENTION_FORWARD = "dot_product_attention_fwd_wrapper"   # JAX's cuDNN fused attention forward
+
+
+def _cudnn_attention_forward(prim, *_, **__) -> bool:
+  """A full layer on cuDNN (attn_impl="cudnn"): JAX does not name that kernel's output and softmax
+  statistics, so "full" keeps them by primitive, and all-full cuDNN baselines recompute what ours do."""
+  return prim.name == CUDNN_ATTENTION_FORWARD
+
+
+_KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.save_only_these_names(*_ATTENTION_RESIDUALS), _cudnn_attention_forward)
 # The name of each layer's input inside the remat'd unit: "offload" keeps it (and the attention residuals
 # above) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
 LAYER_INPUT = "layer_input"
@@ -37,7 +47,8 @@ REMAT_POLICIES = {
     "full": _KEEP_ATTENTION,                                        # recompute each layer but full attention
     "dots": jax.checkpoint_policies.save_from_both_policies(        # keep matmul outputs
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(  # "full", saved copies on the host
+    # "full" with the saved copies on the host (cuDNN's unnamed forward is recomputed here, not kept)
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, *_ATTENTION_RESIDUALS],
         offload_src="device", offload_dst="pinned_host"),
 }
