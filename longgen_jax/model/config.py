@@ -39,17 +39,18 @@ def _cudnn_attention_forward(prim, *_, **__) -> bool:
 
 _KEEP_ATTENTION = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.save_only_these_names(*_ATTENTION_RESIDUALS), _cudnn_attention_forward)
-# The name of each layer's input inside the remat'd unit: "offload" keeps it (and the attention residuals
-# above) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
+# The name of each layer's input inside the remat'd unit: "offload" keeps it (and the ring's output and
+# LSE) in the host's pinned memory instead of HBM, which is what grows with the sequence under "full".
 LAYER_INPUT = "layer_input"
 REMAT_POLICIES = {
     "none": None,                                                   # keep every activation
     "full": _KEEP_ATTENTION,                                        # recompute each layer but full attention
     "dots": jax.checkpoint_policies.save_from_both_policies(        # keep matmul outputs
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _KEEP_ATTENTION),
-    # "full" with the saved copies on the host (cuDNN's unnamed forward is recomputed here, not kept)
+    # the least HBM: what "full" keeps of each layer's input and of the ring goes to the host; full layers'
+    # attention is recomputed (offloading it too cost 4.8 GiB more HBM per chip on 7B 128K, docs/scaling.md)
     "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, *_ATTENTION_RESIDUALS],
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT, RING_OUT, RING_LSE],
         offload_src="device", offload_dst="pinned_host"),
 }
 
