@@ -64,6 +64,31 @@ def parse_stage(text: str) -> Stage:
   return int(steps), overrides
 
 
+def training_command(variant: str, seed: int, workdir: str, start: str, cpu_tiny: bool, total_steps: int = 0,
+                     sets: tuple[str, ...] = ()) -> list[str]:
+  """`longgen_jax.train` of the variant's config from the model at `start`, in `workdir`; `sets` (KEY=VALUE)
+  come last, so they override everything before them."""
+  cmd = [sys.executable, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
+         f"--workdir={workdir}", f"--config.init_from={start}", f"--config.seed={seed}",
+         "--config.progress_bar=False", *train_overrides(variant, cpu_tiny)]
+  if total_steps:
+    cmd.append(f"--config.total_steps={total_steps}")
+  return cmd + [f"--config.{kv}" for kv in sets]
+
+
+def pretrain_dir(out: str, seed: int) -> str:
+  return os.path.join(out, "pretrain", f"seed{seed}")
+
+
+def pretrain_command(seed: int, out: str, init: str, cpu_tiny: bool, pretrain: Stage,
+                     train_sets: tuple[str, ...] = ()) -> list[str]:
+  """The shared pretraining of a seed: the all-full model trained from `init` for pretrain's steps (with
+  --set, then pretrain's overrides); every variant of the seed then starts from OUT/pretrain/seedS/model,
+  as LongGen starts from a pretrained full-attention model and turns some of its layers sparse."""
+  steps, sets = pretrain
+  return training_command("all_full", seed, pretrain_dir(out, seed), init, cpu_tiny, steps, (*train_sets, *sets))
+
+
 def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int = 0,
                  eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
                  stages: tuple[Stage, ...] = ()) -> list[tuple[str, list[str]]]:
@@ -78,12 +103,8 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
   py = sys.executable
 
   def training(workdir: str, start: str, total_steps: int, extra: tuple[str, ...]) -> list[str]:
-    cmd = [py, "-m", "longgen_jax.train", f"--config={os.path.join(REPRO, variant + '.py')}",
-           f"--workdir={os.path.join(jobdir, workdir)}", f"--config.init_from={start}", f"--config.seed={seed}",
-           "--config.progress_bar=False", *train_overrides(variant, cpu_tiny)]
-    if total_steps:
-      cmd.append(f"--config.total_steps={total_steps}")
-    return cmd + [f"--config.{kv}" for kv in (*train_sets, *extra)]
+    return training_command(variant, seed, os.path.join(jobdir, workdir), start, cpu_tiny, total_steps,
+                            (*train_sets, *extra))
 
   commands, start = [], init
   for i, (stage_steps, stage_sets) in enumerate(stages, 1):
@@ -117,7 +138,7 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
 
 def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict,
             eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
-            stages: tuple[Stage, ...] = ()) -> dict:
+            stages: tuple[Stage, ...] = (), pretrain: Stage | None = None) -> dict:
   """Runs the stages, train and evaluations (logging to log.txt) and writes result.json; returns it. A
   stage whose exported model exists is not run again."""
   jobdir = os.path.join(out, variant, f"seed{seed}")
@@ -145,6 +166,8 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
       "variant": variant, "seed": seed, "cpu_tiny": cpu_tiny, "pattern": resolved["model"]["layer_specs"],
       "steps": metrics[-1]["step"], "final_loss": metrics[-1]["loss"], "final_eval_loss": evals[-1] if evals else None,
       "train_seq_len": resolved["train"]["seq_len"], "seconds": times,
+      "pretrain": None if pretrain is None else {"steps": pretrain[0], "overrides": list(pretrain[1]),
+                                                  "model": init},
       "stages": [{"steps": n, "overrides": list(sets)} for n, sets in stages],
       "passkey": {k: passkey[k] for k in ("lengths", "depths", "samples", "accuracy", "ci95", "accuracy_by_length",
                                           "ci95_by_length", "mean_accuracy", "mean_ci95")},
@@ -194,6 +217,35 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   return text
 
 
+def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> None:
+  """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
+  a RuntimeError is recorded in `failures` and the slot goes on with the next item."""
+  todo = queue.Queue()
+  for item in items:
+    todo.put(item)
+
+  def worker(extra: dict):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    if "CUDA_VISIBLE_DEVICES" in extra:
+      env.pop("JAX_PLATFORMS", None)
+    while True:
+      try:
+        item = todo.get_nowait()
+      except queue.Empty:
+        return
+      try:
+        fn(item, env, extra)
+      except RuntimeError as e:
+        failures.append(str(e))
+        print(f"[reproduce] {e}", file=sys.stderr)
+
+  threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variants", default="all", help=f"'all' or comma-separated names: {', '.join(variant_names())}")
@@ -208,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                  help="a training stage before the main one (repeatable, in order; each starts from the "
                       "previous one's model): a curriculum, e.g. '500:data.synthetic.max_chars=1024'; "
                       "default: configs/repro/base.py STAGES (none with --cpu-tiny)")
+  p.add_argument("--pretrain", default=None, metavar="STEPS[:KEY=VALUE;...]",
+                 help="first train the all-full model once per seed (OUT/pretrain/seedS) and start every variant "
+                      "from it, as LongGen converts a pretrained full-attention model; default: configs/repro/"
+                      "base.py PRETRAIN (none with --cpu-tiny); 'none' for none")
   p.add_argument("--out", default="results/repro", help="results directory")
   for key in ("lengths", "depths", "samples"):
     p.add_argument(f"--{key}", default=None, help=f"override the pass-key {key} of configs/repro/base.py")
@@ -240,52 +296,61 @@ def main(argv: list[str] | None = None) -> int:
     stages = tuple(map(parse_stage, args.stage))
   except ValueError as e:
     p.error(str(e))
+  base = load_config_module(os.path.join(REPRO, "base.py"))
   if not args.stage and not args.cpu_tiny:
-    stages = tuple((n, tuple(f"{k}={v}" for k, v in o.items()))
-                   for n, o in load_config_module(os.path.join(REPRO, "base.py")).STAGES)
+    stages = tuple((n, tuple(f"{k}={v}" for k, v in o.items())) for n, o in base.STAGES)
+  pretrain = None
+  if args.pretrain is not None and args.pretrain.lower() != "none":
+    try:
+      pretrain = parse_stage(args.pretrain)
+    except ValueError as e:
+      p.error(str(e).replace("a stage", "--pretrain"))
+  elif args.pretrain is None and not args.cpu_tiny and base.PRETRAIN:
+    pretrain = (base.PRETRAIN[0], tuple(f"{k}={v}" for k, v in base.PRETRAIN[1].items()))
+  starts = {s: os.path.join(pretrain_dir(out, s), "model") for s in seeds} if pretrain else inits
 
   if args.dry_run:
+    for s in seeds if pretrain else ():
+      print(shlex.join(pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)))
     for v, s in jobs:
-      for _, cmd in job_commands(v, s, out, inits[s], args.cpu_tiny, args.steps, ev, sets, stages):
+      for _, cmd in job_commands(v, s, out, starts[s], args.cpu_tiny, args.steps, ev, sets, stages):
         print(shlex.join(cmd))
     return 0
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
   for s in seeds:
     write_init(inits[s], s, args.cpu_tiny)
-  todo = queue.Queue()
-  for v, s in jobs:
-    if os.path.exists(os.path.join(out, v, f"seed{s}", "result.json")):
-      print(f"[reproduce] {v} seed {s}: done before, skipped", file=sys.stderr)
-    else:
-      todo.put((v, s))
   slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{"JAX_PLATFORMS": "cpu"}] * max(1, args.workers)
   failures = []
 
-  def worker(extra: dict):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
-    if "CUDA_VISIBLE_DEVICES" in extra:
-      env.pop("JAX_PLATFORMS", None)
-    while True:
-      try:
-        v, s = todo.get_nowait()
-      except queue.Empty:
-        return
-      t0 = time.time()
-      try:
-        r = run_job(v, s, out, inits[s], args.cpu_tiny, args.steps, env, ev, sets, stages)
-        acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
-        print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
-              file=sys.stderr)
-      except RuntimeError as e:
-        failures.append(str(e))
-        print(f"[reproduce] {e}", file=sys.stderr)
+  def pretrain_seed(s: int, env: dict, extra: dict):
+    if os.path.exists(os.path.join(starts[s], "config.json")):
+      return
+    os.makedirs(pretrain_dir(out, s), exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(pretrain_dir(out, s), "log.txt"), "a") as log:
+      cmd = pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)
+      log.write(f"$ {shlex.join(cmd)}\n")
+      log.flush()
+      if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+        raise RuntimeError(f"pretraining of seed {s} failed; see {pretrain_dir(out, s)}/log.txt")
+    print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
-  threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
+  def variant_job(job: tuple[str, int], env: dict, extra: dict):
+    v, s = job
+    if os.path.exists(os.path.join(out, v, f"seed{s}", "result.json")):
+      print(f"[reproduce] {v} seed {s}: done before, skipped", file=sys.stderr)
+      return
+    t0 = time.time()
+    r = run_job(v, s, out, starts[s], args.cpu_tiny, args.steps, env, ev, sets, stages, pretrain)
+    acc = " ".join(f"{a:.2f}" for a in r["passkey"]["accuracy_by_length"])
+    print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
+          file=sys.stderr)
+
+  if pretrain:
+    run_on_slots(seeds, pretrain_seed, slots, failures)
+    jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
+  run_on_slots(jobs, variant_job, slots, failures)
   print(summarize(out, variants, seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)

@@ -82,7 +82,8 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny", "--variants",
          "hybrid_third_middle", "--seeds", "3", "--steps", "2", "--lengths", "128", "--depths", "0.5",
-         "--samples", "2", "--out", str(out), "--stage", "2:data.synthetic.max_chars=150;optim.lr=1e-3"]
+         "--samples", "2", "--out", str(out), "--stage", "2:data.synthetic.max_chars=150;optim.lr=1e-3",
+         "--pretrain", "3:optim.lr=2e-3"]
   p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
   job = out / "hybrid_third_middle" / "seed3"
@@ -92,9 +93,16 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
                             "sink_window(4,16)"]
   assert res["passkey"]["lengths"] == [128] and (job / "passkey.png").exists() and (job / "ppl.png").exists()
   assert "| hybrid_third_middle | 1 |" in (out / "summary.md").read_text()
-  # the curriculum stage trained first, with its overrides, and the main training started from its model
+  # the shared pretraining (the all-full model) ran first, then the curriculum stage from it, with its
+  # overrides, then the main training from the stage's model
+  pretrained = out / "pretrain" / "seed3"
+  pre = json.loads((pretrained / "config.json").read_text())
+  assert pre["model"]["layer_specs"] == ["full"] * 6 and pre["train"]["total_steps"] == 3
+  assert pre["train"]["optim"]["lr"] == 2e-3 and pre["train"]["init_from"] == str(out / "init" / "seed3")
+  assert res["pretrain"] == {"steps": 3, "overrides": ["optim.lr=2e-3"], "model": str(pretrained / "model")}
   assert res["stages"] == [{"steps": 2, "overrides": ["data.synthetic.max_chars=150", "optim.lr=1e-3"]}]
   stage = json.loads((job / "stage1" / "config.json").read_text())
+  assert stage["train"]["init_from"] == str(pretrained / "model")
   assert stage["train"]["total_steps"] == 2 and stage["train"]["data"]["synthetic"]["max_chars"] == 150
   main = json.loads((job / "train" / "config.json").read_text())
   assert main["train"]["init_from"] == str(job / "stage1" / "model")

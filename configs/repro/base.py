@@ -24,6 +24,10 @@ EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=5
 # starting from the previous stage's model: a curriculum (scripts/reproduce.py --stage replaces it). None
 # yet: the GPU pilots of 2026-11-27 (docs/reproduction.md) did not find a setting that learns retrieval.
 STAGES: list[tuple[int, dict]] = []
+# A shared pretraining before every variant, (steps, {key: value}) on top of the all_full config: the
+# all-full model trained once per seed, then each variant starts from it (scripts/reproduce.py --pretrain
+# replaces it), as LongGen converts a pretrained full-attention model. None yet (not piloted on a GPU).
+PRETRAIN: tuple[int, dict] | None = None
 
 CPU_TINY = dict(
     model=dict(MODEL, hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4, num_kv_heads=2,
