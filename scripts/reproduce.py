@@ -6,6 +6,11 @@ position, beyond the training length too), one job per GPU side by side; then a 
   python scripts/reproduce.py --cpu-tiny --variants all_full,all_sparse_sink --out results/cpu_tiny
   python scripts/reproduce.py --cpu-tiny --variants all --dry-run     # print the commands only
 
+With --pretrain STEPS the all-full model is first trained once per seed (OUT/pretrain/seedS) and every
+variant continues from it, as LongGen turns layers of a pretrained full-attention model sparse:
+
+  python scripts/reproduce.py --cpu-tiny --variants all_full,hybrid_third_middle --pretrain 1500 --steps 1500
+
 Writes OUT/init/seedS/ (the shared initial weights: base.MODEL, random with seed S), per job
 OUT/VARIANT/seedS/{train/, passkey.json, passkey.png, ppl.json, ppl.png, result.json, log.txt}, and
 OUT/summary.json + OUT/summary.md (variant x length accuracy, mean over seeds with the pooled 95% Wilson
