@@ -94,17 +94,20 @@ def _check_patterns_notebook(ns):
 def _check_reproduction_notebook(ns):
   """The recorded curves are the committed per-seed pass-key results (recounted from passkey.json), and
   the re-run produced the two variants' jobs at the notebook's size."""
-  recorded = ns["RECORDED"]
-  lines = ns["accuracy_fig"].axes[0].lines
-  for row in ns["summary"]["variants"]:
-    cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
-    by_length = {}
-    for c in cells:
-      by_length.setdefault(c["length"], []).append(c["hits"] / c["samples"])
-    recount = [np.mean(by_length[n]) for n in ns["summary"]["lengths"]]
-    np.testing.assert_allclose(row["accuracy_by_length"], recount)
-    assert any(np.allclose(line.get_ydata(), recount) for line in lines), row["variant"]
+  for recorded, summary, fig in ((ns["RECORDED"], ns["summary"], ns["accuracy_fig"]),
+                                 (ns["CONVERTED"], ns["converted_summary"], ns["converted_fig"])):
+    lines = fig.axes[0].lines
+    for row in summary["variants"]:
+      cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
+      by_length = {}
+      for c in cells:
+        by_length.setdefault(c["length"], []).append(c["hits"] / c["samples"])
+      recount = [np.mean(by_length[n]) for n in summary["lengths"]]
+      np.testing.assert_allclose(row["accuracy_by_length"], recount)
+      assert any(np.allclose(line.get_ydata(), recount) for line in lines), row["variant"]
   assert len(ns["heatmap_fig"].axes) == len(ns["results"]) == len(ns["summary"]["variants"]) >= 2
+  assert set(ns["converted"]) == {"all_full", "hybrid_third_middle", "all_sparse_sink"}
+  assert all(runs[0]["pretrain"]["steps"] == 1500 for runs in ns["converted"].values())
   assert set(ns["new_results"]) == {"all_full", "all_sparse_sink"}
   for runs in ns["new_results"].values():
     assert runs[0]["steps"] == 2 and runs[0]["passkey"]["lengths"] == [128, 256]
