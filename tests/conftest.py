@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -14,6 +16,16 @@ def rel_err(x, ref) -> float:
   """Relative-norm error ||x - ref|| / ||ref|| in float64."""
   x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
   return float(np.linalg.norm((x - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-30))
+
+
+def saved_residuals(fn, *args) -> str:
+  """JAX's listing of the residuals the backward of fn(*args) keeps (`print_saved_residuals`), one per line:
+  what a remat policy saves, under which name, and in which memory space."""
+  from jax.ad_checkpoint import print_saved_residuals
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    print_saved_residuals(fn, *args)
+  return text.getvalue()
 
 
 def run_model(model, tokens_BT, **kw):

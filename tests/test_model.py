@@ -1,16 +1,12 @@
 """The NNX Llama: patterns, remat, tied head, packing with segment ids."""
 
-import contextlib
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.ad_checkpoint import print_saved_residuals
 
-from conftest import rel_err, run_model
+from conftest import rel_err, run_model, saved_residuals
 from longgen_jax import AttentionSpec, Llama, preset
 
 
@@ -68,10 +64,7 @@ def test_offload_remat_moves_layer_inputs_to_host_and_changes_nothing_else(scan)
     assert rel_err(b, a) < 1e-6
 
   def host_residuals(remat):  # the residuals the backward keeps in host memory, as JAX describes them
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-      print_saved_residuals(*loss_and_state(remat))
-    return [line for line in text.getvalue().splitlines() if "<host>" in line]
+    return [line for line in saved_residuals(*loss_and_state(remat)).splitlines() if "<host>" in line]
 
   hidden = f"2,40,{cfg.hidden_size}]"  # [B, T, E] per layer, or [layers, B, T, E] stacked by the scan
   offloaded = host_residuals("offload")

@@ -5,9 +5,6 @@ CPU: the Triton-style kernels run in interpret mode on tiny shapes chosen to hit
 same checks with the kernels compiled, at sizes where tiles are many and inputs are bf16.
 """
 
-import contextlib
-import io
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +13,7 @@ import pytest
 from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
 from longgen_jax.attention.reference import reference_attention
 from longgen_jax.attention.spec import AttentionSpec
-from tests.conftest import gpu_only, rel_err
+from tests.conftest import gpu_only, rel_err, saved_residuals
 
 FULL = AttentionSpec.full()
 SINK = AttentionSpec.sink_window(5, 13)
@@ -173,18 +170,15 @@ def test_remat_full_keeps_full_attention_output_instead_of_rerunning_it(spec, T,
   in the kernel's custom_vjp forward: attention.residuals), so it need not rerun the forward kernel; a
   sparse layer's are not kept (cheap to recompute), nor a piece's (queries after a prefix, as in a
   context-parallel halo). The gradient is the same either way."""
-  from jax.ad_checkpoint import print_saved_residuals
   from longgen_jax.attention.residuals import FULL_LSE, FULL_OUT
   from longgen_jax.model.config import REMAT_POLICIES
   q, k, v, d_out, _ = _inputs(3, 1, T, 40, 4, 2, 16, jnp.float32)
   f = lambda q, k, v: jnp.sum(d_out * pallas_attention(q, k, v, spec, q_offset=q_offset, block_q=16, block_k=16,
                                                        interpret=True))
   kept = jax.checkpoint(f, policy=REMAT_POLICIES["full"])
-  text = io.StringIO()
-  with contextlib.redirect_stdout(text):
-    print_saved_residuals(kept, q, k, v)
-  named = {name for name in (FULL_OUT, FULL_LSE) if f"named '{name}'" in text.getvalue()}
-  assert named == ({FULL_OUT, FULL_LSE} if spec.is_full and T == 40 else set()), text.getvalue()
+  saved = saved_residuals(kept, q, k, v)
+  named = {name for name in (FULL_OUT, FULL_LSE) if f"named '{name}'" in saved}
+  assert named == ({FULL_OUT, FULL_LSE} if spec.is_full and T == 40 else set()), saved
   recompute = jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
   for a, b in zip(jax.grad(kept, (0, 1, 2))(q, k, v), jax.grad(recompute, (0, 1, 2))(q, k, v)):
     np.testing.assert_array_equal(a, b)
@@ -205,17 +199,12 @@ def test_gpu_matches_reference(spec, G):
 @gpu_only
 def test_remat_full_keeps_cudnn_attention_output():
   """All-full baselines on cuDNN get the same remat as our full layers: its forward's outputs are kept."""
-  from jax.ad_checkpoint import print_saved_residuals
   from longgen_jax.attention.cudnn import cudnn_attention
   from longgen_jax.model.config import CUDNN_ATTENTION_FORWARD, REMAT_POLICIES
   q = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 4, 64), jnp.bfloat16)
   f = lambda q: jnp.sum(cudnn_attention(q, q, q, FULL).astype(jnp.float32))
-  saved = {}
-  for name, policy in (("full", REMAT_POLICIES["full"]), ("none kept", jax.checkpoint_policies.nothing_saveable)):
-    text = io.StringIO()
-    with contextlib.redirect_stdout(text):
-      print_saved_residuals(jax.checkpoint(f, policy=policy), q)
-    saved[name] = text.getvalue()
+  policies = {"full": REMAT_POLICIES["full"], "none kept": jax.checkpoint_policies.nothing_saveable}
+  saved = {name: saved_residuals(jax.checkpoint(f, policy=policy), q) for name, policy in policies.items()}
   assert CUDNN_ATTENTION_FORWARD in saved["full"] and CUDNN_ATTENTION_FORWARD not in saved["none kept"], saved
 
 

@@ -496,7 +496,7 @@ def _flash_bwd(cfg, res, cotangents):
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   delta = delta - dlse.astype(jnp.float32) * LOG2E
   lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # empty rows: p = 0 everywhere
-  if _mgpu_backward(cfg, q):   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1): see pallas_mgpu_backward
+  if _mgpu_backward(cfg, q):   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1 or auto): see pallas_mgpu_backward
     from longgen_jax.attention import pallas_mgpu_backward
     dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,
                                                     q_offset=cfg.q_offset, head_dim=cfg.head_dim,

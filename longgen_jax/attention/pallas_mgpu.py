@@ -71,9 +71,14 @@ def is_hopper(device=None) -> bool:
   return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
+def env_value(name: str, default: str = "0") -> str:
+  """An environment setting of the Mosaic GPU paths not yet default, stripped and lower-cased."""
+  return os.environ.get(name, default).strip().lower()
+
+
 def env_switch(name: str, default: str = "0") -> bool:
-  """An opt-in switch read from the environment (1/true/yes/on), for the Mosaic GPU paths not yet default."""
-  return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+  """An opt-in switch read from the environment (1/true/yes/on)."""
+  return env_value(name, default) in ("1", "true", "yes", "on")
 
 
 def segments_enabled() -> bool:

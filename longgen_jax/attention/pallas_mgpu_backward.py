@@ -7,9 +7,9 @@ backward) on full / sink_window / block_sparse, B 1-2, GQA 1-8, head_dim 64/128,
 non-multiple lengths and empty rows; timed on an H100 beside the Triton backward and cuDNN
 (BENCHMARKS.md): full fwd+bwd 1.24x faster than with the Triton backward (1010.6 vs 1250.1 ms at
 128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower (not profiled yet; candidates in
-BENCHMARKS.md: the unsplit strided-tile lists, see "Load balance" below, or their Q/dO streaming). No run has yet finished the whole GPU suite with this switch
-on (a slow test helper, since fixed, hit per-test limits): until one does, the Triton backward in
-`pallas_gpu` stays the default.
+BENCHMARKS.md: the unsplit strided-tile lists, see "Load balance" below, or their Q/dO streaming).
+No run has yet finished the whole GPU suite with this switch on (a slow test helper, since fixed, hit
+per-test limits): until one does, the Triton backward in `pallas_gpu` stays the default.
 
 Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (every call it supports), auto (only the patterns where it
 measured faster than the Triton backward: `FASTER_THAN_TRITON`), 0 or unset (never, the default
@@ -56,7 +56,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +64,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
-from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, full_first_table,
-                                               is_hopper, kv_table, load_ids, same_segment, segments_enabled,
-                                               split_segment_refs, stream_kv_tiles)
+from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
+                                               full_first_table, is_hopper, kv_table, load_ids, same_segment,
+                                               segments_enabled, split_segment_refs, stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -106,7 +105,7 @@ def enabled(spec: AttentionSpec | None = None) -> bool:
   `supported`): the `forced` override, else the environment switch (module docstring)."""
   if _FORCED[0] is not None:
     return _FORCED[0]
-  if os.environ.get(ENV, DEFAULT).strip().lower() == "auto":
+  if env_value(ENV, DEFAULT) == "auto":
     return spec is not None and FASTER_THAN_TRITON.get(spec.kind, False)
   return env_switch(ENV, DEFAULT)
 
