@@ -14,6 +14,7 @@ process for the ratio. B=1, 32 query heads, head_dim 128, bf16, causal.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -24,8 +25,9 @@ SETTINGS = {"default": "", "deterministic_ops": "--xla_gpu_deterministic_ops=tru
             "exclude_nondeterministic": "--xla_gpu_exclude_nondeterministic_ops=true"}
 
 
-def measure(seqs: list[int], kv_heads: int, repeats: int) -> list[dict]:
-  """This process's rows: per length, cuDNN and ours, time and repeatability of the gradients."""
+def measure(seqs: list[int], kv_heads: int, repeats: int):
+  """This process's rows, each yielded once measured: per length, cuDNN and ours, time and
+  repeatability of the gradients."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -35,7 +37,6 @@ def measure(seqs: list[int], kv_heads: int, repeats: int) -> list[dict]:
 
   from longgen_jax.attention import AttentionSpec, attention
 
-  rows = []
   for T in seqs:
     ks = jax.random.split(jax.random.key(T), 4)
     q = jax.random.normal(ks[0], (1, T, HQ, D), jnp.bfloat16)
@@ -54,8 +55,16 @@ def measure(seqs: list[int], kv_heads: int, repeats: int) -> list[dict]:
         row.update(fwd_bwd_s=time_fn(grad, q, k, v), repeatable=same, repeats=repeats)
       except Exception as e:  # e.g. cuDNN refusing a shape: that is the answer for this row
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
-      rows.append(row)
-  return rows
+      yield row
+
+
+def add_row(results: dict, row: dict, json_path: str) -> None:
+  """Record, print and save one row at once (the run may be cut off by a time limit)."""
+  results["rows"].append(row)
+  print(json.dumps(row), flush=True)
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump(results, f, indent=1)
 
 
 def main():
@@ -68,8 +77,9 @@ def main():
   p.add_argument("--child", default="", help=argparse.SUPPRESS)   # one setting, in this process
   args = p.parse_args()
   seqs = [int(s) for s in args.seqs.split(",")]
-  if args.child:
-    print("ROWS " + json.dumps(measure(seqs, args.kv_heads, args.repeats)), flush=True)
+  if args.child:   # one ROW line per measurement as it completes, so a time limit keeps what finished
+    for row in measure(seqs, args.kv_heads, args.repeats):
+      print("ROW " + json.dumps(row), flush=True)
     return
   import jax  # noqa: F401  (only to report the version; the children own the GPU)
   results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "rows": []}
@@ -77,19 +87,17 @@ def main():
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + SETTINGS[name]).strip())
     cmd = [sys.executable, __file__, "--child", name, "--seqs", args.seqs, "--kv-heads", str(args.kv_heads),
            "--repeats", str(args.repeats)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("ROWS ")), None)
-    if line is None:
-      errors = [x for x in proc.stderr.splitlines() if "Error" in x] or proc.stderr.strip().splitlines() or ["no output"]
-      rows = [{"setting": name, "error": errors[-1][:300]}]
-    else:
-      rows = [dict(r, setting=name) for r in json.loads(line[5:])]
-    results["rows"] += rows
-    for r in rows:
-      print(json.dumps(r), flush=True)
-    if args.json:
-      with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    got, others = 0, collections.deque(maxlen=200)   # one merged pipe: a full stderr pipe cannot stall it
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+      for line in proc.stdout:
+        if line.startswith("ROW "):
+          got += 1
+          add_row(results, dict(json.loads(line[4:]), setting=name), args.json)
+        elif line.strip():
+          others.append(line.strip())
+    if proc.returncode or not got:
+      errors = [x for x in others if "Error" in x] or list(others) or ["no output"]
+      add_row(results, {"setting": name, "error": f"exit {proc.returncode}: {errors[-1][:300]}"}, args.json)
   print("\n| setting | T | impl | fwd+bwd ms | gradients repeat bit for bit |\n|---|---|---|---|---|")
   for r in results["rows"]:
     if "error" in r:

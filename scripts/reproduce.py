@@ -185,6 +185,14 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
   return result
 
 
+def variants_with_results(out: str, variants: list[str]) -> list[str]:
+  """`variants`, then every other variant an earlier run left results for in `out`: a run that adds
+  variants to a directory summarizes the whole directory, not only what it ran."""
+  found = sorted(v for v in os.listdir(out) if os.path.isdir(os.path.join(out, v)) and any(
+      os.path.exists(os.path.join(out, v, s, "result.json")) for s in os.listdir(os.path.join(out, v))))
+  return list(variants) + [v for v in found if v not in variants]
+
+
 def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   """summary.json + summary.md from the result.json files present: per variant and length, the mean
   accuracy over seeds and the 95% Wilson interval of all its samples pooled."""
@@ -356,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     run_on_slots(seeds, pretrain_seed, slots, failures)
     jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
   run_on_slots(jobs, variant_job, slots, failures)
-  print(summarize(out, variants, seeds))
+  print(summarize(out, variants_with_results(out, variants), seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
     return 1

@@ -95,7 +95,8 @@ def _check_reproduction_notebook(ns):
   """The recorded curves are the committed per-seed pass-key results (recounted from passkey.json), and
   the re-run produced the two variants' jobs at the notebook's size."""
   for recorded, summary, fig in ((ns["RECORDED"], ns["summary"], ns["accuracy_fig"]),
-                                 (ns["CONVERTED"], ns["converted_summary"], ns["converted_fig"])):
+                                 (ns["CONVERTED"], ns["converted_summary"], ns["converted_fig"]),
+                                 (ns["CONVERTED_3000"], ns["converted_3000_summary"], ns["converted_3000_fig"])):
     lines = fig.axes[0].lines
     for row in summary["variants"]:
       cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
@@ -108,6 +109,8 @@ def _check_reproduction_notebook(ns):
   assert len(ns["heatmap_fig"].axes) == len(ns["results"]) == len(ns["summary"]["variants"]) >= 2
   assert set(ns["converted"]) == {"all_full", "hybrid_third_middle", "all_sparse_sink"}
   assert all(runs[0]["pretrain"]["steps"] == 1500 for runs in ns["converted"].values())
+  assert set(ns["converted_3000"]) == {"all_full", "hybrid_third_middle"}
+  assert all(runs[0]["steps"] == 3000 for runs in ns["converted_3000"].values())
   assert set(ns["new_results"]) == {"all_full", "all_sparse_sink"}
   for runs in ns["new_results"].values():
     assert runs[0]["steps"] == 2 and runs[0]["passkey"]["lengths"] == [128, 256]

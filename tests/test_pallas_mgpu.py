@@ -237,21 +237,29 @@ def test_unit_pairs_cover_every_key_tile_longest_first(counts):
 
 
 def test_switch_env_and_forced(monkeypatch):
+  both, none = mbwd.KERNELS, frozenset()
   monkeypatch.delenv(mbwd.ENV, raising=False)
-  assert not mbwd.enabled()
+  assert mbwd.mosaic_kernels() == none
   monkeypatch.setenv(mbwd.ENV, "1")
-  assert mbwd.enabled()
+  assert mbwd.mosaic_kernels() == both
   with mbwd.forced(False):
-    assert not mbwd.enabled()
+    assert mbwd.mosaic_kernels() == none
   monkeypatch.setenv(mbwd.ENV, "0")
   with mbwd.forced(True):
-    assert mbwd.enabled()
-  assert not mbwd.enabled()
-  monkeypatch.setenv(mbwd.ENV, "auto")   # per pattern, from the measured table
-  assert [mbwd.enabled(s) for s in SPECS] == [mbwd.FASTER_THAN_TRITON[s.kind] for s in SPECS]
-  assert mbwd.enabled(AttentionSpec.full()) and not mbwd.enabled(AttentionSpec.block_sparse(64, 16, 64))
+    assert mbwd.mosaic_kernels() == both
+  with mbwd.forced("dq"):
+    assert mbwd.mosaic_kernels(AttentionSpec.full()) == {"dq"}
+  assert mbwd.mosaic_kernels() == none
+  with pytest.raises(ValueError, match="forced"):
+    with mbwd.forced("dv"):
+      pass
+  monkeypatch.setenv(mbwd.ENV, "auto")   # per pattern and kernel, from the measured table
+  assert [mbwd.mosaic_kernels(s) for s in SPECS] == [mbwd.FASTER_THAN_TRITON[s.kind] for s in SPECS]
+  assert mbwd.mosaic_kernels(AttentionSpec.full()) == both
+  assert mbwd.mosaic_kernels(AttentionSpec.block_sparse(64, 16, 64)) == {"dq"}
+  assert mbwd.mosaic_kernels(AttentionSpec.sink_window(64, 1984)) == {"dq"}
   with mbwd.forced(True):
-    assert mbwd.enabled(AttentionSpec.block_sparse(64, 16, 64))
+    assert mbwd.mosaic_kernels(AttentionSpec.block_sparse(64, 16, 64)) == both
 
 
 def test_backward_supported(monkeypatch):
@@ -271,18 +279,21 @@ def test_backward_supported(monkeypatch):
 def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
   from longgen_jax.attention import pallas_gpu
   q, k, v = _inputs(1, 200, 200, 4, 2)
+  on = pallas_mgpu.is_hopper()
   monkeypatch.setenv(mbwd.ENV, "1")
   cfg = pallas_gpu._prepare(q, k, v, SPECS[0], None, None, 0, None, None, None, True)[0]
   assert not pallas_gpu._mgpu_backward(cfg, q)           # interpret mode: never
   cfg = dataclasses_replace(cfg, interpret=False)
-  assert pallas_gpu._mgpu_backward(cfg, q) == pallas_mgpu.is_hopper()
+  assert pallas_gpu._mgpu_backward(cfg, q) == (mbwd.KERNELS if on else frozenset())
   monkeypatch.setenv(mbwd.ENV, "0")
   assert not pallas_gpu._mgpu_backward(cfg, q)
-  monkeypatch.setenv(mbwd.ENV, "auto")                   # full: measured faster
-  assert pallas_gpu._mgpu_backward(cfg, q) == pallas_mgpu.is_hopper()
+  monkeypatch.setenv(mbwd.ENV, "auto")                   # full: both kernels measured faster
+  assert pallas_gpu._mgpu_backward(cfg, q) == (mbwd.KERNELS if on else frozenset())
   sparse = pallas_gpu._prepare(q, k, v, AttentionSpec.block_sparse(64, 4, 8), None, None, 0, None, None, None,
                                True)[0]
-  assert not pallas_gpu._mgpu_backward(dataclasses_replace(sparse, interpret=False), q)   # measured slower
+  # block_sparse: only dQ (its Mosaic dK/dV measured slower than the Triton one)
+  assert pallas_gpu._mgpu_backward(dataclasses_replace(sparse, interpret=False), q) == (
+      {"dq"} if on else frozenset())
 
 
 def dataclasses_replace(x, **kw):
@@ -554,8 +565,33 @@ def test_pallas_attention_grads_through_mgpu_backward(spec, Hkv, D):
 
   _, _, ref = _reference_grads(q, k, v, do, dlse, spec, 0)
   grads = {}
-  for on in (True, False):
+  for on in (True, False, "dq", "dkv"):   # both Mosaic kernels, none, and each beside the other's Triton one
     with mbwd.forced(on):
       grads[on] = jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)
-  for a, t, r in zip(grads[True], grads[False], ref):
-    assert rel_err(a, r) < 2e-2 and rel_err(a, t) < 2e-2
+  for on in (True, "dq", "dkv"):
+    for a, t, r in zip(grads[on], grads[False], ref):
+      assert rel_err(a, r) < 2e-2 and rel_err(a, t) < 2e-2, on
+
+
+def test_backward_mixes_mosaic_and_triton_kernels_per_gradient(monkeypatch):
+  """With only dQ routed to Mosaic GPU (auto's choice for sparse patterns), dq comes from it and dk/dv
+  from the Triton dK/dV kernel (CPU: a stand-in for the Mosaic call, the Triton kernels interpreted)."""
+  from longgen_jax.attention import pallas_gpu
+  spec = AttentionSpec.sink_window(4, 60)
+  q, k, v = _inputs(1, 200, 200, 4, 2)
+  loss = lambda q, k, v: jnp.sum(pallas_gpu.pallas_attention(q, k, v, spec, interpret=True).astype(jnp.float32))
+  _, triton_dk, triton_dv = jax.grad(loss, (0, 1, 2))(q, k, v)
+  with pytest.raises(ValueError, match="subset"):
+    mbwd.mgpu_backward(q, k, v, q, jnp.zeros((1, 4, 200)), jnp.zeros((1, 4, 200)), spec, S=200, kernels={"dv"})
+  calls = []
+
+  def fake_mgpu_backward(q, k, v, *args, kernels, **kwargs):
+    calls.append(kernels)
+    return jnp.full_like(q, 7), None, None
+  monkeypatch.setattr(pallas_gpu, "_mgpu_backward", lambda cfg, q: frozenset({"dq"}))
+  monkeypatch.setattr(mbwd, "mgpu_backward", fake_mgpu_backward)
+  dq, dk, dv = jax.grad(loss, (0, 1, 2))(q, k, v)
+  assert calls == [frozenset({"dq"})]
+  assert np.all(np.asarray(dq, np.float32) == 7)
+  np.testing.assert_array_equal(np.asarray(dk), np.asarray(triton_dk))
+  np.testing.assert_array_equal(np.asarray(dv), np.asarray(triton_dv))

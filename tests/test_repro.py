@@ -137,3 +137,14 @@ def test_summary_pools_seeds(tmp_path):
   lo, hi = wilson_interval(18, 20)  # 10 + 8 of 2 x 10 samples at 128 tokens
   assert row["ci95_by_length"][0] == pytest.approx([lo, hi])
   assert "| v | 2 | 0.90 [" in text and "missing" not in text
+
+
+def test_summary_keeps_earlier_variants_of_the_directory(tmp_path):
+  """A second run adding a variant to a results directory summarizes both (it used to drop the first)."""
+  rep = _script()
+  for v in ("hybrid", "all_full"):
+    job = tmp_path / v / "seed0"
+    job.mkdir(parents=True)
+    (job / "result.json").write_text("{}")
+  (tmp_path / "pretrain" / "seed0").mkdir(parents=True)   # no result.json: not a variant
+  assert rep.variants_with_results(str(tmp_path), ["all_full"]) == ["all_full", "hybrid"]

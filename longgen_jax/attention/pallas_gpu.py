@@ -21,9 +21,9 @@ its out + lse unchanged.
 
 Backward on Hopper (opt-in): `LONGGEN_JAX_MGPU_BACKWARD=1` at trace time routes the backward to
 the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128; segment ids with
-`LONGGEN_JAX_MGPU_SEGMENTS=1`), `=auto` only for the patterns where they measured faster (full,
-sink_window; not block_sparse); the Triton backward below stays the default until that kernel's
-GPU suite passes.
+`LONGGEN_JAX_MGPU_SEGMENTS=1`), `=auto` only the kernels that measured faster per pattern (full:
+dQ and dK/dV; sink_window and block_sparse: dQ, beside this module's dK/dV); the Triton backward
+below stays the default until that kernel's GPU suite passes.
 """
 
 from __future__ import annotations
@@ -468,13 +468,15 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _mgpu_backward(cfg: _Cfg, q) -> bool:
-  """Whether the backward runs the Mosaic GPU kernels (opt-in per call or per measured pattern, read at
-  trace time; Triton default)."""
+def _mgpu_backward(cfg: _Cfg, q) -> frozenset[str]:
+  """Which backward kernels ("dq", "dkv") run on Mosaic GPU instead of Triton: opt-in per call or per
+  measured pattern and kernel, read at trace time; none by default (pallas_mgpu_backward)."""
   if cfg.interpret or cfg.head_dim != q.shape[-1]:
-    return False
+    return frozenset()
   from longgen_jax.attention import pallas_mgpu_backward
-  return pallas_mgpu_backward.enabled(cfg.spec) and pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg)
+  if not pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg):
+    return frozenset()
+  return pallas_mgpu_backward.mosaic_kernels(cfg.spec)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -496,14 +498,17 @@ def _flash_bwd(cfg, res, cotangents):
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
   delta = delta - dlse.astype(jnp.float32) * LOG2E
   lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # empty rows: p = 0 everywhere
-  if _mgpu_backward(cfg, q):   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1 or auto): see pallas_mgpu_backward
+  dq = dk = dv = None
+  mosaic = _mgpu_backward(cfg, q)   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1 or auto): see pallas_mgpu_backward
+  if mosaic:
     from longgen_jax.attention import pallas_mgpu_backward
     dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,
                                                     q_offset=cfg.q_offset, head_dim=cfg.head_dim,
-                                                    q_segment_ids=qseg, kv_segment_ids=kseg)
-    return dq, dk, dv, None, None
-  dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
-  dk, dv = _backward_dkv(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
+                                                    q_segment_ids=qseg, kv_segment_ids=kseg, kernels=mosaic)
+  if dq is None:
+    dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
+  if dk is None:
+    dk, dv = _backward_dkv(cfg, q, k, v, do, lse_b, delta, qseg, kseg)
   return dq, dk, dv, None, None
 
 

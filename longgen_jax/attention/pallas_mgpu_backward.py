@@ -6,16 +6,18 @@ T 4096); the kernels alone match the float32 vjp (relative error 2.4e-3 to 2.8e-
 backward) on full / sink_window / block_sparse, B 1-2, GQA 1-8, head_dim 64/128, bf16/fp16, q_offset,
 non-multiple lengths and empty rows; timed on an H100 beside the Triton backward and cuDNN
 (BENCHMARKS.md): full fwd+bwd 1.24x faster than with the Triton backward (1010.6 vs 1250.1 ms at
-128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower (not profiled yet; candidates in
-BENCHMARKS.md: the unsplit strided-tile lists, see "Load balance" below, or their Q/dO streaming).
-No run has yet finished the whole GPU suite with this switch on (a slow test helper, since fixed, hit
-per-test limits): until one does, the Triton backward in `pallas_gpu` stays the default.
+128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower. Per kernel (one H200, 128K,
+benchmarks/kernel_profile.py): on the sparse patterns this dQ is 1.34-1.36x faster than the Triton
+dQ and this dK/dV 1.19-1.20x SLOWER than the Triton dK/dV, so the two cancel; `auto` therefore runs only this dQ
+beside the Triton dK/dV there. No run has yet finished the whole GPU suite with this switch on (in the
+last, five tests failed for reasons the cut-off log did not keep): until one does, the Triton backward
+in `pallas_gpu` stays the default.
 
-Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (every call it supports), auto (only the patterns where it
-measured faster than the Triton backward: `FASTER_THAN_TRITON`), 0 or unset (never, the default
-until the GPU suite passes with it on). Read when `pallas_gpu`'s backward is TRACED (jit caches
-traces, so set it before the first call), or `with forced(True):` around the tracing (the
-benchmark times both backwards in one process that way). Why an environment switch and not a
+Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (both kernels, every call they support), auto (per pattern,
+only the kernels that measured faster than their Triton counterparts: `FASTER_THAN_TRITON`), 0 or
+unset (never, the default until the GPU suite passes with it on). Read when `pallas_gpu`'s backward
+is TRACED (jit caches traces, so set it before the first call), or `with forced(True):` (or
+`forced("dq")`) around the tracing (the benchmark times the backwards in one process that way). Why an environment switch and not a
 `Tiles` field: flipping it needs no change to any caller (training, ring attention, the
 benchmarks all reach the backward through `pallas_gpu`), the next device session flips it
 without editing code, and it keeps `Tiles` (a jit static argument everywhere) unchanged.
@@ -74,15 +76,20 @@ DEFAULT = "0"   # the switch when ENV is unset: "auto" once the whole GPU suite 
 BQ_DKV = 64   # query rows per dK/dV step (the wgmma N of S^T)
 BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
 
-_FORCED: list[bool | None] = [None]
+_FORCED: list[frozenset[str] | None] = [None]
 
-# Per pattern kind, whether this backward beat the Triton one: fwd+bwd ms at 32K / 128K, one run on
-# one H100, JAX 0.11.2, 2026-11-27, B 1, 32 query / 8 kv heads, head_dim 128, bf16 (BENCHMARKS.md,
-# "The Mosaic GPU backward, timed"). `LONGGEN_JAX_MGPU_BACKWARD=auto` follows it.
-FASTER_THAN_TRITON = {
-    "full": True,           # 62.52 / 1010.59 vs Triton 77.66 / 1250.10 (cuDNN causal 55.40 / 915.94)
-    "sink_window": True,    # 10.65 / 43.98 vs 10.80 / 44.57
-    "block_sparse": False,  # 8.19 / 48.14 vs 7.10 / 46.08 (why: not profiled yet, BENCHMARKS.md)
+KERNELS = frozenset({"dq", "dkv"})
+
+# Per pattern kind, which of this backward's two kernels beat the Triton one's (each kernel can run
+# beside the other backward's: same inputs, same outputs). `LONGGEN_JAX_MGPU_BACKWARD=auto` follows it.
+# full: fwd+bwd ms at 32K / 128K with both kernels, one H100, JAX 0.11.2, 2026-11-27, B 1, 32 query /
+# 8 kv heads, head_dim 128, bf16 (BENCHMARKS.md, "The Mosaic GPU backward, timed"); not profiled per
+# kernel. Sparse kinds: per-kernel GPU time at 128K, same shapes, one H200, 2026-11-27
+# (benchmarks/kernel_profile.py; BENCHMARKS.md, "Per kernel"): the Mosaic dQ is faster, its dK/dV slower.
+FASTER_THAN_TRITON: dict[str, frozenset[str]] = {
+    "full": KERNELS,                      # 62.52 / 1010.59 vs Triton 77.66 / 1250.10 (cuDNN 55.40 / 915.94)
+    "sink_window": frozenset({"dq"}),     # dQ 10.43 vs 13.94 ms; dK/dV 22.64 vs 19.05
+    "block_sparse": frozenset({"dq"}),    # dQ 10.10 vs 13.77 ms; dK/dV 23.73 vs 19.71
 }
 
 
@@ -100,20 +107,25 @@ class MgpuBwdTiles:
   stages_dkv: int = 2
 
 
-def enabled(spec: AttentionSpec | None = None) -> bool:
-  """Whether `pallas_gpu` should route the backward of a call with pattern `spec` here (where
-  `supported`): the `forced` override, else the environment switch (module docstring)."""
+def mosaic_kernels(spec: AttentionSpec | None = None) -> frozenset[str]:
+  """Which backward kernels (of `KERNELS`: "dq", "dkv") `pallas_gpu` should run here for a call with
+  pattern `spec` (where `supported`); the others stay Triton. The `forced` override, else the
+  environment switch (module docstring): 1 both, auto the measured table, 0 none."""
   if _FORCED[0] is not None:
     return _FORCED[0]
   if env_value(ENV, DEFAULT) == "auto":
-    return spec is not None and FASTER_THAN_TRITON.get(spec.kind, False)
-  return env_switch(ENV, DEFAULT)
+    return FASTER_THAN_TRITON.get(spec.kind, frozenset()) if spec is not None else frozenset()
+  return KERNELS if env_switch(ENV, DEFAULT) else frozenset()
 
 
 @contextlib.contextmanager
-def forced(on: bool | None):
-  """Overrides the environment switch while tracing inside this block (None: follow it)."""
-  old, _FORCED[0] = _FORCED[0], on
+def forced(on: bool | str | None):
+  """Overrides the environment switch while tracing inside this block: True (both kernels), False
+  (none), "dq" or "dkv" (that one), None (follow the switch)."""
+  kernels = None if on is None else KERNELS if on is True else frozenset() if on is False else frozenset({on})
+  if kernels is not None and not kernels <= KERNELS:
+    raise ValueError(f"forced({on!r}): expected True, False, None or one of {sorted(KERNELS)}")
+  old, _FORCED[0] = _FORCED[0], kernels
   try:
     yield
   finally:
@@ -165,8 +177,9 @@ def unit_pairs(qtab: np.ndarray) -> np.ndarray:
 def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
                   S: int, q_offset: int = 0, head_dim: int | None = None,
                   tiles: MgpuBwdTiles | None = None, q_segment_ids=None, kv_segment_ids=None,
-                  interpret=None):
-  """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S.
+                  interpret=None, kernels=KERNELS):
+  """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S; with `kernels`
+  a subset of KERNELS, only those run and the others' gradients are None.
 
   lse_BHT: base-2 lse of the forward (+inf or -inf on rows without an allowed key); delta_BHT:
   rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
@@ -184,6 +197,8 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
     raise ValueError(f"mgpu backward needs head_dim 64 or 128, got {D}")
   if tiles.block_k_dq % 64:
     raise ValueError(f"block_k_dq must be a multiple of 64, got {tiles.block_k_dq}")
+  if not set(kernels) <= KERNELS:
+    raise ValueError(f"kernels must be a subset of {sorted(KERNELS)}, got {sorted(kernels)}")
   Tp = round_up(Tp_in, BLOCK_Q)
   Sp = round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq))
   q = pad_axis(q_BTHD, 1, Tp)
@@ -194,11 +209,15 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   k, v = pad_axis(k_BSKD, 1, Sp), pad_axis(v_BSKD, 1, Sp)
   segments = pad_segment_ids(q_segment_ids, kv_segment_ids, Tp, Sp) if q_segment_ids is not None else ()
   scale = 1.0 / math.sqrt(head_dim or D)
-  dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
-                segments=segments, interpret=interpret)
-  dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale,
-                     tiles=tiles, segments=segments, interpret=interpret)
-  return dq[:, :Tp_in], dk[:, :Sp_in], dv[:, :Sp_in]
+  dq = dk = dv = None
+  if "dq" in kernels:
+    dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
+                  segments=segments, interpret=interpret)[:, :Tp_in]
+  if "dkv" in kernels:
+    dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale,
+                       tiles=tiles, segments=segments, interpret=interpret)
+    dk, dv = dk[:, :Sp_in], dv[:, :Sp_in]
+  return dq, dk, dv
 
 
 def _transforms():
