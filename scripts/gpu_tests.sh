@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU-only tests (they skip on CPU), as the device sessions run them: every GPU test file with the
-# default kernels, then the Pallas ones again with the opt-in Mosaic GPU paths switched on: the backward
-# (LONGGEN_JAX_MGPU_BACKWARD=1) and the forward with segment ids (LONGGEN_JAX_MGPU_SEGMENTS=1); their
-# defaults stay off until this second pass is green.
+# default kernels, then the Pallas ones again with each opt-in Mosaic GPU path switched on: the backward
+# (LONGGEN_JAX_MGPU_BACKWARD=1), then the segment-id tests with the forward and backward taking segment
+# ids too (LONGGEN_JAX_MGPU_SEGMENTS=1); each default stays off until its pass is green.
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
-#   PASSES=mgpu_opt_in scripts/gpu_tests.sh OUT   # one pass only
+#   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default mgpu_backward mgpu_segments)
 #
 # Tests run on several pytest workers (pytest-xdist) with a per-test limit (pytest-timeout, where
 # installed): a hang fails one test, not the run. A Mosaic GPU kernel compiles in 1-4 s on an H100; one
@@ -33,7 +33,9 @@ run() {  # name, env, test files...
   grep -E "(FAILED|ERROR) tests/" "$out/$name.log" | sed 's/^/[gpu_tests]   /' | sort -u
   [[ $rc -ne 0 ]] && status=$rc
 }
-passes=" ${PASSES:-default mgpu_opt_in} "
+# The two opt-in paths get a pass each, so that one's failure does not hold back the other's default.
+passes=" ${PASSES:-default mgpu_backward mgpu_segments} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
-[[ $passes == *" mgpu_opt_in "* ]] && run mgpu_opt_in "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+[[ $passes == *" mgpu_backward "* ]] && run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+[[ $passes == *" mgpu_segments "* ]] && run mgpu_segments "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py -k "seg"
 exit $status
