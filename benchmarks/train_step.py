@@ -7,6 +7,11 @@ the real train step from longgen_jax.training (optimizer update included). Print
 with --json, writes the numbers. Needs no grain.
 
   python benchmarks/train_step.py   (or python -m benchmarks.train_step) --seq-lens 32768,131072 [--attn-impl auto] [--cudnn-baseline]
+
+--documents N packs N equal documents per row (segment ids, positions restarting per document), as
+training does by default; cuDNN's public attention takes no segment ids, so with N > 1 the cuDNN
+baseline is skipped (the registry would run our kernel under that name) and the all-full row with our
+kernel is the packed baseline. --variants picks rows (e.g. only the baselines of a length).
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from longgen_jax.training.state import abstract_model, new_model, new_train_stat
 from longgen_jax.training.step import make_train_step
 
 
-def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int, scan: bool = True) -> dict:
+def packed_rows(seq_len: int, documents: int) -> tuple[np.ndarray, np.ndarray]:
+  """(segment ids 1..documents, positions restarting at 0 per document) of one row of `documents`
+  equal documents (the last takes the remainder)."""
+  doc_len = -(-seq_len // documents)
+  index = np.arange(seq_len)
+  return (index // doc_len + 1).astype(np.int32), (index % doc_len).astype(np.int32)
+
+
+def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: int, scan: bool = True,
+              documents: int = 1) -> dict:
   mcfg = types.SimpleNamespace(compute_dtype="bfloat16", param_dtype="float32", attn_impl=impl, remat=remat,
                                scan_layers=scan)
   optim = types.SimpleNamespace(lr=1e-5, min_lr_ratio=1.0, warmup_steps=10, schedule="constant", decay_steps=0,
@@ -46,12 +60,13 @@ def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: i
   init = jax.jit(lambda: new_train_state(nnx.to_pure_dict(nnx.state(new_model(mc, mcfg, seed=0))),
                                           optimizer))
   state = init()
-  loss_fn = make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=False)
+  loss_fn = make_loss_fn(graphdef, loss_chunk=loss_chunk, segment_attention=documents > 1)
   step = jax.jit(make_train_step(loss_fn, optimizer, schedule), donate_argnums=0)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, mc.vocab_size, (1, 1, seq_len + 1), dtype=np.int32)
+  segment_ids, positions = packed_rows(seq_len, documents)
   batch = {"inputs": jnp.asarray(tokens[..., :-1]), "targets": jnp.asarray(tokens[..., 1:]),
-           "positions": jnp.arange(seq_len, dtype=jnp.int32)[None, None], "segment_ids": jnp.ones((1, 1, seq_len), jnp.int32),
+           "positions": jnp.asarray(positions)[None, None], "segment_ids": jnp.asarray(segment_ids)[None, None],
            "loss_mask": jnp.ones((1, 1, seq_len), jnp.float32)}
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -69,7 +84,7 @@ def bench_one(mc, impl: str, seq_len: int, steps: int, remat: str, loss_chunk: i
   peak = peak_tflops()
   mem = jax.devices()[0].memory_stats() or {}
   del state
-  return {"seq_len": seq_len, "impl": impl, "step_s": dt, "tokens_per_s": seq_len / dt,
+  return {"seq_len": seq_len, "impl": impl, "documents": documents, "step_s": dt, "tokens_per_s": seq_len / dt,
           "model_tflops_per_s": flops / dt / 1e12, "mfu": flops / dt / (peak * 1e12) if peak else None,
           "loss": loss, "compile_s": compile_s,
           "process_peak_mem_gb": mem.get("peak_bytes_in_use", 0) / 2**30}  # high-water mark so far
@@ -87,6 +102,9 @@ def main():
   ap.add_argument("--remat", default="full")
   ap.add_argument("--loss-chunk", type=int, default=4096)
   ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--documents", type=int, default=1, help="equal documents packed per row (segment ids)")
+  ap.add_argument("--variants", default="longgen,all-full,all-full-cudnn",
+                  help="rows to time (all-full-cudnn also needs --cudnn-baseline)")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
 
@@ -97,17 +115,25 @@ def main():
   variants = [("longgen", base.with_pattern(args.num_full, args.sparse, "middle"), impl),
               ("all-full", base.all_full(), impl)]
   if args.cudnn_baseline and jax.default_backend() == "gpu":
-    variants.append(("all-full", base.all_full(), "cudnn"))
+    if args.documents > 1:
+      print("# --documents > 1: no cuDNN baseline (its public API takes no segment ids)")
+    else:
+      variants.append(("all-full-cudnn", base.all_full(), "cudnn"))
+  chosen = set(args.variants.split(","))
+  if unknown := chosen - {"longgen", "all-full", "all-full-cudnn"}:
+    ap.error(f"unknown --variants {sorted(unknown)}")
+  variants = [(name.removesuffix("-cudnn"), mc, vimpl) for name, mc, vimpl in variants if name in chosen]
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, {args.layers} layers "
         f"({args.num_full} full + {args.layers - args.num_full} {args.sparse}) vs all full, B=1, bf16 compute, "
-        f"fp32 params + AdamW, remat={args.remat}, loss chunk {args.loss_chunk}")
+        f"fp32 params + AdamW, remat={args.remat}, loss chunk {args.loss_chunk}, "
+        f"{args.documents} document(s) per row")
   rows = []
   for T in map(int, args.seq_lens.split(",")):
     for name, mc, vimpl in variants:
       mc = mc.replace(max_seq_len=T)
       try:
-        r = bench_one(mc, vimpl, T, args.steps, args.remat, args.loss_chunk)
+        r = bench_one(mc, vimpl, T, args.steps, args.remat, args.loss_chunk, documents=args.documents)
       except Exception as e:  # e.g. out of memory: record and go on
         r = {"seq_len": T, "impl": vimpl, "error": f"{type(e).__name__}: {str(e)[:200]}"}
       r["variant"] = name

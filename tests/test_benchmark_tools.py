@@ -32,3 +32,11 @@ def test_reader_on_a_real_trace(tmp_path):
   with jax.profiler.trace(str(tmp_path)):
     jax.block_until_ready(jnp.ones(8) * 2)
   assert profile_overlap.gpu_kernels(str(tmp_path)) == {}
+
+
+def test_train_step_packs_equal_documents():
+  import train_step
+  seg, pos = train_step.packed_rows(10, 3)   # documents of 4, 4, 2 tokens
+  assert seg.tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3] and pos.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+  seg, pos = train_step.packed_rows(6, 1)
+  assert seg.tolist() == [1] * 6 and pos.tolist() == list(range(6))
