@@ -5,6 +5,8 @@ position, beyond the training length too), one job per GPU side by side; then a 
   python scripts/reproduce.py --variants all --seeds 0,1,2 --gpus 0,1,2,3 --out results/repro
   python scripts/reproduce.py --cpu-tiny --variants all_full,all_sparse_sink --out results/cpu_tiny
   python scripts/reproduce.py --cpu-tiny --variants all --dry-run     # print the commands only
+  python scripts/reproduce.py --cpu-tiny --variants all --seeds 0,1,2 --gpus 0,0,0,0,1,1,1,1 ...
+      # the CPU-sized models on GPUs: a GPU id listed k times runs k jobs on that GPU at once
 
 With --pretrain STEPS the all-full model is first trained once per seed (OUT/pretrain/seedS) and every
 variant continues from it, as LongGen turns layers of a pretrained full-attention model sparse:
@@ -230,6 +232,15 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   return text
 
 
+def job_slots(gpus: list[str], workers: int) -> list[dict]:
+  """The environment of each parallel job slot: one per listed GPU id (an id listed k times: k jobs on that
+  GPU at once, none preallocating GPU memory then), else `workers` CPU slots."""
+  if not gpus:
+    return [{"JAX_PLATFORMS": "cpu"}] * max(1, workers)
+  shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if len(set(gpus)) < len(gpus) else {}
+  return [dict(CUDA_VISIBLE_DEVICES=g, **shared) for g in gpus]
+
+
 def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> None:
   """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
   a RuntimeError is recorded in `failures` and the slot goes on with the next item."""
@@ -263,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variants", default="all", help=f"'all' or comma-separated names: {', '.join(variant_names())}")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for the contrasts asserted)")
-  p.add_argument("--gpus", default="", help="comma-separated GPU ids, one job per GPU at a time (CUDA_VISIBLE_DEVICES)")
-  p.add_argument("--cpu-tiny", action="store_true", help="the CPU-sized experiment (configs/repro/base.py CPU_TINY)")
+  p.add_argument("--gpus", default="", help="comma-separated GPU ids (CUDA_VISIBLE_DEVICES), one job per listed id "
+                                           "at a time; an id listed k times runs k jobs on that GPU at once")
+  p.add_argument("--cpu-tiny", action="store_true", help="the CPU-sized experiment (configs/repro/base.py CPU_TINY); "
+                                                           "on the CPU, or on GPUs with --gpus")
   p.add_argument("--workers", type=int, default=1, help="parallel jobs without --gpus")
   p.add_argument("--steps", type=int, default=0, help="override total_steps (smoke tests)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -295,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
   if not seeds:
     p.error("give at least one seed")
-  if args.cpu_tiny and gpus:
-    p.error("--cpu-tiny runs on the CPU; leave out --gpus")
   out = os.path.abspath(args.out)
   inits = {s: os.path.join(out, "init", f"seed{s}") for s in seeds}
   jobs = [(v, s) for s in seeds for v in variants]
@@ -333,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
   for s in seeds:
     write_init(inits[s], s, args.cpu_tiny)
-  slots = [{"CUDA_VISIBLE_DEVICES": g} for g in gpus] or [{"JAX_PLATFORMS": "cpu"}] * max(1, args.workers)
+  slots = job_slots(gpus, args.workers)
   failures = []
 
   def pretrain_seed(s: int, env: dict, extra: dict):

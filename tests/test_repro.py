@@ -148,3 +148,12 @@ def test_summary_keeps_earlier_variants_of_the_directory(tmp_path):
     (job / "result.json").write_text("{}")
   (tmp_path / "pretrain" / "seed0").mkdir(parents=True)   # no result.json: not a variant
   assert rep.variants_with_results(str(tmp_path), ["all_full"]) == ["all_full", "hybrid"]
+
+
+def test_job_slots_share_a_gpu_without_preallocating():
+  rep = _script()
+  assert rep.job_slots([], 2) == [{"JAX_PLATFORMS": "cpu"}] * 2
+  assert rep.job_slots(["0", "1"], 1) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+  shared = rep.job_slots(["0", "0", "1"], 1)
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "0", "1"]
+  assert all(s["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in shared)
