@@ -135,6 +135,43 @@ def test_interpret_segments_with_offset_and_group_8():
          block_q=16, block_k=16, interpret=True)
 
 
+@pytest.mark.parametrize("spec,G,Hkv,tiles", [
+    (FULL, 2, 2, Tiles.uniform(16, 16)),
+    (FULL, 4, 1, Tiles(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=16, block_k_dkv=16)),
+    (SINK, 1, 2, Tiles.uniform(16, 16, dkv_chunk=2)),   # dK/dV lists cut into units: ends clip units too
+], ids=str)
+def test_interpret_packed_documents_skip_foreign_tiles_exactly(spec, G, Hkv, tiles, monkeypatch):
+  """Packed documents: the tiles at the list ends that share no segment id with the row's tile are
+  skipped (pallas_gpu.SKIP_FOREIGN_TILES), which must change nothing, not one bit, and must skip some.
+  Rows: documents in order of uneven lengths (T not a multiple of the tile), and ids out of order."""
+  from longgen_jax.attention import pallas_gpu
+  T = 150
+  in_order = np.repeat([1, 2, 3, 4], [40, 35, 27, 48])
+  shuffled = np.repeat([3, 1, 3, 2, 1], [30, 30, 30, 30, 30])   # not monotonic: skipping must stay exact
+  seg = jnp.asarray(np.stack([in_order, shuffled]), jnp.int32)
+  out = {}
+  for skip in (True, False):
+    monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", skip)
+    q, k, v, d_out, d_lse = _inputs(3, 2, T, T, G * Hkv, Hkv, 16)
+    ours = lambda q, k, v: pallas_attention(q, k, v, spec, q_segment_ids=seg, kv_segment_ids=seg,
+                                            return_lse=True, tiles=tiles, interpret=True)
+    out[skip] = (jax.jit(ours)(q, k, v), jax.jit(jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2)))(q, k, v))
+  for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _check(spec, 2, T, T, G * Hkv, Hkv, 16, seed=3, segments=(seg, seg), tiles=tiles, interpret=True)
+  # Something was skipped: the forward's leading skips and the dK/dV ends of the in-order row.
+  monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", True)
+  cfg, _, _, _, qseg, kseg = pallas_gpu._prepare(q, k, v, spec, seg, seg, 0, tiles, None, None, True)
+  lay = cfg.layout(tiles.block_q, tiles.block_k)
+  skips = np.asarray(pallas_gpu._leading_foreign(cfg, lay, qseg, kseg, tiles.block_q, tiles.block_k))
+  lay_dkv = cfg.layout(tiles.block_q_dkv, tiles.block_k_dkv)
+  ends = np.asarray(pallas_gpu._live_ends(cfg, lay_dkv, qseg, kseg, tiles.block_q_dkv, tiles.block_k_dkv))
+  n_rows, n_cols = lay.kv_count.size, lay_dkv.q_count.size
+  if spec.is_full:   # sink_window's lists are short already: the window itself stays in its document
+    assert skips[:n_rows].sum() > 0
+  assert (ends[:n_cols] < lay_dkv.q_count.reshape(-1)).any()
+
+
 def test_interpret_whole_query_tiles_without_keys():
   """sink 0: queries more than `window` past the last key see nothing, so whole query tiles
   have an empty list (count 0): zero output, lse -inf, zero gradients."""
@@ -217,6 +254,24 @@ def test_gpu_offset_segments_fp16():
   q_seg[0, 5] = 9   # a row with no allowed key
   _check(AttentionSpec.block_sparse(64, 2, 4), 1, T, S, 8, 2, 64, dtype=jnp.float16, tol=1e-2,
          q_offset=S - T, segments=(jnp.asarray(q_seg), jnp.asarray(seg)))
+
+
+@gpu_only
+def test_gpu_packed_segments_skip_foreign_tiles_exactly(monkeypatch):
+  """Compiled: four packed documents of uneven lengths (T not a multiple of 64), full layer, GQA 4,
+  bf16: the same bits with and without skipping the tiles other documents own, and the reference."""
+  from longgen_jax.attention import pallas_gpu
+  T = 2000
+  seg = jnp.asarray(np.repeat([1, 2, 3, 4], [700, 300, 650, 350])[None], jnp.int32)
+  q, k, v, d_out, d_lse = _inputs(5, 1, T, T, 8, 2, 128, jnp.bfloat16)
+  got = {}
+  for skip in (False, True):
+    monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", skip)
+    ours = lambda q, k, v: pallas_attention(q, k, v, FULL, q_segment_ids=seg, kv_segment_ids=seg, return_lse=True)
+    got[skip] = (jax.jit(ours)(q, k, v), jax.jit(jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2)))(q, k, v))
+  for a, b in zip(jax.tree.leaves(got[True]), jax.tree.leaves(got[False])):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  _check(FULL, 1, T, T, 8, 2, 128, seed=5, dtype=jnp.bfloat16, tol=1e-2, segments=(seg, seg))
 
 
 @gpu_only

@@ -10,6 +10,12 @@ The layout lists travel to the kernel as flat int32 tables (entry = key_tile * 2
 read one scalar per loop step. Softmax runs in base 2 (exp2) with fp32 accumulation; the
 log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 
+Packed documents (segment ids): the lists are static, the ids are data, so each call also computes
+per list how many tiles at its ends belong to other documents only, and the three kernels start
+(forward, dQ) or stop (dK/dV) past them: a full layer over N packed documents does ~1/N of the
+causal work, with the same bits (`SKIP_FOREIGN_TILES`; the opt-in Mosaic GPU kernels with segment
+ids do not skip yet). CPU-tested bit for bit against no skipping; GPU timing: benchmarks/packed_attention.py.
+
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
 
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
@@ -155,18 +161,72 @@ def _unpack(entry):
   return jax.lax.shift_right_logical(entry, 1), (entry & 1) == 1
 
 
+# ----------------------------------------------------------------------------- packed documents
+# With segment ids (packed documents) a listed tile whose queries and keys share no segment id adds
+# exactly nothing (every score -inf, p = 0: the online softmax, dQ and dK/dV are unchanged bit for
+# bit), so the kernels skip such tiles at the ends of their lists. The lists are ascending, so for
+# documents packed in order the earlier documents' key tiles lead a query tile's list and the later
+# documents' query tiles end a key tile's list: a full layer over n equal documents then does ~1/n of
+# the causal work. Computed at run time from the ids (only whole runs of such tiles at the list ends
+# are skipped, so nothing is assumed about the ids: any tile skipped is one that adds nothing).
+SKIP_FOREIGN_TILES = True   # tests turn it off to compare
+
+
+def _tile_segment_ranges(seg_BL, block: int, real: int):
+  """(min, max) segment id per tile of `block` positions over the first `real` (unpadded) positions,
+  int32[B, L / block] each; a tile without real positions gets (int max, int min): it shares nothing."""
+  big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+  real_pos = (jnp.arange(seg_BL.shape[1]) < real)[None]
+  lo = jnp.where(real_pos, seg_BL, big).reshape(seg_BL.shape[0], -1, block).min(-1)
+  hi = jnp.where(real_pos, seg_BL, small).reshape(seg_BL.shape[0], -1, block).max(-1)
+  return lo, hi
+
+
+def _foreign(index, count, row_ranges, entry_ranges):
+  """bool[B, H', n, width]: list entry j of row (h', i) is a real entry whose tile shares no segment
+  id with row i's tile. index/count: a layout's lists (numpy); ranges: _tile_segment_ranges."""
+  n = index.shape[1]
+  (row_lo, row_hi), (ent_lo, ent_hi) = (r[:, :n] for r in row_ranges), entry_ranges
+  e_lo, e_hi = ent_lo[:, index], ent_hi[:, index]                  # [B, H', n, width]
+  disjoint = (e_hi < row_lo[:, None, :, None]) | (e_lo > row_hi[:, None, :, None])
+  return disjoint & (np.arange(index.shape[-1]) < count[..., None])[None]
+
+
+def _leading_foreign(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
+  """int32[B * H' * nq]: per (batch, query-tile list) how many leading key tiles to skip."""
+  if not SKIP_FOREIGN_TILES:
+    return jnp.zeros((qseg.shape[0] * lay.kv_count.size,), jnp.int32)
+  f = _foreign(lay.kv_index, lay.kv_count, _tile_segment_ranges(qseg, bq, cfg.T),
+               _tile_segment_ranges(kseg, bk, cfg.S))
+  return jnp.sum(jnp.cumprod(f, axis=-1), axis=-1, dtype=jnp.int32).reshape(-1)
+
+
+def _live_ends(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
+  """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit (the
+  trailing query tiles that share no segment with the key tile are skipped)."""
+  count = lay.q_count
+  if not SKIP_FOREIGN_TILES:
+    return jnp.broadcast_to(jnp.asarray(count.reshape(-1)), (qseg.shape[0], count.size)).reshape(-1)
+  f = _foreign(lay.q_index, count, _tile_segment_ranges(kseg, bk, cfg.S),
+               _tile_segment_ranges(qseg, bq, cfg.T))
+  pad = np.arange(lay.q_index.shape[-1]) >= count[..., None]      # entries past the list: skippable
+  trailing = jnp.sum(jnp.cumprod((f | pad[None])[..., ::-1], axis=-1), axis=-1, dtype=jnp.int32)
+  return (jnp.asarray(count)[None] - (trailing - pad.sum(-1)[None])).reshape(-1)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: int, nq: int):
   if cfg.has_seg:
-    qseg_ref, kseg_ref, o_ref, lse_ref = rest
+    qseg_ref, kseg_ref, skip_ref, o_ref, lse_ref = rest
   else:
     o_ref, lse_ref = rest
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   qt, h = nq - 1 - pl.program_id(0), pl.program_id(2)   # long rows (full) first
   kv_head = h // cfg.G
   row = (kv_head if cfg.head_dependent else 0) * nq + qt
+  first = skip_ref[pl.program_id(1) * cnt_ref.shape[0] + row] if cfg.has_seg else 0
   q = q_ref[...]
   q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
   qseg = qseg_ref[...] if cfg.has_seg else None
@@ -188,7 +248,7 @@ def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: 
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(0, cnt_ref[row], body, init)
+  acc, m, l = jax.lax.fori_loop(first, cnt_ref[row], body, init)
   ok = l > 0
   o_ref[...] = (acc / jnp.where(ok, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log2(jnp.where(ok, l, 1.0)), -jnp.inf)
@@ -214,9 +274,10 @@ def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
               pl.BlockSpec((None, Sp, None, D), lambda i, b, h: (b, 0, h // G, 0))]
   args = [ent, cnt, q, k, v]
   if cfg.has_seg:
+    skip = _leading_foreign(cfg, lay, qseg, kseg, bq, bk)
     in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, nq - 1 - i)),
-                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
-    args += [qseg, kseg]
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)), _whole(skip)]
+    args += [qseg, kseg, skip]
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, cfg=cfg, width=width, nq=nq),
       grid=(nq, B, Hq),
@@ -238,13 +299,14 @@ def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
 def _dq_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *rest,
                cfg: _Cfg, width: int, nq: int):
   if cfg.has_seg:
-    qseg_ref, kseg_ref, dq_ref = rest
+    qseg_ref, kseg_ref, skip_ref, dq_ref = rest
   else:
     (dq_ref,) = rest
   bq, bk = cfg.tiles.block_q_dq, cfg.tiles.block_k_dq
   qt, h = nq - 1 - pl.program_id(0), pl.program_id(2)
   kv_head = h // cfg.G
   row = (kv_head if cfg.head_dependent else 0) * nq + qt
+  first = skip_ref[pl.program_id(1) * cnt_ref.shape[0] + row] if cfg.has_seg else 0
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
@@ -261,7 +323,7 @@ def _dq_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref
     ds = p * (dp - delta[:, None])
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jax.lax.fori_loop(0, cnt_ref[row], body, jnp.zeros(q.shape, jnp.float32))
+  dq = jax.lax.fori_loop(first, cnt_ref[row], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -283,9 +345,10 @@ def _backward_dq(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
               pl.BlockSpec((None, None, bq), rowmap)]
   args = [ent, cnt, q, k, v, do, lse, delta]
   if cfg.has_seg:
+    skip = _leading_foreign(cfg, lay, qseg, kseg, bq, bk)
     in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, nq - 1 - i)),
-                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
-    args += [qseg, kseg]
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)), _whole(skip)]
+    args += [qseg, kseg, skip]
   return pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, width=width, nq=nq),
       grid=(nq, B, Hq),
@@ -359,9 +422,10 @@ def _units(cfg: _Cfg, bq: int, bk: int) -> _Units:
 
 
 def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_ref,
-                do_ref, lse_ref, delta_ref, *rest, cfg: _Cfg, width: int, nk: int, n_units: int):
+                do_ref, lse_ref, delta_ref, *rest, cfg: _Cfg, width: int, nk: int, n_units: int,
+                n_rows: int):
   if cfg.has_seg:
-    qseg_ref, kseg_ref, dk_ref, dv_ref, ek_ref, ev_ref = rest
+    qseg_ref, kseg_ref, end_ref, dk_ref, dv_ref, ek_ref, ev_ref = rest
   else:
     dk_ref, dv_ref, ek_ref, ev_ref = rest
   bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
@@ -392,7 +456,10 @@ def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_
     return dk, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(start_ref[unit] * G, stop_ref[unit] * G, body, (zeros, zeros))
+  stop = stop_ref[unit]
+  if cfg.has_seg:   # query tiles past the last one sharing a segment with this key tile add nothing
+    stop = jnp.minimum(stop, end_ref[pl.program_id(1) * n_rows + row])
+  dk, dv = jax.lax.fori_loop(start_ref[unit] * G, jnp.maximum(stop, start_ref[unit]) * G, body, (zeros, zeros))
   dk = dk * cfg.scale
 
   @pl.when(slot < 0)
@@ -443,13 +510,14 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
       pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
   args = [ent, *utab, q, k, v, do, lse, delta]
   if cfg.has_seg:
+    ends = _live_ends(cfg, lay, qseg, kseg, bq, bk)
     in_specs += [pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)),
-                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0))]
-    args += [qseg, kseg]
+                 pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)), _whole(ends)]
+    args += [qseg, kseg, ends]
   extra_spec = pl.BlockSpec((None, None, E, bk, D), lambda i, b, h: (b, h, 0, 0, 0))
   extra_shape = jax.ShapeDtypeStruct((B, cfg.Hkv, E, bk, D), jnp.float32)
   dk, dv, ek, ev = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk, n_units=n_units),
+      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk, n_units=n_units, n_rows=lay.q_count.size),
       grid=(n_units, B, cfg.Hkv),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, Sp, None, D), seq), pl.BlockSpec((None, Sp, None, D), seq),

@@ -1,0 +1,105 @@
+"""Full attention over packed documents (segment ids): what each kernel pays, one card, one run.
+
+  PYTHONPATH=. python benchmarks/packed_attention.py [--seq 131072] [--documents 1,4,16,64] [--kv-heads 8]
+
+A row of T tokens holds N equal documents (segment ids 1..N). Timed, forward+backward, bf16, B 1,
+32 query heads, head_dim 128:
+  ours_packed       our kernel with segment ids: tiles that share no document are skipped at the
+                    list ends (pallas_gpu.SKIP_FOREIGN_TILES), so the work is ~T^2 / 2N
+  ours_no_skip      the same with the skipping off: the whole causal triangle, masked by segment
+  cudnn_causal      cuDNN over the row as ONE sequence (no segment ids: the cost of ignoring packing)
+  cudnn_batched     cuDNN over the N documents as a batch of N sequences of T / N: the ideal for equal
+                    documents (what a packing-aware cuDNN call could reach)
+Effective TFLOP/s count the per-document causal pairs (N x L(L+1)/2 x heads) for every row, so the
+rows compare as speeds on the same useful work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention import HQ, D, time_fn  # noqa: E402  (benchmarks/attention.py)
+
+from longgen_jax.attention import AttentionSpec, pallas_gpu  # noqa: E402
+
+
+@contextlib.contextmanager
+def skipping(on: bool):
+  old, pallas_gpu.SKIP_FOREIGN_TILES = pallas_gpu.SKIP_FOREIGN_TILES, on
+  try:
+    yield
+  finally:
+    pallas_gpu.SKIP_FOREIGN_TILES = old
+
+
+def fwd_bwd_fn(name: str, T: int, n_docs: int):
+  """jitted (q, k, v, do) -> (out, grads) of one case."""
+  L = T // n_docs
+  seg = jnp.repeat(jnp.arange(1, n_docs + 1, dtype=jnp.int32), L)[None]
+  if name.startswith("ours"):
+    attn = lambda q, k, v: pallas_gpu.pallas_attention(q, k, v, AttentionSpec.full(), q_segment_ids=seg,
+                                                        kv_segment_ids=seg)
+  elif name == "cudnn_causal":
+    attn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  else:  # cudnn_batched: documents as the batch
+    fold = lambda x: x.reshape(n_docs, L, *x.shape[2:])
+    attn = lambda q, k, v: jax.nn.dot_product_attention(fold(q), fold(k), fold(v), is_causal=True,
+                                                        implementation="cudnn").reshape(q.shape)
+
+  def run(q, k, v, do):
+    with skipping(name != "ours_no_skip"):   # read while tracing
+      out, vjp = jax.vjp(attn, q, k, v)
+      return out, vjp(do)
+  return jax.jit(run)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seq", type=int, default=131072)
+  p.add_argument("--documents", default="1,4,16,64")
+  p.add_argument("--kv-heads", type=int, default=8)
+  p.add_argument("--cases", default="ours_packed,ours_no_skip,cudnn_causal,cudnn_batched")
+  p.add_argument("--json", default="")
+  args = p.parse_args()
+  T, hkv = args.seq, args.kv_heads
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (1, T, HQ, D), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (1, T, hkv, D), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (1, T, hkv, D), jnp.bfloat16)
+  do = jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
+  print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B 1, T {T}, "
+        f"Hq {HQ}, Hkv {hkv}, D {D}, bf16, fwd+bwd")
+  rows = []
+  for n in map(int, args.documents.split(",")):
+    if T % n:
+      raise SystemExit(f"--seq {T} is not a multiple of {n} documents")
+    L = T // n
+    pairs = n * L * (L + 1) // 2 * HQ
+    for name in args.cases.split(","):
+      if name == "cudnn_causal" and n > 1 and any(r["case"] == name for r in rows):
+        continue   # the same call for every N: timed once
+      row = {"documents": n, "case": name, "seq": T, "kv_heads": hkv}
+      try:
+        row["fwd_bwd_ms"] = 1e3 * time_fn(fwd_bwd_fn(name, T, n), q, k, v, do)
+        row["useful_tflops"] = 14 * D * pairs / row["fwd_bwd_ms"] / 1e9
+      except Exception as e:  # e.g. a kernel refusing a shape: the row says so
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                 "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
