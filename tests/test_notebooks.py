@@ -109,7 +109,8 @@ def _check_reproduction_notebook(ns):
   assert len(ns["heatmap_fig"].axes) == len(ns["results"]) == len(ns["summary"]["variants"]) >= 2
   assert set(ns["converted"]) == {"all_full", "hybrid_third_middle", "all_sparse_sink"}
   assert all(runs[0]["pretrain"]["steps"] == 1500 for runs in ns["converted"].values())
-  assert {"all_full", "hybrid_third_middle", "hybrid_third_bottom", "hybrid_third_top"} <= set(ns["converted_3000"])
+  assert {"all_full", "hybrid_third_middle", "hybrid_third_bottom", "hybrid_third_top", "hybrid_third_interleaved",
+          "hybrid_sixth_middle"} <= set(ns["converted_3000"])
   assert all(runs[0]["steps"] == 3000 for runs in ns["converted_3000"].values())
   assert set(ns["new_results"]) == {"all_full", "all_sparse_sink"}
   for runs in ns["new_results"].values():
