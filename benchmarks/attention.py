@@ -43,6 +43,15 @@ def allowed_pairs(spec: AttentionSpec | str, T: int, num_kv_heads: int) -> int:
   return round(attended_keys_per_query(spec, T, num_kv_heads) * T) * HQ
 
 
+def random_qkv_do(T: int, kv_heads: int, seed: int = 0):
+  """bf16 q, k, v and an output cotangent do of one [1, T, heads, D] attention call (HQ query heads)."""
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (1, T, HQ, D), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (1, T, kv_heads, D), jnp.bfloat16)
+  v = jax.random.normal(ks[2], (1, T, kv_heads, D), jnp.bfloat16)
+  return q, k, v, jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
+
+
 def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
   """Median seconds per call: warm up (compile), then `reps` timed batches of synchronized calls."""
   jax.block_until_ready(fn(*args))

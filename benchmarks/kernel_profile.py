@@ -23,10 +23,9 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import HQ, D, make_fns  # noqa: E402  (benchmarks/attention.py)
+from attention import HQ, D, make_fns, random_qkv_do  # noqa: E402  (benchmarks/attention.py)
 from profile_overlap import gpu_kernels  # noqa: E402
 
 from longgen_jax.attention.spec import parse_spec  # noqa: E402
@@ -62,11 +61,7 @@ def main():
   p.add_argument("--json", default="")
   args = p.parse_args()
   T, hkv = args.seq, args.kv_heads
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (1, T, HQ, D), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (1, T, hkv, D), jnp.bfloat16)
-  v = jax.random.normal(ks[2], (1, T, hkv, D), jnp.bfloat16)
-  do = jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
+  q, k, v, do = random_qkv_do(T, hkv)
   rows = []
   print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, B 1, T {T}, Hq {HQ}, Hkv {hkv}, D {D}, bf16")
   for text in args.specs.split(";"):

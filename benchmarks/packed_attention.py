@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import HQ, D, time_fn  # noqa: E402  (benchmarks/attention.py)
+from attention import HQ, D, random_qkv_do, time_fn  # noqa: E402  (benchmarks/attention.py)
 
 from longgen_jax.attention import AttentionSpec, pallas_gpu  # noqa: E402
 
@@ -71,11 +71,7 @@ def main():
   p.add_argument("--json", default="")
   args = p.parse_args()
   T, hkv = args.seq, args.kv_heads
-  ks = jax.random.split(jax.random.key(0), 4)
-  q = jax.random.normal(ks[0], (1, T, HQ, D), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (1, T, hkv, D), jnp.bfloat16)
-  v = jax.random.normal(ks[2], (1, T, hkv, D), jnp.bfloat16)
-  do = jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
+  q, k, v, do = random_qkv_do(T, hkv)
   print(f"# {jax.devices()[0].device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B 1, T {T}, "
         f"Hq {HQ}, Hkv {hkv}, D {D}, bf16, fwd+bwd")
   rows = []
