@@ -52,6 +52,13 @@ def random_qkv_do(T: int, kv_heads: int, seed: int = 0):
   return q, k, v, jax.random.normal(ks[3], (1, T, HQ, D), jnp.bfloat16)
 
 
+def save_rows(path: str, rows: list[dict]) -> None:
+  """A benchmark's rows as JSON, with the card, JAX version and date they were measured on."""
+  with open(path, "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+
+
 def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
   """Median seconds per call: warm up (compile), then `reps` timed batches of synchronized calls."""
   jax.block_until_ready(fn(*args))

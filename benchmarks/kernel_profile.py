@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +23,7 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import HQ, D, make_fns, random_qkv_do  # noqa: E402  (benchmarks/attention.py)
+from attention import HQ, D, make_fns, random_qkv_do, save_rows  # noqa: E402  (benchmarks/attention.py)
 from profile_overlap import gpu_kernels  # noqa: E402
 
 from longgen_jax.attention.spec import parse_spec  # noqa: E402
@@ -75,9 +73,7 @@ def main():
       rows.append({"spec": text, "backward": backward, "seq": T, "kv_heads": hkv, "wall_ms": wall_ms,
                    "kernels_ms": per_kernel})
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+    save_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention import HQ, D, random_qkv_do, time_fn  # noqa: E402  (benchmarks/attention.py)
+from attention import HQ, D, random_qkv_do, save_rows, time_fn  # noqa: E402  (benchmarks/attention.py)
 
 from longgen_jax.attention import AttentionSpec, pallas_gpu  # noqa: E402
 
@@ -92,9 +92,7 @@ def main():
       rows.append(row)
       print(json.dumps(row), flush=True)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                 "date": datetime.date.today().isoformat(), "rows": rows}, f, indent=1)
+    save_rows(args.json, rows)
 
 
 if __name__ == "__main__":
