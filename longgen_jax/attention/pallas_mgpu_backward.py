@@ -8,8 +8,8 @@ non-multiple lengths and empty rows; timed on an H100 beside the Triton backward
 (BENCHMARKS.md): full fwd+bwd 1.24x faster than with the Triton backward (1010.6 vs 1250.1 ms at
 128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower. Per kernel (one H200, 128K,
 benchmarks/kernel_profile.py): on the sparse patterns this dQ is 1.34-1.36x faster than the Triton
-dQ and this dK/dV 1.19-1.20x SLOWER than the Triton dK/dV, so the two cancel; `auto` therefore runs only this dQ
-beside the Triton dK/dV there. No run has yet finished the whole GPU suite with this switch on (in the
+dQ and this dK/dV 1.19-1.20x SLOWER than the Triton dK/dV, so the two cancel; `auto` therefore runs
+only this dQ beside the Triton dK/dV there. No run has yet finished the whole GPU suite with this switch on (in the
 last, five tests failed for reasons the cut-off log did not keep): until one does, the Triton backward
 in `pallas_gpu` stays the default.
 
@@ -17,10 +17,11 @@ Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (both kernels, every call they support),
 only the kernels that measured faster than their Triton counterparts: `FASTER_THAN_TRITON`), 0 or
 unset (never, the default until the GPU suite passes with it on). Read when `pallas_gpu`'s backward
 is TRACED (jit caches traces, so set it before the first call), or `with forced(True):` (or
-`forced("dq")`) around the tracing (the benchmark times the backwards in one process that way). Why an environment switch and not a
-`Tiles` field: flipping it needs no change to any caller (training, ring attention, the
-benchmarks all reach the backward through `pallas_gpu`), the next device session flips it
-without editing code, and it keeps `Tiles` (a jit static argument everywhere) unchanged.
+`forced("dq")`) around the tracing (the benchmark times the backwards in one process that way).
+Why an environment switch and not a `Tiles` field: flipping it needs no change to any caller
+(training, ring attention, the benchmarks all reach the backward through `pallas_gpu`), the next
+device session flips it without editing code, and it keeps `Tiles` (a jit static argument
+everywhere) unchanged.
 
 Same inputs as the Triton backward: padded q, k, v, dO, the base-2 lse of the forward with
 empty rows (-inf) already replaced by +inf (so p = exp2(s - lse) = 0 there, no NaN), and
