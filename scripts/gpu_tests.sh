@@ -6,6 +6,7 @@
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
 #   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default mgpu_backward mgpu_segments)
+#   PASSES=mgpu_auto ...   # the per-kernel choice (Mosaic where FASTER_THAN_TRITON says, Triton elsewhere)
 #
 # Tests run on several pytest workers (pytest-xdist) with a per-test limit (pytest-timeout, where
 # installed): a hang fails one test, not the run. A Mosaic GPU kernel compiles in 1-4 s on an H100; one
@@ -37,5 +38,6 @@ run() {  # name, env, test files...
 passes=" ${PASSES:-default mgpu_backward mgpu_segments} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
 [[ $passes == *" mgpu_backward "* ]] && run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+[[ $passes == *" mgpu_auto "* ]] && run mgpu_auto "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py
 [[ $passes == *" mgpu_segments "* ]] && run mgpu_segments "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py -k "seg"
 exit $status

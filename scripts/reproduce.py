@@ -121,6 +121,7 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
   model = os.path.join(jobdir, "train", "model")
   common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
             "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
+            "--attn-impl", ev["attn_impl"],
             "--no-progress", "--force", "--title", f"{variant}, seed {seed}"]
   passkey = [py, "-m", "longgen_jax.evaluate", "passkey", *common, "--lengths", ev["lengths"], "--depths",
              ev["depths"], "--samples", str(ev["samples"]), "--out", os.path.join(jobdir, "passkey.json")]

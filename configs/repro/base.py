@@ -18,7 +18,7 @@ MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers
 SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64,4,64)"}
 # evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len; RoPE base from the checkpoint)
 EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
-            max_seq_len="16K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8)
+            max_seq_len="16K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8, attn_impl="auto")
 
 # Training stages before the main one, each (steps, {key: value}) on top of the variant's config and
 # starting from the previous stage's model: a curriculum (scripts/reproduce.py --stage replaces it). None
@@ -34,7 +34,7 @@ CPU_TINY = dict(
                head_dim=32, max_seq_len=256),
     sparse={"sink_window": "sink_window(4,16)", "block_sparse": "block_sparse(8,2,8)"},
     eval=dict(lengths="128,192,256,384", depths="0,0.25,0.5,0.75,1", samples=10, batch_size=10,
-              max_seq_len="512", ppl_seq_len="384", ppl_bucket="64", ppl_docs=4),
+              max_seq_len="512", ppl_seq_len="384", ppl_bucket="64", ppl_docs=4, attn_impl="xla_blockwise"),
     # every document a pass-key prompt (the task evaluated), lengths uniform: the setting that learned
     # retrieval on CPU (docs/reproduction.md, "CPU smoke version", also what did not: hidden 64 was unreliable)
     overrides={"total_steps": 1500, "seq_len": 256, "batch_size": 8, "optim.lr": 3e-3, "optim.warmup_steps": 30,
@@ -42,7 +42,10 @@ CPU_TINY = dict(
                "data.synthetic.num_docs": 20000, "data.synthetic.min_chars": 100, "data.synthetic.max_chars": 255,
                "data.eval_docs": 16,
                "eval_every": 500, "eval_batches": 2, "checkpoint_every": 500, "loss_chunk": 0,
-               "model.compute_dtype": "float32"},
+               "model.compute_dtype": "float32",
+               # tiles of 4-16 tokens and head_dim 32 are below the GPU kernels' minimum tile; xla_blockwise is
+               # what "auto" picks on a CPU, so --gpus runs compute what the CPU runs computed
+               "model.attn_impl": "xla_blockwise"},
 )
 
 
