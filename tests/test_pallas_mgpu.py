@@ -238,8 +238,9 @@ def test_unit_pairs_cover_every_key_tile_longest_first(counts):
 
 def test_switch_env_and_forced(monkeypatch):
   both, none = mbwd.KERNELS, frozenset()
-  monkeypatch.delenv(mbwd.ENV, raising=False)
-  assert mbwd.mosaic_kernels() == none
+  monkeypatch.delenv(mbwd.ENV, raising=False)   # unset: the measured per-kernel table
+  assert mbwd.DEFAULT == "auto"
+  assert [mbwd.mosaic_kernels(s) for s in SPECS] == [mbwd.FASTER_THAN_TRITON[s.kind] for s in SPECS]
   monkeypatch.setenv(mbwd.ENV, "1")
   assert mbwd.mosaic_kernels() == both
   with mbwd.forced(False):

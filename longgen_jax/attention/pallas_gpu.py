@@ -25,11 +25,11 @@ because it is faster for every pattern (figures in BENCHMARKS.md); with segment 
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 
-Backward on Hopper (opt-in): `LONGGEN_JAX_MGPU_BACKWARD=1` at trace time routes the backward to
-the Mosaic GPU kernels in `pallas_mgpu_backward` (bf16/fp16, head_dim 64/128; segment ids with
-`LONGGEN_JAX_MGPU_SEGMENTS=1`), `=auto` only the kernels that measured faster per pattern (full:
-dQ and dK/dV; sink_window and block_sparse: dQ, beside this module's dK/dV); the Triton backward
-below stays the default until that kernel's GPU suite passes.
+Backward on Hopper: by default (`LONGGEN_JAX_MGPU_BACKWARD` unset or auto, read at trace time) the
+kernels that measured faster than this module's run on Mosaic GPU (`pallas_mgpu_backward`; full: dQ
+and dK/dV; sink_window and block_sparse: dQ, beside this module's dK/dV), for bf16/fp16 and head_dim
+64/128 (segment ids with `LONGGEN_JAX_MGPU_SEGMENTS=1`); `=1` both kernels, `=0` the Triton backward
+below everywhere (as on Ampere, and in interpret mode on a CPU).
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
 
 def _mgpu_backward(cfg: _Cfg, q) -> frozenset[str]:
   """Which backward kernels ("dq", "dkv") run on Mosaic GPU instead of Triton: opt-in per call or per
-  measured pattern and kernel, read at trace time; none by default (pallas_mgpu_backward)."""
+  measured pattern and kernel (the default), read at trace time (pallas_mgpu_backward)."""
   if cfg.interpret or cfg.head_dim != q.shape[-1]:
     return frozenset()
   from longgen_jax.attention import pallas_mgpu_backward
@@ -567,7 +567,7 @@ def _flash_bwd(cfg, res, cotangents):
   delta = delta - dlse.astype(jnp.float32) * LOG2E
   lse_b = jnp.where(lse == -jnp.inf, jnp.inf, lse)          # empty rows: p = 0 everywhere
   dq = dk = dv = None
-  mosaic = _mgpu_backward(cfg, q)   # opt-in (LONGGEN_JAX_MGPU_BACKWARD=1 or auto): see pallas_mgpu_backward
+  mosaic = _mgpu_backward(cfg, q)   # LONGGEN_JAX_MGPU_BACKWARD (default auto): see pallas_mgpu_backward
   if mosaic:
     from longgen_jax.attention import pallas_mgpu_backward
     dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,

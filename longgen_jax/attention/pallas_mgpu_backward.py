@@ -9,13 +9,14 @@ non-multiple lengths and empty rows; timed on an H100 beside the Triton backward
 128K, cuDNN 915.9), sink_window 1.01x, block_sparse 1.04x slower. Per kernel (one H200, 128K,
 benchmarks/kernel_profile.py): on the sparse patterns this dQ is 1.34-1.36x faster than the Triton
 dQ and this dK/dV 1.19-1.20x SLOWER than the Triton dK/dV, so the two cancel; `auto` therefore runs
-only this dQ beside the Triton dK/dV there. No run has yet finished the whole GPU suite with this switch on (in the
-last, five tests failed for reasons the cut-off log did not keep): until one does, the Triton backward
-in `pallas_gpu` stays the default.
+only this dQ beside the Triton dK/dV there. The whole GPU suite passed with each setting of the switch
+(one H200, 2026-11-27, at the commit that added the per-kernel choice: 1 132 passed, auto 42, segments
+22, 0 144), and `auto` is the fastest of the three backwards on every pattern timed (BENCHMARKS.md):
+so `auto` is the default.
 
-Switch: `LONGGEN_JAX_MGPU_BACKWARD` = 1 (both kernels, every call they support), auto (per pattern,
-only the kernels that measured faster than their Triton counterparts: `FASTER_THAN_TRITON`), 0 or
-unset (never, the default until the GPU suite passes with it on). Read when `pallas_gpu`'s backward
+Switch: `LONGGEN_JAX_MGPU_BACKWARD` = auto or unset (the default: per pattern, only the kernels that
+measured faster than their Triton counterparts, `FASTER_THAN_TRITON`), 1 (both kernels, every call
+they support), 0 (never: the Triton backward, as on Ampere). Read when `pallas_gpu`'s backward
 is TRACED (jit caches traces, so set it before the first call), or `with forced(True):` (or
 `forced("dq")`) around the tracing (the benchmark times the backwards in one process that way).
 Why an environment switch and not a `Tiles` field: flipping it needs no change to any caller
@@ -73,7 +74,7 @@ from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask,
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
-DEFAULT = "0"   # the switch when ENV is unset: "auto" once the whole GPU suite passes with ENV=1
+DEFAULT = "auto"   # the switch when ENV is unset (module docstring: why)
 BQ_DKV = 64   # query rows per dK/dV step (the wgmma N of S^T)
 BK_DKV = 64   # key rows per compute warpgroup in dK/dV (the wgmma M)
 
@@ -87,6 +88,10 @@ KERNELS = frozenset({"dq", "dkv"})
 # 8 kv heads, head_dim 128, bf16 (BENCHMARKS.md, "The Mosaic GPU backward, timed"); not profiled per
 # kernel. Sparse kinds: per-kernel GPU time at 128K, same shapes, one H200, 2026-11-27
 # (benchmarks/kernel_profile.py; BENCHMARKS.md, "Per kernel"): the Mosaic dQ is faster, its dK/dV slower.
+# Checked whole (fwd+bwd ms, H200, same shapes, one run; BENCHMARKS.md "Attention, H200"): this table's
+# choice beat both kernels Mosaic and both Triton on every row: full 64.2 / 1012.3 (Mosaic dQ only 71.2 /
+# 1123.6, Triton 78.3 / 1265.5); sink_window 10.0 / 41.2 (10.3 / 44.7, 10.9 / 44.5); block_sparse 6.74 /
+# 42.5 (8.08 / 45.2, 7.12 / 45.9).
 FASTER_THAN_TRITON: dict[str, frozenset[str]] = {
     "full": KERNELS,                      # 62.52 / 1010.59 vs Triton 77.66 / 1250.10 (cuDNN 55.40 / 915.94)
     "sink_window": frozenset({"dq"}),     # dQ 10.43 vs 13.94 ms; dK/dV 22.64 vs 19.05

@@ -20,14 +20,15 @@ Names users pass (training config, `attention(impl=...)`, prefill, evaluation, b
                  other call (and every call off GPU) gets the auto choice, so a LongGen model
                  with impl "cudnn" runs its sparse layers on our kernels.
 
-Why "auto" prefers our kernel over cuDNN for full layers on a GPU (one H100, JAX 0.11.2, 2026-11-27,
-B 1, 32 query / 8 kv heads, head_dim 128, bf16; BENCHMARKS.md "The Mosaic GPU backward, timed"):
-forward alone (prefill, scoring) ours is faster, 228.6 vs 238.7 ms at 128K; forward + backward cuDNN
-is faster, 915.9 ms vs 1010.6 (ours with the opt-in Mosaic backward) and 1250.1 (the default Triton
-backward). Training still defaults to ours because its gradients are bit-for-bit repeatable (no
-atomics), which exact resume relies on, while XLA lists fused attention among the GPU ops that may
-not be; `benchmarks/cudnn_determinism.py` measures that and has not run yet. Users who do not need
-it can set `attn_impl="cudnn"` (full layers on cuDNN, sparse layers on ours).
+Why "auto" prefers our kernel over cuDNN for full layers on a GPU (one H200, JAX 0.11.2, 2026-11-27,
+B 1, 32 query / 8 kv heads, head_dim 128, bf16; BENCHMARKS.md "Attention, H200"): forward alone
+(prefill, scoring) ours is faster, 231.9 vs 246.0 ms at 128K; forward + backward cuDNN is faster,
+920.2 vs 1012.3 ms (1.10x; 57.0 vs 64.2 at 32K), but its gradients are NOT repeatable: five runs of
+the same fwd+bwd gave different bits at 32K and 128K, ours identical bits every time
+(`benchmarks/cudnn_determinism.py`, same card). Exact resume compares losses bit for bit, so
+training defaults to ours; users who do not need that can set `attn_impl="cudnn"` (full layers on
+cuDNN, sparse layers on ours). Packed documents (segment ids) are ours alone: cuDNN's public call
+takes no segment ids, and our kernels skip the tiles of other documents (BENCHMARKS.md, "Packed").
 """
 
 from __future__ import annotations
