@@ -14,11 +14,12 @@ def main(argv):
   import jax
   from absl import flags, logging
 
-  from longgen_jax.parallel.runtime import initialize
+  from longgen_jax.parallel.runtime import allow_offload_host_memory, initialize
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  allow_offload_host_memory(flags.FLAGS.config.model.remat)  # read when the GPU backend starts
   launch = initialize(cluster=flags.FLAGS.distributed)  # before anything touches a device
   if launch.kind != "single" and jax.process_index() == 0:
     print(f"[train] {launch.kind} launch: {jax.process_count()} processes, {jax.device_count()} devices",

@@ -1,6 +1,8 @@
 """Multi-process runs: launch detection on simulated SLURM / TPU pod / Open MPI / explicit environments,
 and the training CLI as 2 processes x 2 CPU devices (launch/local_multiprocess.sh) against one process."""
 
+import os
+
 import pytest
 
 from conftest import close, train_cli
@@ -52,6 +54,23 @@ def test_initialize_calls_jax_distributed_as_the_launch_says(monkeypatch):
 
 def _train(workdir, *overrides, processes=1, devices=4, steps=4):
   return train_cli(workdir, *overrides, devices=devices, processes=processes, steps=steps)
+
+
+def test_offload_host_memory_cap_shares_the_host_between_gpus(monkeypatch):
+  gib = 2**30
+  f = runtime.offload_host_memory_gib
+  assert f({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, host_bytes=512 * gib) == 115     # 0.9 x 512 / 4
+  assert f({"CUDA_VISIBLE_DEVICES": "2"}, host_bytes=512 * gib) == 460
+  assert f({"CUDA_VISIBLE_DEVICES": "0", runtime.HOST_MEMORY_ENV: "80"}, host_bytes=512 * gib) is None  # user's
+  assert f({}, host_bytes=512 * gib, gpus=0) is None                               # no GPU: XLA's default
+  monkeypatch.delenv(runtime.HOST_MEMORY_ENV, raising=False)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+  runtime.allow_offload_host_memory("full")                                        # only for offload
+  assert runtime.HOST_MEMORY_ENV not in os.environ
+  runtime.allow_offload_host_memory("offload")
+  assert int(os.environ[runtime.HOST_MEMORY_ENV]) == runtime.offload_host_memory_gib(
+      {"CUDA_VISIBLE_DEVICES": "0,1"})
+  monkeypatch.delenv(runtime.HOST_MEMORY_ENV)
 
 
 def test_two_processes_train_like_one_save_and_resume(tmp_path):

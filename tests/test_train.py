@@ -294,6 +294,10 @@ def test_out_of_memory_becomes_one_line_naming_the_knobs():
   with pytest.raises(OutOfDeviceMemory, match=r"lower config.batch_size=4 .*model.remat='full'.*'offload'.*mesh.fsdp .*mesh.context"):
     with out_of_memory_hint(cfg):
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 148.30GiB\n(details)")
+  with pytest.raises(OutOfDeviceMemory, match=r"pinned host memory.*XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"):
+    with out_of_memory_hint(cfg):   # the offloaded activations' pool, not the device's
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate 88.38GiB with "
+                         "allocator xla_gpu_host_bfc on device 0.")
   with pytest.raises(KeyError):  # other errors pass through unchanged
     with out_of_memory_hint(cfg):
       raise KeyError("x")

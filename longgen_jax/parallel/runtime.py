@@ -90,6 +90,39 @@ def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None) ->
     jax.distributed.initialize()  # JAX's detection for SLURM, Cloud TPU and Open MPI
   return launch
 
+HOST_MEMORY_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: int | None = None,
+                            gpus: int | None = None) -> int | None:
+  """The pinned host memory each GPU may use (GiB) when activations are offloaded, or None to leave
+  XLA's own cap: a value the environment already sets wins. Why: XLA caps each GPU's pinned host pool
+  at 64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, read when the backend starts; the pool grows on
+  demand), and Llama-2-7B at 1M tokens on 4 GPUs offloads 88 GiB per GPU. The default shares 90% of
+  this machine's memory between its visible GPUs (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN)."""
+  env = os.environ if env is None else env
+  if HOST_MEMORY_ENV in env:
+    return None
+  if host_bytes is None:
+    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if gpus is None:
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = (len([d for d in visible.split(",") if d.strip()]) if visible is not None else
+            len([d for d in (os.listdir("/dev") if os.path.isdir("/dev") else []) if d[6:].isdigit()
+                 and d.startswith("nvidia")]))
+  if gpus < 1:
+    return None
+  return max(1, int(0.9 * host_bytes / gpus / 2**30))
+
+
+def allow_offload_host_memory(remat: str) -> None:
+  """For model.remat='offload', raises XLA's per-GPU pinned host memory cap (`offload_host_memory_gib`)
+  before the backend starts; otherwise, or where the environment sets it, nothing."""
+  gib = offload_host_memory_gib() if remat == "offload" else None
+  if gib is not None:
+    os.environ[HOST_MEMORY_ENV] = str(gib)
+
+
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "longgen_jax", "jax_compile")
 
 

@@ -249,6 +249,12 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
     if error is not None and "RESOURCE_EXHAUSTED" in str(error):
       first = next((line for line in str(error).splitlines() if "RESOURCE_EXHAUSTED" in line), "")[:200]
       c = self.cfg
+      if "Out of host memory" in first:
+        raise OutOfDeviceMemory(
+            f"out of pinned host memory for the offloaded activations ({first.strip()}); raise "
+            f"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (now {os.environ.get('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', '64 (XLA default)')} "
+            f"GiB per GPU) if the host has the memory, else use config.model.remat='full' with more devices in "
+            f"config.mesh.context (now {c.mesh.context}) or a shorter config.seq_len={c.seq_len}") from None
       raise OutOfDeviceMemory(
           f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
           f"config.seq_len={c.seq_len}, set config.model.remat='full' or, to keep the saved activations in host "
