@@ -5,7 +5,7 @@
 A row of T tokens holds N equal documents (segment ids 1..N). Timed, forward+backward, bf16, B 1,
 32 query heads, head_dim 128:
   ours_packed       our kernel with segment ids: tiles that share no document are skipped at the
-                    list ends (pallas_gpu.SKIP_FOREIGN_TILES), so the work is ~T^2 / 2N
+                    list ends (attention.segment_skip.ENABLED), so the work is ~T^2 / 2N
   ours_no_skip      the same with the skipping off: the whole causal triangle, masked by segment
   cudnn_causal      cuDNN over the row as ONE sequence (no segment ids: the cost of ignoring packing)
   cudnn_batched     cuDNN over the N documents as a batch of N sequences of T / N: the ideal for equal
@@ -29,16 +29,16 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention import HQ, D, random_qkv_do, save_rows, time_fn  # noqa: E402  (benchmarks/attention.py)
 
-from longgen_jax.attention import AttentionSpec, pallas_gpu  # noqa: E402
+from longgen_jax.attention import AttentionSpec, pallas_gpu, segment_skip  # noqa: E402
 
 
 @contextlib.contextmanager
 def skipping(on: bool):
-  old, pallas_gpu.SKIP_FOREIGN_TILES = pallas_gpu.SKIP_FOREIGN_TILES, on
+  old, segment_skip.ENABLED = segment_skip.ENABLED, on
   try:
     yield
   finally:
-    pallas_gpu.SKIP_FOREIGN_TILES = old
+    segment_skip.ENABLED = old
 
 
 def fwd_bwd_fn(name: str, T: int, n_docs: int):

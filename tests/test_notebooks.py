@@ -96,7 +96,8 @@ def _check_reproduction_notebook(ns):
   the re-run produced the two variants' jobs at the notebook's size."""
   for recorded, summary, fig in ((ns["RECORDED"], ns["summary"], ns["accuracy_fig"]),
                                  (ns["CONVERTED"], ns["converted_summary"], ns["converted_fig"]),
-                                 (ns["CONVERTED_3000"], ns["converted_3000_summary"], ns["converted_3000_fig"])):
+                                 (ns["CONVERTED_3000"], ns["converted_3000_summary"], ns["converted_3000_fig"]),
+                                 (ns["GPU_TINY"], ns["gpu_tiny_summary"], ns["gpu_tiny_fig"])):
     lines = fig.axes[0].lines
     for row in summary["variants"]:
       cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
@@ -112,6 +113,8 @@ def _check_reproduction_notebook(ns):
   assert {"all_full", "hybrid_third_middle", "hybrid_third_bottom", "hybrid_third_top", "hybrid_third_interleaved",
           "hybrid_sixth_middle"} <= set(ns["converted_3000"])
   assert all(runs[0]["steps"] == 3000 for runs in ns["converted_3000"].values())
+  assert len(ns["gpu_tiny"]) == 10 and all(runs[0]["steps"] == 3000 for runs in ns["gpu_tiny"].values())
+  assert len(ns["gpu_tiny_heatmaps"].axes) == 10
   assert set(ns["new_results"]) == {"all_full", "all_sparse_sink"}
   for runs in ns["new_results"].values():
     assert runs[0]["steps"] == 2 and runs[0]["passkey"]["lengths"] == [128, 256]

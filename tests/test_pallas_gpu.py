@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longgen_jax.attention import segment_skip
 from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
 from longgen_jax.attention.reference import reference_attention
 from longgen_jax.attention.spec import AttentionSpec
@@ -142,7 +143,7 @@ def test_interpret_segments_with_offset_and_group_8():
 ], ids=str)
 def test_interpret_packed_documents_skip_foreign_tiles_exactly(spec, G, Hkv, tiles, monkeypatch):
   """Packed documents: the tiles at the list ends that share no segment id with the row's tile are
-  skipped (pallas_gpu.SKIP_FOREIGN_TILES), which must change nothing, not one bit, and must skip some.
+  skipped (segment_skip.ENABLED), which must change nothing, not one bit, and must skip some.
   Rows: documents in order of uneven lengths (T not a multiple of the tile), and ids out of order."""
   from longgen_jax.attention import pallas_gpu
   T = 150
@@ -151,7 +152,7 @@ def test_interpret_packed_documents_skip_foreign_tiles_exactly(spec, G, Hkv, til
   seg = jnp.asarray(np.stack([in_order, shuffled]), jnp.int32)
   out = {}
   for skip in (True, False):
-    monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", skip)
+    monkeypatch.setattr(segment_skip, "ENABLED", skip)
     q, k, v, d_out, d_lse = _inputs(3, 2, T, T, G * Hkv, Hkv, 16)
     ours = lambda q, k, v: pallas_attention(q, k, v, spec, q_segment_ids=seg, kv_segment_ids=seg,
                                             return_lse=True, tiles=tiles, interpret=True)
@@ -160,7 +161,7 @@ def test_interpret_packed_documents_skip_foreign_tiles_exactly(spec, G, Hkv, til
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   _check(spec, 2, T, T, G * Hkv, Hkv, 16, seed=3, segments=(seg, seg), tiles=tiles, interpret=True)
   # Something was skipped: the forward's leading skips and the dK/dV ends of the in-order row.
-  monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", True)
+  monkeypatch.setattr(segment_skip, "ENABLED", True)
   cfg, _, _, _, qseg, kseg = pallas_gpu._prepare(q, k, v, spec, seg, seg, 0, tiles, None, None, True)
   lay = cfg.layout(tiles.block_q, tiles.block_k)
   skips = np.asarray(pallas_gpu._leading_foreign(cfg, lay, qseg, kseg, tiles.block_q, tiles.block_k))
@@ -259,14 +260,14 @@ def test_gpu_offset_segments_fp16():
 @gpu_only
 def test_gpu_packed_segments_skip_foreign_tiles_exactly(monkeypatch):
   """Compiled: four packed documents of uneven lengths (T not a multiple of 64), full layer, GQA 4,
-  bf16: the same bits with and without skipping the tiles other documents own, and the reference."""
-  from longgen_jax.attention import pallas_gpu
+  bf16: the same bits with and without skipping the tiles other documents own, and the reference.
+  (Triton kernels by default; the Mosaic GPU ones in gpu_tests.sh's mgpu_segments pass.)"""
   T = 2000
   seg = jnp.asarray(np.repeat([1, 2, 3, 4], [700, 300, 650, 350])[None], jnp.int32)
   q, k, v, d_out, d_lse = _inputs(5, 1, T, T, 8, 2, 128, jnp.bfloat16)
   got = {}
   for skip in (False, True):
-    monkeypatch.setattr(pallas_gpu, "SKIP_FOREIGN_TILES", skip)
+    monkeypatch.setattr(segment_skip, "ENABLED", skip)
     ours = lambda q, k, v: pallas_attention(q, k, v, FULL, q_segment_ids=seg, kv_segment_ids=seg, return_lse=True)
     got[skip] = (jax.jit(ours)(q, k, v), jax.jit(jax.grad(_loss(ours, d_out, d_lse), (0, 1, 2)))(q, k, v))
   for a, b in zip(jax.tree.leaves(got[True]), jax.tree.leaves(got[False])):

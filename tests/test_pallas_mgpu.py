@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longgen_jax.attention import pallas_mgpu
+from longgen_jax.attention import pallas_mgpu, segment_skip
 from longgen_jax.attention import pallas_mgpu_backward as mbwd
+from longgen_jax.attention.padding import pad_segment_ids
 from longgen_jax.attention.pallas_mgpu import MgpuTiles, kv_table, mgpu_forward
 from longgen_jax.attention.reference import reference_attention
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout, dense_mask
@@ -326,7 +327,8 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
   two 64-row halves, full tiles unmasked), dK/dV over `unit_pairs` x `q_table` with the G heads
   inside (full query tiles unmasked). Wrong tables (a partial tile marked full, a missing tile, a
   key tile not covered) show up as a gradient error. segments: (q ids [B, T], kv ids [B, S]),
-  padded and compared as the kernels do (every tile masked)."""
+  padded and compared as the kernels do (every tile masked), and the lists walked from the kernels'
+  skip tables (dQ from `leading_skips`, dK/dV up to `segment_skip.live_ends`)."""
   q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
   lse2, delta = np.asarray(lse2, np.float64), np.asarray(delta, np.float64)
   B, T, Hq, D = q.shape
@@ -340,7 +342,7 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
   k, v = pad(k, Sp, 1), pad(v, Sp, 1)
   has_seg = segments is not None
   if has_seg:
-    qseg, kseg = pad(np.asarray(segments[0]), Tp, 1, -1), pad(np.asarray(segments[1]), Sp, 1, -2)
+    qseg, kseg = (np.asarray(x, np.int32) for x in pad_segment_ids(*segments, Tp, Sp))
   scale = 1 / np.sqrt(D)
   c = scale * pallas_mgpu.LOG2E
   per_head = spec.head_dependent(Hkv)
@@ -353,6 +355,8 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
   dq = np.zeros_like(q)
   tab = kv_table(spec, Tp, S, Hkv, block_k_dq, q_offset, all_partial=has_seg)
   bk = block_k_dq
+  first = (np.asarray(pallas_mgpu.leading_skips(tab, qseg, kseg, bk, T, S)) if has_seg else
+           np.zeros((B,) + tab.shape[:2], int))
   with np.errstate(invalid="ignore", over="ignore"):
     for b in range(B):
       for h in range(Hq):
@@ -362,7 +366,7 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
           count, n_full = tab[hl, qt, 0], tab[hl, qt, 1]
           for half in range(2):
             r = slice(qt * 128 + half * 64, qt * 128 + half * 64 + 64)
-            for j in range(count):
+            for j in range(first[b, hl, qt], count):
               kt = tab[hl, qt, 2 + j]
               ks = slice(kt * bk, kt * bk + bk)
               s = q[b, r, h] @ k[b, ks, kvh].T
@@ -375,6 +379,8 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
     dk, dv = np.full_like(k, np.nan), np.full_like(v, np.nan)       # NaN: a tile nobody wrote
     qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // 64, q_offset, all_partial=has_seg)
     pairs = mbwd.unit_pairs(qtab)
+    ends = (np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, 64, 64, S, T)) if has_seg else
+            np.broadcast_to(qtab[..., 0], (B,) + qtab.shape[:2]))
     for b in range(B):
       for kvh in range(Hkv):
         hp = kvh if per_head else 0
@@ -383,7 +389,8 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
             continue
           ks = slice(kt * 64, kt * 64 + 64)
           dk_t, dv_t = np.zeros((64, D)), np.zeros((64, D))
-          for it in range(count * G):
+          assert ends[b, hp, kt] <= count
+          for it in range(ends[b, hp, kt] * G):
             j, g = divmod(it, G)
             qt, h = qtab[hp, kt, 2 + j], kvh * G + g
             r = slice(qt * 64, qt * 64 + 64)
@@ -431,6 +438,31 @@ def test_kernel_schedule_with_segments_matches_reference_on_cpu(spec, B, T, S, H
     assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
   plain = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset)   # ids ignored: wrong
   assert rel_err(plain[0], rq) > 1e-3
+
+
+def test_kernel_schedule_skips_foreign_tiles_exactly_on_cpu(monkeypatch):
+  """The Mosaic kernels' skip tables (leading key tiles of dQ/forward lists, trailing query tiles of
+  dK/dV lists owned by other documents) change no bit of the emulated schedule, and skip something."""
+  spec, B, T, S, Hq, Hkv, D = AttentionSpec.full(), 1, 700, 700, 4, 2, 64
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=11)
+  segments = (jnp.asarray(np.repeat([[1, 2, 3]], [250, 200, 250], axis=1)),) * 2
+  out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, 0, segments)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  got = {}
+  for on in (True, False):
+    monkeypatch.setattr(segment_skip, "ENABLED", on)
+    got[on] = _emulate_backward(q, k, v, do, lse2, delta, spec, S, 0, segments=segments)
+  for a, b in zip(got[True], got[False]):
+    np.testing.assert_array_equal(a, b)
+  assert rel_err(got[True][0], rq) < 1e-5 and rel_err(got[True][1], rk) < 1e-5
+  monkeypatch.setattr(segment_skip, "ENABLED", True)
+  qseg, kseg = pad_segment_ids(*segments, 768, 768)
+  tab = kv_table(spec, 768, S, Hkv, 64, 0, all_partial=True)
+  first = np.asarray(pallas_mgpu.leading_skips(tab, qseg, kseg, 64, T, S))
+  assert first[0, 0, -1] == 450 // 64 and first[0, 0, 0] == 0   # the last query tile skips documents 1-2
+  qtab = mbwd.q_table(spec, 768, S, Hkv, 768 // 64, 0, all_partial=True)
+  ends = np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, 64, 64, S, T))
+  assert ends[0, 0, 0] == -(-250 // 64) < qtab[0, 0, 0]              # key tile 0 stops after document 1
 
 
 def test_kernel_schedule_empty_rows_give_zero_grads_on_cpu():

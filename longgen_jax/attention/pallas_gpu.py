@@ -13,8 +13,8 @@ log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 Packed documents (segment ids): the lists are static, the ids are data, so each call also computes
 per list how many tiles at its ends belong to other documents only, and the three kernels start
 (forward, dQ) or stop (dK/dV) past them: a full layer over N packed documents does ~1/N of the
-causal work, with the same bits (`SKIP_FOREIGN_TILES`; the opt-in Mosaic GPU kernels with segment
-ids do not skip yet). CPU-tested bit for bit against no skipping; GPU timing: benchmarks/packed_attention.py.
+causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' opt-in segment paths skip the
+same way). CPU-tested bit for bit against no skipping; GPU timing: benchmarks/packed_attention.py.
 
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
 
@@ -44,6 +44,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.residuals import name_full_residuals
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
@@ -162,56 +163,17 @@ def _unpack(entry):
 
 
 # ----------------------------------------------------------------------------- packed documents
-# With segment ids (packed documents) a listed tile whose queries and keys share no segment id adds
-# exactly nothing (every score -inf, p = 0: the online softmax, dQ and dK/dV are unchanged bit for
-# bit), so the kernels skip such tiles at the ends of their lists. The lists are ascending, so for
-# documents packed in order the earlier documents' key tiles lead a query tile's list and the later
-# documents' query tiles end a key tile's list: a full layer over n equal documents then does ~1/n of
-# the causal work. Computed at run time from the ids (only whole runs of such tiles at the list ends
-# are skipped, so nothing is assumed about the ids: any tile skipped is one that adds nothing).
-SKIP_FOREIGN_TILES = True   # tests turn it off to compare
-
-
-def _tile_segment_ranges(seg_BL, block: int, real: int):
-  """(min, max) segment id per tile of `block` positions over the first `real` (unpadded) positions,
-  int32[B, L / block] each; a tile without real positions gets (int max, int min): it shares nothing."""
-  big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
-  real_pos = (jnp.arange(seg_BL.shape[1]) < real)[None]
-  lo = jnp.where(real_pos, seg_BL, big).reshape(seg_BL.shape[0], -1, block).min(-1)
-  hi = jnp.where(real_pos, seg_BL, small).reshape(seg_BL.shape[0], -1, block).max(-1)
-  return lo, hi
-
-
-def _foreign(index, count, row_ranges, entry_ranges):
-  """bool[B, H', n, width]: list entry j of row (h', i) is a real entry whose tile shares no segment
-  id with row i's tile. index/count: a layout's lists (numpy); ranges: _tile_segment_ranges."""
-  n = index.shape[1]
-  (row_lo, row_hi), (ent_lo, ent_hi) = (r[:, :n] for r in row_ranges), entry_ranges
-  e_lo, e_hi = ent_lo[:, index], ent_hi[:, index]                  # [B, H', n, width]
-  disjoint = (e_hi < row_lo[:, None, :, None]) | (e_lo > row_hi[:, None, :, None])
-  return disjoint & (np.arange(index.shape[-1]) < count[..., None])[None]
+# The tiles at the list ends that other documents own are skipped (segment_skip: why that is exact).
 
 
 def _leading_foreign(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
   """int32[B * H' * nq]: per (batch, query-tile list) how many leading key tiles to skip."""
-  if not SKIP_FOREIGN_TILES:
-    return jnp.zeros((qseg.shape[0] * lay.kv_count.size,), jnp.int32)
-  f = _foreign(lay.kv_index, lay.kv_count, _tile_segment_ranges(qseg, bq, cfg.T),
-               _tile_segment_ranges(kseg, bk, cfg.S))
-  return jnp.sum(jnp.cumprod(f, axis=-1), axis=-1, dtype=jnp.int32).reshape(-1)
+  return segment_skip.leading_foreign(lay.kv_index, lay.kv_count, qseg, kseg, bq, bk, cfg.T, cfg.S).reshape(-1)
 
 
 def _live_ends(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
-  """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit (the
-  trailing query tiles that share no segment with the key tile are skipped)."""
-  count = lay.q_count
-  if not SKIP_FOREIGN_TILES:
-    return jnp.broadcast_to(jnp.asarray(count.reshape(-1)), (qseg.shape[0], count.size)).reshape(-1)
-  f = _foreign(lay.q_index, count, _tile_segment_ranges(kseg, bk, cfg.S),
-               _tile_segment_ranges(qseg, bq, cfg.T))
-  pad = np.arange(lay.q_index.shape[-1]) >= count[..., None]      # entries past the list: skippable
-  trailing = jnp.sum(jnp.cumprod((f | pad[None])[..., ::-1], axis=-1), axis=-1, dtype=jnp.int32)
-  return (jnp.asarray(count)[None] - (trailing - pad.sum(-1)[None])).reshape(-1)
+  """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit."""
+  return segment_skip.live_ends(lay.q_index, lay.q_count, kseg, qseg, bk, bq, cfg.S, cfg.T).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -570,7 +532,7 @@ def _flash_bwd(cfg, res, cotangents):
   mosaic = _mgpu_backward(cfg, q)   # LONGGEN_JAX_MGPU_BACKWARD (default auto): see pallas_mgpu_backward
   if mosaic:
     from longgen_jax.attention import pallas_mgpu_backward
-    dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S,
+    dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S, T=cfg.T,
                                                     q_offset=cfg.q_offset, head_dim=cfg.head_dim,
                                                     q_segment_ids=qseg, kv_segment_ids=kseg, kernels=mosaic)
   if dq is None:

@@ -23,11 +23,13 @@ host-side logic (`kv_table`, `supported`) is tested there, the lowering for CUDA
 on the GPU.
 
 Segment ids (packed documents), opt-in until the GPU tests pass on them (`LONGGEN_JAX_MGPU_SEGMENTS=1`,
-read when the forward is traced; written without a GPU): segments are run-time data, so no tile can
-be known full on the host: every listed tile goes through the masked loop, whose mask also compares
-the row's segment id (loaded once per warpgroup) with each key's (loaded from GMEM per tile, before
-the tile's QK^T so the load overlaps it). Tiles of other documents are still visited (no run-time
-tile skipping); the Triton forward does the same.
+read when the forward is traced): segments are run-time data, so no tile can be known full on the
+host: every listed tile goes through the masked loop, whose mask also compares the row's segment id
+(loaded once per warpgroup) with each key's (loaded from GMEM per tile, before the tile's QK^T so the
+load overlaps it). The leading key tiles that share no document with the query tile are skipped
+(`segment_skip.leading_foreign`, computed from the ids before the call: `first`): both the compute
+and the memory warpgroups walk the list from there. Its GPU tests passed without the skipping
+(H200, 2026-11-27); the skipping is written without a GPU (CHECK ON GPU: the mgpu_segments pass).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
 
@@ -123,9 +126,16 @@ def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
 
 
 def split_segment_refs(refs, has_seg: bool):
-  """(q segment ids ref, kv segment ids ref, the other refs) of a kernel whose inputs end with the two
-  optional segment-id arrays (None, None when the call has none)."""
-  return (refs[0], refs[1], refs[2:]) if has_seg else (None, None, refs)
+  """(q segment ids ref, kv segment ids ref, skip table ref, the other refs) of a kernel whose inputs
+  end with the optional segment-id arrays and their skip table (None x 3 when the call has none)."""
+  return (refs[0], refs[1], refs[2], refs[3:]) if has_seg else (None, None, None, refs)
+
+
+def leading_skips(table, qseg, kseg, block_k: int, T: int | None = None, S: int | None = None):
+  """int32[B, H', nq]: per (batch, kv-head list, 128-row query tile) of a `kv_table` built with
+  all_partial (ascending lists) the leading key tiles that share no segment id with the query tile's
+  first T rows (rows past T are padding: their results are dropped), keys past S ignored likewise."""
+  return segment_skip.leading_foreign(table[..., 2:], table[..., 0], qseg, kseg, BLOCK_Q, block_k, T, S)
 
 
 def load_ids(ids_ref, reduce_axis: int):
@@ -172,12 +182,11 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   """out [B,Tp,Hq,D] and base-2 lse [B,Hq,Tp] for arrays padded past the true T, S.
 
   T, S: true lengths (keys at or past S are masked; rows past T are computed as ordinary
-  rows and come out finite); Tp is the input's length, rounded up here to 128 if needed (the
+  rows and come out finite, except that with segment ids they may skip tiles real rows need); Tp is the input's length, rounded up here to 128 if needed (the
   extra rows are sliced off again). `head_dim`: the true head_dim (softmax scale) if the
   arrays are zero-padded past it. Segment ids: int32 [B, Tp] / [B, Sp] as `pallas_gpu` pads them
   (-1 / -2 past the true lengths: padding rows then see no key, lse -inf, as in the Triton forward).
   """
-  del T  # rows past T need no special case
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
 
   B, Tp_in, Hq, D = q_BTHD.shape
@@ -199,13 +208,16 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   c = scale * LOG2E
 
   def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, *refs):
-    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, skip_ref, refs = split_segment_refs(refs, has_seg)
     out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    count, n_full = tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
+    # The list entries [first, count of the table) are walked as steps [0, count).
+    first = skip_ref[b, hl, qt] if has_seg else 0
+    count, n_full = tab_ref[hl, qt, 0] - first, tab_ref[hl, qt, 1]   # n_full = 0 with segments
+    tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
 
     def schedule():
       plgpu.barrier_arrive(sched)
@@ -233,7 +245,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
         acc, m, l = carry
         slot = lax.rem(j, jnp.int32(stages))
         if masked:
-          kt = tab_ref[hl, qt, 2 + j]
+          kt = tile_of(j)
           k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps QK^T
 
         def qk_fn(acc_ref):
@@ -288,9 +300,11 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
 
     @pl.when(wg == 2)
     def _memory():
-      stream_kv_tiles(lambda j: tab_ref[hl, qt, 2 + j], count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+      stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                       k_bar, v_bar, k_free, v_free, bk, stages)
 
+  if has_seg:   # after the kernel's table: the skips read it
+    segments = (*segments, leading_skips(table, *segments, bk, T, S))
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   out, lse = plgpu.kernel(
       longgen_flash_fwd_mgpu,

@@ -68,9 +68,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
+from longgen_jax.attention import segment_skip
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
-                                               full_first_table, is_hopper, kv_table, load_ids, same_segment,
-                                               segments_enabled, split_segment_refs, stream_kv_tiles)
+                                               full_first_table, is_hopper, kv_table, leading_skips, load_ids,
+                                               same_segment, segments_enabled, split_segment_refs,
+                                               stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -181,7 +183,7 @@ def unit_pairs(qtab: np.ndarray) -> np.ndarray:
 
 
 def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
-                  S: int, q_offset: int = 0, head_dim: int | None = None,
+                  S: int, T: int | None = None, q_offset: int = 0, head_dim: int | None = None,
                   tiles: MgpuBwdTiles | None = None, q_segment_ids=None, kv_segment_ids=None,
                   interpret=None, kernels=KERNELS):
   """(dq, dk, dv) in the inputs' dtype, for arrays padded past the true key length S; with `kernels`
@@ -189,7 +191,7 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
 
   lse_BHT: base-2 lse of the forward (+inf or -inf on rows without an allowed key); delta_BHT:
   rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
-  length must have zero dO and delta (then they contribute nothing). Lengths are padded here
+  length T (default: all rows are real) must have zero dO and delta (then they contribute nothing). Lengths are padded here
   to what the kernels tile (128 query rows, 64/128 keys) and sliced back. Segment ids (int32
   [B, Tp] / [B, Sp], opt-in like the forward's): every tile is masked, the mask also compares ids
   (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
@@ -217,10 +219,10 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   scale = 1.0 / math.sqrt(head_dim or D)
   dq = dk = dv = None
   if "dq" in kernels:
-    dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale, tiles=tiles,
+    dq = _dq_call(q, k, v, do, lse, delta, spec, S=S, T=T or Tp_in, q_offset=q_offset, scale=scale, tiles=tiles,
                   segments=segments, interpret=interpret)[:, :Tp_in]
   if "dkv" in kernels:
-    dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, q_offset=q_offset, scale=scale,
+    dk, dv = _dkv_call(q, k, v, do, lse, delta, spec, S=S, T=T or Tp_in, q_offset=q_offset, scale=scale,
                        tiles=tiles, segments=segments, interpret=interpret)
     dk, dv = dk[:, :Sp_in], dv[:, :Sp_in]
   return dq, dk, dv
@@ -234,7 +236,7 @@ def _transforms():
 # ----------------------------------------------------------------------------- dQ
 
 
-def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segments=(), interpret=None):
+def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, segments=(), interpret=None):
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
 
   B, Tp, Hq, D = q.shape
@@ -249,14 +251,17 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
   c = scale * LOG2E
 
   def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, skip_ref, refs = split_segment_refs(refs, has_seg)
     (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
      q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    count, n_full = tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
+    # As the forward: list entries [first, count of the table) walked as steps [0, count).
+    first = skip_ref[b, hl, qt] if has_seg else 0
+    count, n_full = tab_ref[hl, qt, 0] - first, tab_ref[hl, qt, 1]   # n_full = 0 with segments
+    tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
 
     @pl.when(wg < 2)
     def _compute():
@@ -280,7 +285,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
       def step(j, dq, masked: bool):
         slot = lax.rem(j, jnp.int32(stages))
         if masked:
-          kt = tab_ref[hl, qt, 2 + j]
+          kt = tile_of(j)
           k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps the wgmmas
         plgpu.barrier_wait(k_bar.at[slot])
 
@@ -321,9 +326,11 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
 
     @pl.when(wg == 2)
     def _memory():   # the forward's K/V ring, same list
-      stream_kv_tiles(lambda j: tab_ref[hl, qt, 2 + j], count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+      stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                       k_bar, v_bar, k_free, v_free, bk, stages)
 
+  if has_seg:
+    segments = (*segments, leading_skips(table, *segments, bk, T, S))
   tr = _transforms()
   return plgpu.kernel(
       longgen_flash_bwd_dq_mgpu,
@@ -356,7 +363,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segmen
 # ----------------------------------------------------------------------------- dK, dV
 
 
-def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segments=(), interpret=None):
+def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, segments=(), interpret=None):
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
 
   B, Tp, Hq, D = q.shape
@@ -372,12 +379,20 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
   c = scale * LOG2E
 
   def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, end_ref, refs = split_segment_refs(refs, has_seg)
     (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
      k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs
     b, kv_head, pair, wg = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p"),
                             lax.axis_index("wg"))
     hp = kv_head if per_head else 0
+
+    def steps_of(w):
+      """Query tiles this program's warpgroup w visits: its list's count, or with segment ids the
+      list's live end (the trailing query tiles of other documents skipped; a dummy tile: 0)."""
+      kt, count = unit_ref[hp, pair, w, 0], unit_ref[hp, pair, w, 1]
+      if not has_seg:
+        return count
+      return jnp.where(kt >= 0, end_ref[b, hp, jnp.maximum(kt, 0)], 0)
 
     @pl.when(wg < 2)
     def _compute():
@@ -385,7 +400,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
       # registers per thread at D 128) live across the loop beside S^T, P^T, dP^T, dS^T (32 each)
       # and their bf16 copies; ptxas spills would show as a slow kernel, not a wrong one.
       plgpu.set_max_registers(232, action="increase")
-      kt, count, n_full = unit_ref[hp, pair, wg, 0], unit_ref[hp, pair, wg, 1], unit_ref[hp, pair, wg, 2]
+      kt, count, n_full = unit_ref[hp, pair, wg, 0], steps_of(wg), unit_ref[hp, pair, wg, 2]
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
       keys = pl.ds(jnp.maximum(kt, 0) * BK_DKV, BK_DKV)
 
@@ -459,7 +474,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       kts = [unit_ref[hp, pair, w, 0] for w in range(2)]
-      steps = [unit_ref[hp, pair, w, 1] * G for w in range(2)]
+      steps = [steps_of(w) * G for w in range(2)]
 
       def fetch(w, it, slot):
         j, g = lax.div(it, jnp.int32(G)), lax.rem(it, jnp.int32(G))
@@ -489,6 +504,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, q_offset, scale, tiles, segme
             plgpu.barrier_wait(free.at[w * stages + slot])
             fetch(w, it, slot)
 
+  if has_seg:   # per (batch, kv-head list, 64-key tile): one past the last query tile to visit
+    segments = (*segments, segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], segments[1], segments[0],
+                                                  BK_DKV, BQ_DKV, S, T))
   tr = _transforms()
   ring = 2 * stages
   out_kv = jax.ShapeDtypeStruct((B, Sp, Hkv, D), dtype)

@@ -28,4 +28,5 @@ def wilson_interval(hits: int, n: int, z: float = 1.959963984540054) -> tuple[fl
   denom = 1 + z * z / n
   center = (p + z * z / (2 * n)) / denom
   half = z / denom * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-  return max(0.0, center - half), min(1.0, center + half)
+  # exact at the ends (the formula's rounding could put n/n's upper bound a hair below 1, below p itself)
+  return (0.0 if hits == 0 else max(0.0, center - half)), (1.0 if hits == n else min(1.0, center + half))

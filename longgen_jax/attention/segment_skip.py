@@ -1,0 +1,66 @@
+"""Packed documents: the tiles at the ends of a kernel's tile lists that other documents own.
+
+With segment ids a listed tile whose rows and columns share no segment id adds exactly nothing (every
+score -inf, p = 0: the online softmax, dQ and dK/dV are unchanged bit for bit), so the kernels skip such
+tiles at the ends of their lists. The lists are ascending, so for documents packed in order the earlier
+documents' key tiles lead a query tile's list and the later documents' query tiles end a key tile's
+list: a full layer over n equal documents then does ~1/n of the causal work. Computed at run time from
+the ids (only whole runs of such tiles at the list ends are skipped, so nothing is assumed about the
+ids: any tile skipped is one that adds nothing). Shared by the Triton kernels (`pallas_gpu`) and the
+Mosaic GPU ones (`pallas_mgpu`, `pallas_mgpu_backward`).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+ENABLED = True   # tests and benchmarks turn it off to compare
+
+
+def tile_ranges(seg_BL, block: int, real: int | None = None):
+  """(min, max) segment id per tile of `block` positions, int32[B, L / block] each, over the first
+  `real` positions (all by default: padding ids only widen a range, which skips less, never wrongly);
+  a tile without such positions gets (int max, int min): it shares nothing."""
+  big, small = jnp.iinfo(jnp.int32).max, jnp.iinfo(jnp.int32).min
+  real = seg_BL.shape[1] if real is None else real
+  real_pos = (jnp.arange(seg_BL.shape[1]) < real)[None]
+  lo = jnp.where(real_pos, seg_BL, big).reshape(seg_BL.shape[0], -1, block).min(-1)
+  hi = jnp.where(real_pos, seg_BL, small).reshape(seg_BL.shape[0], -1, block).max(-1)
+  return lo, hi
+
+
+def foreign(index, count, row_ranges, entry_ranges):
+  """bool[B, H', n, width]: list entry j of row (h', i) is a real entry (j < count) whose tile shares
+  no segment id with row i's tile. index [H', n, width] / count [H', n]: tile lists (numpy)."""
+  n = index.shape[1]
+  (row_lo, row_hi), (ent_lo, ent_hi) = (r[:, :n] for r in row_ranges), entry_ranges
+  e_lo, e_hi = ent_lo[:, index], ent_hi[:, index]                  # [B, H', n, width]
+  disjoint = (e_hi < row_lo[:, None, :, None]) | (e_lo > row_hi[:, None, :, None])
+  return disjoint & (np.arange(index.shape[-1]) < count[..., None])[None]
+
+
+def leading_foreign(index, count, row_seg, entry_seg, row_block: int, entry_block: int,
+                    row_real: int | None = None, entry_real: int | None = None):
+  """int32[B, H', n]: per (batch, row) how many leading list entries to skip (0 when not ENABLED).
+  Rows are query tiles and entries key tiles (forward, dQ)."""
+  if not ENABLED:
+    return jnp.zeros((row_seg.shape[0],) + count.shape, jnp.int32)
+  f = foreign(index, count, tile_ranges(row_seg, row_block, row_real),
+              tile_ranges(entry_seg, entry_block, entry_real))
+  return jnp.sum(jnp.cumprod(f, axis=-1), axis=-1, dtype=jnp.int32)
+
+
+def live_ends(index, count, row_seg, entry_seg, row_block: int, entry_block: int,
+              row_real: int | None = None, entry_real: int | None = None):
+  """int32[B, H', n]: per (batch, row) one past the last list entry to visit (the trailing entries
+  that share no segment with the row's tile are skipped; `count` when not ENABLED). Rows are key
+  tiles and entries query tiles (dK/dV)."""
+  count = np.asarray(count)
+  if not ENABLED:
+    return jnp.broadcast_to(jnp.asarray(count, jnp.int32), (row_seg.shape[0],) + count.shape)
+  f = foreign(index, count, tile_ranges(row_seg, row_block, row_real),
+              tile_ranges(entry_seg, entry_block, entry_real))
+  pad = np.arange(index.shape[-1]) >= count[..., None]      # entries past the list: skippable
+  trailing = jnp.sum(jnp.cumprod((f | pad[None])[..., ::-1], axis=-1), axis=-1, dtype=jnp.int32)
+  return jnp.asarray(count, jnp.int32)[None] - (trailing - pad.sum(-1)[None])
