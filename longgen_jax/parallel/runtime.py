@@ -115,12 +115,13 @@ def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: in
   return max(1, int(0.9 * host_bytes / gpus / 2**30))
 
 
-def allow_offload_host_memory(remat: str) -> None:
+def allow_offload_host_memory(remat: str) -> int | None:
   """For model.remat='offload', raises XLA's per-GPU pinned host memory cap (`offload_host_memory_gib`)
-  before the backend starts; otherwise, or where the environment sets it, nothing."""
+  before the backend starts and returns it (GiB); otherwise, or where the environment sets it, None."""
   gib = offload_host_memory_gib() if remat == "offload" else None
   if gib is not None:
     os.environ[HOST_MEMORY_ENV] = str(gib)
+  return gib
 
 
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "longgen_jax", "jax_compile")
