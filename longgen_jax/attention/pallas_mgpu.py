@@ -216,7 +216,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
     hl = kv_head if per_head else 0
     # The list entries [first, count of the table) are walked as steps [0, count).
     first = skip_ref[b, hl, qt] if has_seg else 0
-    count, n_full = tab_ref[hl, qt, 0] - first, tab_ref[hl, qt, 1]   # n_full = 0 with segments
+    count, n_full = tab_ref[hl, qt, 0] - first if has_seg else tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
     tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
 
     def schedule():

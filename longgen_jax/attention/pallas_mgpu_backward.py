@@ -108,11 +108,21 @@ class MgpuBwdTiles:
   ring) -> 128 KB at the defaults; dK/dV 64 KB (K, V of two key tiles) + 2 x 2 x stages_dkv x
   16 KB (Q, dO rings of two warpgroups) -> 193 KB at stages_dkv 2 (3 fits only at head_dim 64).
   block_k_dq 64 keeps S, dP, dS and the dQ accumulator within the 232 registers of a compute
-  warpgroup; 128 lowers too (CHECK ON GPU: spills)."""
+  warpgroup; 128 lowers too (CHECK ON GPU: spills).
+
+  dkv_keys: keys per dK/dV program. 64 (the default, GPU-tested): two independent 64-key tiles, one
+  per compute warpgroup, each with its own query-tile list and Q/dO ring. 128 (written without a GPU,
+  opt-in until timed): one 128-key tile whose halves the two warpgroups take, walking ONE list with
+  ONE ring, so each Q/dO tile streamed serves 128 keys instead of 64: twice the matmul work per byte
+  of the ring (the per-kernel profile puts this dK/dV at ~385 TFLOP/s, where the dQ, which shares its
+  K/V tiles between the warpgroups, reaches ~627), and SMEM for stages_dkv 3 (162 KB at head_dim
+  128). Its cost: a half whose keys a query tile does not reach still computes (masked), and
+  block_sparse's strided 64-blocks pull their long lists into the other half (why 64 is the default)."""
 
   block_k_dq: int = 64
   stages_dq: int = 2
   stages_dkv: int = 2
+  dkv_keys: int = 64
 
 
 def mosaic_kernels(spec: AttentionSpec | None = None) -> frozenset[str]:
@@ -148,15 +158,15 @@ def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
 
 
 def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
-            q_offset: int = 0, all_partial: bool = False) -> np.ndarray:
-  """int32[H', n_key_tiles, 2 + width]: per (kv head, 64-key tile) [count, n_full, q tiles...].
+            q_offset: int = 0, all_partial: bool = False, block_k: int = BK_DKV) -> np.ndarray:
+  """int32[H', n_key_tiles, 2 + width]: per (kv head, block_k-key tile) [count, n_full, q tiles...].
 
-  The transposed layout at 64 x 64 over Tp query rows (padded rows are ordinary rows) and S
+  The transposed layout at 64 x block_k over Tp query rows (padded rows are ordinary rows) and S
   keys: the query tiles that visit each key tile, full ones first (ascending), then partial
   ones (ascending); slots past `count` repeat the last listed tile. Key tiles past the
   layout's (keys only at or past S) get count 0. all_partial: no tile counts as full (segment ids).
   """
-  lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, BK_DKV, q_offset)
+  lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, block_k, q_offset)
   tab = full_first_table(lay.q_index, np.zeros_like(lay.q_full) if all_partial else lay.q_full, lay.q_count)
   nk = tab.shape[1]
   if n_key_tiles < nk:
@@ -182,6 +192,15 @@ def unit_pairs(qtab: np.ndarray) -> np.ndarray:
   return out
 
 
+def unit_singles(qtab: np.ndarray) -> np.ndarray:
+  """int32[H', nk, 2, 3]: the dK/dV programs of `dkv_keys` 128, per kv head: (key tile, count, n_full),
+  longest lists first, the same unit for both compute warpgroups (each takes one half of the tile)."""
+  order = np.argsort(-qtab[..., 0], axis=-1, kind="stable")                        # [H', nk]
+  units = np.stack([order, np.take_along_axis(qtab[..., 0], order, -1),
+                    np.take_along_axis(qtab[..., 1], order, -1)], -1).astype(np.int32)
+  return np.repeat(units[:, :, None], 2, axis=2)
+
+
 def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: AttentionSpec, *,
                   S: int, T: int | None = None, q_offset: int = 0, head_dim: int | None = None,
                   tiles: MgpuBwdTiles | None = None, q_segment_ids=None, kv_segment_ids=None,
@@ -205,10 +224,12 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
     raise ValueError(f"mgpu backward needs head_dim 64 or 128, got {D}")
   if tiles.block_k_dq % 64:
     raise ValueError(f"block_k_dq must be a multiple of 64, got {tiles.block_k_dq}")
+  if tiles.dkv_keys not in (BK_DKV, 2 * BK_DKV):
+    raise ValueError(f"dkv_keys must be {BK_DKV} or {2 * BK_DKV}, got {tiles.dkv_keys}")
   if not set(kernels) <= KERNELS:
     raise ValueError(f"kernels must be a subset of {sorted(KERNELS)}, got {sorted(kernels)}")
   Tp = round_up(Tp_in, BLOCK_Q)
-  Sp = round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq))
+  Sp = round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq, tiles.dkv_keys))
   q = pad_axis(q_BTHD, 1, Tp)
   do = pad_axis(do_BTHD.astype(q_BTHD.dtype), 1, Tp)
   lse = lse_BHT.astype(jnp.float32)
@@ -260,7 +281,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
     hl = kv_head if per_head else 0
     # As the forward: list entries [first, count of the table) walked as steps [0, count).
     first = skip_ref[b, hl, qt] if has_seg else 0
-    count, n_full = tab_ref[hl, qt, 0] - first, tab_ref[hl, qt, 1]   # n_full = 0 with segments
+    count, n_full = tab_ref[hl, qt, 0] - first if has_seg else tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
     tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
 
     @pl.when(wg < 2)
@@ -372,9 +393,12 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
   stages = tiles.stages_dkv
   dtype = q.dtype
   has_seg = bool(segments)
-  qtab = q_table(spec, Tp, S, Hkv, Sp // BK_DKV, q_offset, all_partial=has_seg)   # [H', nk, 2 + width]
-  units = unit_pairs(qtab)                                    # [H', P, 2, 3]
+  shared = tiles.dkv_keys == 2 * BK_DKV      # one 128-key tile per program, a half per warpgroup
+  key_tile = tiles.dkv_keys
+  qtab = q_table(spec, Tp, S, Hkv, Sp // key_tile, q_offset, all_partial=has_seg, block_k=key_tile)
+  units = unit_singles(qtab) if shared else unit_pairs(qtab)  # [H', P, 2, 3]
   P = units.shape[1]
+  rings = 1 if shared else 2                  # Q/dO/lse/delta rings: one shared, or one per warpgroup
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
@@ -402,7 +426,10 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
       plgpu.set_max_registers(232, action="increase")
       kt, count, n_full = unit_ref[hp, pair, wg, 0], steps_of(wg), unit_ref[hp, pair, wg, 2]
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
-      keys = pl.ds(jnp.maximum(kt, 0) * BK_DKV, BK_DKV)
+      if shared:   # this warpgroup's half of the program's 128-key tile (never a dummy)
+        keys = pl.ds(kt * key_tile + wg * BK_DKV, BK_DKV)
+      else:
+        keys = pl.ds(jnp.maximum(kt, 0) * BK_DKV, BK_DKV)
 
       @pl.when(kt >= 0)   # CHECK ON GPU: waits under pl.when keep each thread's phase bits
       def _():             # consistent (every barrier of a group is waited once per phase)
@@ -417,7 +444,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
 
       def step(it, carry, masked: bool):
         dk, dv = carry
-        ring = wg * stages + lax.rem(it, jnp.int32(stages))
+        ring = lax.rem(it, jnp.int32(stages)) if shared else wg * stages + lax.rem(it, jnp.int32(stages))
         q_s, do_s = q_smem.at[ring], do_smem.at[ring]
         if masked:
           qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
@@ -434,7 +461,8 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
         if masked:
           k_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 0, layout=plgpu.Layout.WGMMA)
           q_pos = plgpu.broadcasted_iota(jnp.int32, sT.shape, 1, layout=plgpu.Layout.WGMMA)
-          ok = _tile_mask(spec, q_pos + (q_offset + qt * BQ_DKV), k_pos + kt * BK_DKV, kv_head, Hkv, S)
+          ok = _tile_mask(spec, q_pos + (q_offset + qt * BQ_DKV),
+                          k_pos + (kt * key_tile + wg * BK_DKV if shared else kt * BK_DKV), kv_head, Hkv, S)
           if has_seg:
             ok = ok & same_segment(k_seg, q_seg, sT.shape)
           sT = jnp.where(ok, sT, -jnp.inf)
@@ -488,17 +516,17 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
         plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem.at[ring], delta_bar.at[ring])
 
       for i in range(stages):
-        for w in range(2):
+        for w in range(rings):
           pl.when(steps[w] > i)(functools.partial(fetch, w, jnp.int32(i), i))
 
       # One issuer for both rings, in step order; pairs have similar lengths, so neither
       # warpgroup waits long on the other's free slot. CHECK ON GPU: if the profile shows the
       # compute warpgroups starved here, give each ring its own issuing warp (or 3 stages at D 64).
       # CHECK ON GPU: grid=(Hkv, P, B) launches heads fastest (as the forward's grid assumes).
-      @pl.loop(stages, jnp.maximum(jnp.maximum(steps[0], steps[1]), stages))
+      @pl.loop(stages, jnp.maximum(steps[0] if shared else jnp.maximum(steps[0], steps[1]), stages))
       def _(it):
         slot = lax.rem(it, jnp.int32(stages))
-        for w in range(2):
+        for w in range(rings):
           @pl.when(it < steps[w])
           def _():
             plgpu.barrier_wait(free.at[w * stages + slot])
@@ -506,9 +534,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
 
   if has_seg:   # per (batch, kv-head list, 64-key tile): one past the last query tile to visit
     segments = (*segments, segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], segments[1], segments[0],
-                                                  BK_DKV, BQ_DKV, S, T))
+                                                  key_tile, BQ_DKV, S, T))
   tr = _transforms()
-  ring = 2 * stages
+  ring = rings * stages
   out_kv = jax.ShapeDtypeStruct((B, Sp, Hkv, D), dtype)
   dk, dv = plgpu.kernel(
       longgen_flash_bwd_dkv_mgpu,
@@ -526,7 +554,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
           plgpu.Barrier(num_barriers=ring),
           plgpu.Barrier(num_barriers=ring),
           plgpu.Barrier(num_barriers=ring),
-          plgpu.Barrier(num_arrivals=1, num_barriers=ring),        # its warpgroup frees a slot
+          plgpu.Barrier(num_arrivals=2 if shared else 1, num_barriers=ring),   # who reads a slot frees it
       ],
       # Heads fastest, then pairs longest-first: the longest lists of every head start first.
       grid=(Hkv, P, B),
