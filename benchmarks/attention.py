@@ -4,9 +4,10 @@
 
 "ours" is the default path (Mosaic GPU forward on Hopper; the backward LONGGEN_JAX_MGPU_BACKWARD
 picks: by default each kernel where it measured faster, Mosaic GPU or Triton); "ours_triton_fwd" forces the Triton forward (same backward).
-`--mgpu-bwd` adds, per pattern, "ours_mgpu_bwd", "ours_triton_bwd" and "ours_mgpu_dq": the default
-forward with the Mosaic GPU backward (pallas_mgpu_backward), the Triton backward, or the Mosaic dQ
-beside the Triton dK/dV (what the default, auto, picks for sparse patterns) forced while
+`--mgpu-bwd` adds, per pattern, "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq" and "ours_mgpu_bwd128": the
+default forward with the Mosaic GPU backward (pallas_mgpu_backward), the Triton backward, the Mosaic dQ
+beside the Triton dK/dV (what the default, auto, picks for sparse patterns), or the Mosaic backward with
+its opt-in 128-key dK/dV programs (MgpuBwdTiles.dkv_keys), forced while
 tracing, so the backwards and cuDNN are timed in one run on one card whatever the switch says:
 
   PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours_,cudnn
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import datetime
 import json
 import statistics
@@ -78,15 +78,21 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
 
 def make_fns(name: str, spec, tiles=None):
   """(forward, forward+backward) jitted callables of (q, k, v, do)."""
-  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq"):
+  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128"):
     from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
     if name == "ours_triton_fwd":   # the Triton forward instead of Mosaic GPU (same backward)
       tiles = dataclasses.replace(tiles or Tiles(), forward="triton")
     # The backward switch is read while jit traces the custom_vjp backward (in fwd_bwd below):
     # None follows LONGGEN_JAX_MGPU_BACKWARD (the default path), True/False force one backward.
-    forced = {"ours_mgpu_bwd": True, "ours_triton_bwd": False, "ours_mgpu_dq": "dq"}.get(name)
-    switch = functools.partial(pallas_mgpu_backward.forced, forced)
+    forced = {"ours_mgpu_bwd": True, "ours_triton_bwd": False, "ours_mgpu_dq": "dq",
+              "ours_mgpu_bwd128": True}.get(name)
+    bwd_tiles = pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128) if name == "ours_mgpu_bwd128" else None
+
+    @contextlib.contextmanager
+    def switch():
+      with pallas_mgpu_backward.forced(forced), pallas_mgpu_backward.using_tiles(bwd_tiles):
+        yield
     attn = lambda q, k, v: pallas_attention(q, k, v, spec, tiles=tiles)
   elif name == "cudnn_causal":
     switch = contextlib.nullcontext
@@ -122,9 +128,11 @@ def main():
   ap.add_argument("--json", default="")
   ap.add_argument("--sweep", default="", help="JSON list of Tiles kwargs: time ours with each")
   ap.add_argument("--mgpu-bwd", action="store_true",
-                  help="also time ours_mgpu_bwd, ours_triton_bwd and ours_mgpu_dq (each backward forced) per pattern")
+                  help="also time ours_mgpu_bwd, ours_triton_bwd, ours_mgpu_dq and ours_mgpu_bwd128 (each backward "
+                       "forced) per pattern")
   args = ap.parse_args()
-  case_list = CASES + ([(n, s) for n in ("ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq") for s in PATTERNS]
+  case_list = CASES + ([(n, s) for n in ("ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128")
+                        for s in PATTERNS]
                        if args.mgpu_bwd else [])
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B=1 Hq={HQ} D={D} bf16")

@@ -4,7 +4,7 @@
       --seq 131072 [--kv-heads 8] [--backward triton,mosaic,mixed] [--json r.json]
 
 Per spec and backward (benchmarks/attention.py's "ours" with the Triton or the Mosaic GPU backward forced,
-or "mixed": the Mosaic dQ beside the Triton dK/dV),
+"mixed": the Mosaic dQ beside the Triton dK/dV, or "mosaic128": the Mosaic backward with 128-key dK/dV programs),
 traces `--calls` jitted fwd+bwd calls after a warm-up with jax.profiler and sums, per kernel name, the GPU
 time per call (the GPU plane's stream events, benchmarks/profile_overlap.gpu_kernels), largest first, with
 the wall time per call beside it. The kernels' sum against the wall time says whether the time is in the
@@ -28,7 +28,8 @@ from profile_overlap import gpu_kernels  # noqa: E402
 
 from longgen_jax.attention.spec import parse_spec  # noqa: E402
 
-BACKWARDS = {"triton": "ours_triton_bwd", "mosaic": "ours_mgpu_bwd", "mixed": "ours_mgpu_dq"}
+BACKWARDS = {"triton": "ours_triton_bwd", "mosaic": "ours_mgpu_bwd", "mixed": "ours_mgpu_dq",
+             "mosaic128": "ours_mgpu_bwd128"}
 
 
 def kernel_times(fn, args, calls: int) -> tuple[dict[str, float], float]:

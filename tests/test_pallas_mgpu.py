@@ -322,20 +322,21 @@ def _kernel_inputs(out, lse, do, dlse):
   return jnp.where(lse2 == -jnp.inf, jnp.inf, lse2), delta
 
 
-def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64, segments=None):
+def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64, segments=None, dkv_keys=64):
   """float64 numpy walk of the kernels' exact schedule: dQ over `kv_table` (128-row tiles split in
   two 64-row halves, full tiles unmasked), dK/dV over `unit_pairs` x `q_table` with the G heads
   inside (full query tiles unmasked). Wrong tables (a partial tile marked full, a missing tile, a
   key tile not covered) show up as a gradient error. segments: (q ids [B, T], kv ids [B, S]),
   padded and compared as the kernels do (every tile masked), and the lists walked from the kernels'
-  skip tables (dQ from `leading_skips`, dK/dV up to `segment_skip.live_ends`)."""
+  skip tables (dQ from `leading_skips`, dK/dV up to `segment_skip.live_ends`). dkv_keys 128: the dK/dV
+  programs of one 128-key tile, each warpgroup a 64-key half over the tile's one list."""
   q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
   lse2, delta = np.asarray(lse2, np.float64), np.asarray(delta, np.float64)
   B, T, Hq, D = q.shape
   S_in, Hkv = k.shape[1], k.shape[2]
   G = Hq // Hkv
   Tp = -(-T // 128) * 128
-  Sp = -(-max(k.shape[1], S) // max(64, block_k_dq)) * max(64, block_k_dq)
+  Sp = -(-max(k.shape[1], S) // max(64, block_k_dq, dkv_keys)) * max(64, block_k_dq, dkv_keys)
   pad = lambda x, n, ax, val=0.0: np.concatenate(
       [x, np.full(x.shape[:ax] + (n - x.shape[ax],) + x.shape[ax + 1:], val)], ax)
   q, do, lse2, delta = pad(q, Tp, 1), pad(do, Tp, 1), pad(lse2, Tp, 2, np.inf), pad(delta, Tp, 2)
@@ -377,17 +378,19 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
               dq[b, r, h] += ds @ k[b, ks, kvh]
     dq *= scale
     dk, dv = np.full_like(k, np.nan), np.full_like(v, np.nan)       # NaN: a tile nobody wrote
-    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // 64, q_offset, all_partial=has_seg)
-    pairs = mbwd.unit_pairs(qtab)
-    ends = (np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, 64, 64, S, T)) if has_seg else
-            np.broadcast_to(qtab[..., 0], (B,) + qtab.shape[:2]))
+    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // dkv_keys, q_offset, all_partial=has_seg, block_k=dkv_keys)
+    shared = dkv_keys == 128
+    units = mbwd.unit_singles(qtab) if shared else mbwd.unit_pairs(qtab)
+    ends = (np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, dkv_keys, 64, S, T))
+            if has_seg else np.broadcast_to(qtab[..., 0], (B,) + qtab.shape[:2]))
     for b in range(B):
       for kvh in range(Hkv):
         hp = kvh if per_head else 0
-        for kt, count, n_full in pairs[hp].reshape(-1, 3):
+        for wg, (kt, count, n_full) in ((w, u) for program in units[hp] for w, u in enumerate(program)):
           if kt < 0:
             continue
-          ks = slice(kt * 64, kt * 64 + 64)
+          k0 = kt * 128 + wg * 64 if shared else kt * 64
+          ks = slice(k0, k0 + 64)
           dk_t, dv_t = np.zeros((64, D)), np.zeros((64, D))
           assert ends[b, hp, kt] <= count
           for it in range(ends[b, hp, kt] * G):
@@ -396,7 +399,7 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
             r = slice(qt * 64, qt * 64 + 64)
             sT = k[b, ks, kvh] @ q[b, r, h].T
             if j >= n_full:
-              sT = np.where(mask(qt * 64, 64, kt * 64, 64, kvh, b).T, sT, -np.inf)
+              sT = np.where(mask(qt * 64, 64, k0, 64, kvh, b).T, sT, -np.inf)
             pT = np.exp2(sT * c - lse2[b, h, r][None, :])
             dv_t += pT @ do[b, r, h]
             dsT = pT * (v[b, ks, kvh] @ do[b, r, h].T - delta[b, h, r][None, :])
@@ -424,6 +427,35 @@ def test_kernel_schedule_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_o
     dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=bk)
     assert np.isfinite(dk).all() and np.isfinite(dv).all()
     assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+
+
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset", [BWD_EMU_CASES[i] for i in (0, 1, 2, 3, 5)])
+def test_kernel_schedule_of_128_key_programs_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_offset):
+  """dkv_keys=128: one list and one ring per 128-key tile, a 64-key half per warpgroup (edge tiles,
+  offsets, head-dependent strides, GQA), with and without packed documents."""
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=T + S + 2)
+  for segments in (None, _packed_segments(B, T, S, q_offset, seed=S)):
+    out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, q_offset, segments)
+    lse2, delta = _kernel_inputs(out, lse, do, dlse)
+    dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, segments=segments, dkv_keys=128)
+    assert np.isfinite(dk).all() and np.isfinite(dv).all()
+    assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+
+
+def test_unit_singles_and_the_dkv_keys_switch(monkeypatch):
+  qtab = mbwd.q_table(AttentionSpec.full(), 512, 512, 1, 4, block_k=128)
+  units = mbwd.unit_singles(qtab)
+  assert units.shape == (1, 4, 2, 3) and (units[:, :, 0] == units[:, :, 1]).all()
+  assert units[0, :, 0, 0].tolist() == [0, 1, 2, 3] and units[0, :, 0, 1].tolist() == [8, 6, 4, 2]
+  monkeypatch.delenv(mbwd.DKV_KEYS_ENV, raising=False)
+  assert mbwd.default_tiles() == mbwd.MgpuBwdTiles()
+  monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "128")
+  assert mbwd.default_tiles().dkv_keys == 128
+  with mbwd.using_tiles(mbwd.MgpuBwdTiles(stages_dkv=3)):
+    assert mbwd.default_tiles() == mbwd.MgpuBwdTiles(stages_dkv=3)
+  monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "96")
+  with pytest.raises(ValueError, match="64 or 128"):
+    mbwd.default_tiles()
 
 
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset", [BWD_EMU_CASES[0], BWD_EMU_CASES[2], BWD_EMU_CASES[3]])
@@ -484,6 +516,8 @@ LOWER_CASES = [  # spec, Hq, Hkv, D, dtype, T, S, q_offset, tiles
      mbwd.MgpuBwdTiles(block_k_dq=128)),
     (AttentionSpec.block_sparse(64, 4, 8, homo_head=True), 4, 4, 64, jnp.bfloat16, 500, 500, 0,
      mbwd.MgpuBwdTiles(stages_dkv=3)),
+    (AttentionSpec.full(), 8, 2, 128, jnp.bfloat16, 1000, 1000, 0, mbwd.MgpuBwdTiles(dkv_keys=128, stages_dkv=3)),
+    (AttentionSpec.sink_window(64, 200), 4, 4, 128, jnp.float16, 300, 812, 512, mbwd.MgpuBwdTiles(dkv_keys=128)),
 ]
 
 
@@ -547,6 +581,30 @@ def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dt
     assert rel_err(a, b) < 2e-2, name
   again = run(q, k, v, do, lse2, delta)                 # deterministic: bit for bit
   for a, b in zip(got, again):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("segments", [False, True], ids=["", "segments"])
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", [BWD_GPU_CASES[i] for i in (0, 1, 3, 4, 5, 8)])
+def test_mgpu_backward_128_key_programs_match_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype, segments,
+                                                        monkeypatch):
+  """dkv_keys=128 (opt-in): dq/dk/dv vs the float32 vjp, bit-for-bit repeatable; with packed documents
+  (the segment paths switched on) too."""
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D + 2)
+  seg = _packed_segments(B, T, S, q_offset, seed=T) if segments else None
+  out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, q_offset, seg)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  ids = dict(q_segment_ids=seg[0], kv_segment_ids=seg[1]) if segments else {}
+  run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset,
+                                  tiles=mbwd.MgpuBwdTiles(dkv_keys=128), **ids))
+  got = run(q, k, v, do, lse2, delta)
+  for name, a, b in zip("dq dk dv".split(), got, ref):
+    assert np.isfinite(np.asarray(a, np.float32)).all(), name
+    assert rel_err(a, b) < 2e-2, name
+  for a, b in zip(got, run(q, k, v, do, lse2, delta)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

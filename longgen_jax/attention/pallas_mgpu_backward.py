@@ -125,6 +125,31 @@ class MgpuBwdTiles:
   dkv_keys: int = 64
 
 
+DKV_KEYS_ENV = "LONGGEN_JAX_MGPU_DKV_KEYS"
+_TILES: list[MgpuBwdTiles | None] = [None]
+
+
+def default_tiles() -> MgpuBwdTiles:
+  """The tiles `mgpu_backward` uses when given none, read at trace time: the `using_tiles` override,
+  else MgpuBwdTiles() with dkv_keys from LONGGEN_JAX_MGPU_DKV_KEYS (64 by default, 128 opt-in)."""
+  if _TILES[0] is not None:
+    return _TILES[0]
+  keys = env_value(DKV_KEYS_ENV, str(BK_DKV))
+  if keys not in (str(BK_DKV), str(2 * BK_DKV)):
+    raise ValueError(f"{DKV_KEYS_ENV} must be {BK_DKV} or {2 * BK_DKV}, got {keys!r}")
+  return MgpuBwdTiles(dkv_keys=int(keys))
+
+
+@contextlib.contextmanager
+def using_tiles(tiles: MgpuBwdTiles | None):
+  """Overrides `default_tiles` while tracing inside this block (None: no override)."""
+  old, _TILES[0] = _TILES[0], tiles
+  try:
+    yield
+  finally:
+    _TILES[0] = old
+
+
 def mosaic_kernels(spec: AttentionSpec | None = None) -> frozenset[str]:
   """Which backward kernels (of `KERNELS`: "dq", "dkv") `pallas_gpu` should run here for a call with
   pattern `spec` (where `supported`); the others stay Triton. The `forced` override, else the
@@ -215,7 +240,7 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   [B, Tp] / [B, Sp], opt-in like the forward's): every tile is masked, the mask also compares ids
   (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
   """
-  tiles = tiles or MgpuBwdTiles()
+  tiles = tiles or default_tiles()
   B, Tp_in, Hq, D = q_BTHD.shape
   Sp_in, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
   if Hq % Hkv:
