@@ -13,8 +13,11 @@ from (`init_from`): identical initial weights across variants, since the pattern
 
 from longgen_jax.training import default_config
 
-MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers=12, num_heads=8,
-             num_kv_heads=4, head_dim=64, max_seq_len=8192, rope_theta=10000.0)
+# head_dim 128 (4 heads, 2 KV heads: the same parameter count as 8 x 64): the head size of Llama-2-7B and
+# the one the Hopper Mosaic GPU kernels serve (head_dim 64 falls back to the Triton forward); the GPU
+# pilots of 2026-11-27 ran 8 heads of 64.
+MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers=12, num_heads=4,
+             num_kv_heads=2, head_dim=128, max_seq_len=8192, rope_theta=10000.0)
 SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64,4,64)"}
 # evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len; RoPE base from the checkpoint)
 EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
