@@ -2,6 +2,7 @@
 CUDA there); the kernels on a Hopper GPU."""
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -336,7 +337,7 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
   S_in, Hkv = k.shape[1], k.shape[2]
   G = Hq // Hkv
   Tp = -(-T // 128) * 128
-  Sp = -(-max(k.shape[1], S) // max(64, block_k_dq, dkv_keys)) * max(64, block_k_dq, dkv_keys)
+  Sp = -(-max(k.shape[1], S) // math.lcm(64, block_k_dq, dkv_keys)) * math.lcm(64, block_k_dq, dkv_keys)
   pad = lambda x, n, ax, val=0.0: np.concatenate(
       [x, np.full(x.shape[:ax] + (n - x.shape[ax],) + x.shape[ax + 1:], val)], ax)
   q, do, lse2, delta = pad(q, Tp, 1), pad(do, Tp, 1), pad(lse2, Tp, 2, np.inf), pad(delta, Tp, 2)
@@ -440,6 +441,24 @@ def test_kernel_schedule_of_128_key_programs_matches_reference_on_cpu(spec, B, T
     dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, segments=segments, dkv_keys=128)
     assert np.isfinite(dk).all() and np.isfinite(dv).all()
     assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+
+
+def test_128_key_programs_with_an_odd_multiple_dq_tile_on_cpu():
+  """block_k_dq 192 beside 128-key dK/dV programs: keys pad to a common multiple (384), not the larger."""
+  spec, T = AttentionSpec.full(), 570
+  q, k, v, do, dlse = attention_grad_inputs(1, T, T, 2, 1, 64, jnp.float32, seed=7)
+  out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, 0)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, T, 0, block_k_dq=192, dkv_keys=128)
+  assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+  sd = jax.ShapeDtypeStruct
+  args = (sd((1, T, 2, 64), jnp.bfloat16),) + (sd((1, T, 1, 64), jnp.bfloat16),) * 2 + (
+      sd((1, T, 2, 64), jnp.bfloat16), sd((1, 2, T), jnp.float32), sd((1, 2, T), jnp.float32))
+  f = functools.partial(mbwd.mgpu_backward, spec=spec, S=T, tiles=mbwd.MgpuBwdTiles(block_k_dq=192, dkv_keys=128))
+  try:
+    jax.jit(lambda *a: f(*a)).trace(*args).lower(lowering_platforms=("cuda",))
+  except ImportError as e:
+    pytest.skip(f"Mosaic GPU lowering unavailable: {e}")
 
 
 def test_unit_singles_and_the_dkv_keys_switch(monkeypatch):

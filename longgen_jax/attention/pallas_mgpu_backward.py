@@ -254,7 +254,7 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   if not set(kernels) <= KERNELS:
     raise ValueError(f"kernels must be a subset of {sorted(KERNELS)}, got {sorted(kernels)}")
   Tp = round_up(Tp_in, BLOCK_Q)
-  Sp = round_up(max(Sp_in, S), max(BK_DKV, tiles.block_k_dq, tiles.dkv_keys))
+  Sp = round_up(max(Sp_in, S), math.lcm(BK_DKV, tiles.block_k_dq, tiles.dkv_keys))   # every kernel's key tile
   q = pad_axis(q_BTHD, 1, Tp)
   do = pad_axis(do_BTHD.astype(q_BTHD.dtype), 1, Tp)
   lse = lse_BHT.astype(jnp.float32)
@@ -557,7 +557,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
             plgpu.barrier_wait(free.at[w * stages + slot])
             fetch(w, it, slot)
 
-  if has_seg:   # per (batch, kv-head list, 64-key tile): one past the last query tile to visit
+  if has_seg:   # per (batch, kv-head list, key tile of the program): one past the last query tile to visit
     segments = (*segments, segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], segments[1], segments[0],
                                                   key_tile, BQ_DKV, S, T))
   tr = _transforms()
