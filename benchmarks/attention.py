@@ -3,7 +3,8 @@
   PYTHONPATH=. python benchmarks/attention.py [--seqs 8192,32768,131072] [--kv-heads 32,8]
 
 "ours" is the default path (Mosaic GPU forward on Hopper; the backward LONGGEN_JAX_MGPU_BACKWARD
-picks: by default each kernel where it measured faster, Mosaic GPU or Triton); "ours_triton_fwd" forces the Triton forward (same backward).
+picks: by default each kernel where it measured faster, Mosaic GPU or Triton); "ours_triton_fwd"
+forces the Triton forward (same backward).
 `--mgpu-bwd` adds, per pattern, "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq" and "ours_mgpu_bwd128": the
 default forward with the Mosaic GPU backward (pallas_mgpu_backward), the Triton backward, the Mosaic dQ
 beside the Triton dK/dV (what the default, auto, picks for sparse patterns), or the Mosaic backward with

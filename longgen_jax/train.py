@@ -14,7 +14,7 @@ def main(argv):
   import jax
   from absl import flags, logging
 
-  from longgen_jax.parallel.runtime import allow_offload_host_memory, initialize
+  from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, allow_offload_host_memory, initialize
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
@@ -22,7 +22,7 @@ def main(argv):
   host_gib = allow_offload_host_memory(flags.FLAGS.config.model.remat)  # read when the GPU backend starts
   if host_gib is not None:
     print(f"[train] remat='offload': pinned host memory up to {host_gib} GiB per GPU "
-          f"(XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB; set it to choose)", file=sys.stderr)
+          f"({HOST_MEMORY_ENV}; set it to choose)", file=sys.stderr)
   launch = initialize(cluster=flags.FLAGS.distributed)  # before anything touches a device
   if launch.kind != "single" and jax.process_index() == 0:
     print(f"[train] {launch.kind} launch: {jax.process_count()} processes, {jax.device_count()} devices",

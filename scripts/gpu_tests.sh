@@ -35,7 +35,7 @@ run() {  # name, env, test files...
   grep -E "(FAILED|ERROR) tests/" "$out/$name.log" | sed 's/^/[gpu_tests]   /' | sort -u
   [[ $rc -ne 0 ]] && status=$rc
 }
-# The two opt-in paths get a pass each, so that one's failure does not hold back the other's default.
+# A pass per backward setting and one for the opt-in segment paths, so one's failure holds back no other.
 passes=" ${PASSES:-default triton mgpu_backward mgpu_segments} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
 [[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py

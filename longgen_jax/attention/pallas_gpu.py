@@ -14,7 +14,8 @@ Packed documents (segment ids): the lists are static, the ids are data, so each 
 per list how many tiles at its ends belong to other documents only, and the three kernels start
 (forward, dQ) or stop (dK/dV) past them: a full layer over N packed documents does ~1/N of the
 causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' opt-in segment paths skip the
-same way, written without a GPU: CHECK ON GPU). CPU-tested bit for bit against no skipping; GPU timing: benchmarks/packed_attention.py.
+same way, written without a GPU: CHECK ON GPU). CPU-tested bit for bit against no skipping; GPU
+timing: benchmarks/packed_attention.py.
 
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
 

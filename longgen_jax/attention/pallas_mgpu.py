@@ -138,6 +138,15 @@ def leading_skips(table, qseg, kseg, block_k: int, T: int | None = None, S: int 
   return segment_skip.leading_foreign(table[..., 2:], table[..., 0], qseg, kseg, BLOCK_Q, block_k, T, S)
 
 
+def list_walk(tab_ref, skip_ref, b, hl, qt):
+  """(count, n_full, tile_of) of the key-tile list of query tile qt in a `kv_table` ref: the steps
+  [0, count) walk the list entries [first, the table's count), first = the leading tiles of other
+  documents (`leading_skips`, the skip_ref of a call with segment ids; none skipped without)."""
+  first = skip_ref[b, hl, qt] if skip_ref is not None else 0
+  count = tab_ref[hl, qt, 0] - first if skip_ref is not None else tab_ref[hl, qt, 0]
+  return count, tab_ref[hl, qt, 1], lambda j: tab_ref[hl, qt, 2 + first + j]
+
+
 def load_ids(ids_ref, reduce_axis: int):
   """A 1-D int32 GMEM slice of segment ids as a vector of a WGMMA tile: along its rows (reduce_axis=1)
   or its columns (reduce_axis=0)."""
@@ -182,9 +191,9 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   """out [B,Tp,Hq,D] and base-2 lse [B,Hq,Tp] for arrays padded past the true T, S.
 
   T, S: true lengths (keys at or past S are masked; rows past T are computed as ordinary
-  rows and come out finite, except that with segment ids they may skip tiles real rows need); Tp is the input's length, rounded up here to 128 if needed (the
-  extra rows are sliced off again). `head_dim`: the true head_dim (softmax scale) if the
-  arrays are zero-padded past it. Segment ids: int32 [B, Tp] / [B, Sp] as `pallas_gpu` pads them
+  rows and come out finite, except that with segment ids they may skip tiles real rows need); Tp
+  is the input's length, rounded up here to 128 if needed (the extra rows are sliced off again).
+  `head_dim`: the true head_dim (softmax scale) if the arrays are zero-padded past it. Segment ids: int32 [B, Tp] / [B, Sp] as `pallas_gpu` pads them
   (-1 / -2 past the true lengths: padding rows then see no key, lse -inf, as in the Triton forward).
   """
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
@@ -214,10 +223,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    # The list entries [first, count of the table) are walked as steps [0, count).
-    first = skip_ref[b, hl, qt] if has_seg else 0
-    count, n_full = tab_ref[hl, qt, 0] - first if has_seg else tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
-    tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
+    count, n_full, tile_of = list_walk(tab_ref, skip_ref, b, hl, qt)   # n_full = 0 with segments
 
     def schedule():
       plgpu.barrier_arrive(sched)

@@ -67,11 +67,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention import segment_skip
+from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
-                                               full_first_table, is_hopper, kv_table, leading_skips, load_ids,
-                                               same_segment, segments_enabled, split_segment_refs,
+                                               full_first_table, is_hopper, kv_table, leading_skips, list_walk,
+                                               load_ids, same_segment, segments_enabled, split_segment_refs,
                                                stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
@@ -235,8 +235,9 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
 
   lse_BHT: base-2 lse of the forward (+inf or -inf on rows without an allowed key); delta_BHT:
   rowsum(dO * out) - log2(e) * dlse (both float32 [B, Hq, Tp]). Rows past the true query
-  length T (default: all rows are real) must have zero dO and delta (then they contribute nothing). Lengths are padded here
-  to what the kernels tile (128 query rows, 64/128 keys) and sliced back. Segment ids (int32
+  length T (default: all rows are real) must have zero dO and delta (then they contribute
+  nothing). Lengths are padded here to what the kernels tile (128 query rows, 64/128 keys) and
+  sliced back. Segment ids (int32
   [B, Tp] / [B, Sp], opt-in like the forward's): every tile is masked, the mask also compares ids
   (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
   """
@@ -304,10 +305,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    # As the forward: list entries [first, count of the table) walked as steps [0, count).
-    first = skip_ref[b, hl, qt] if has_seg else 0
-    count, n_full = tab_ref[hl, qt, 0] - first if has_seg else tab_ref[hl, qt, 0], tab_ref[hl, qt, 1]
-    tile_of = lambda j: tab_ref[hl, qt, 2 + first + j]
+    count, n_full, tile_of = list_walk(tab_ref, skip_ref, b, hl, qt)   # as the forward's
 
     @pl.when(wg < 2)
     def _compute():

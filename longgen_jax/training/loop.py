@@ -22,7 +22,7 @@ import numpy as np
 
 from longgen_jax.model.config import ModelConfig
 from longgen_jax.parallel import mesh as sharding
-from longgen_jax.parallel.runtime import enable_compile_cache
+from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, enable_compile_cache
 from longgen_jax.parallel.layout import padded_length, to_context_layout
 from longgen_jax.training.config import build_model_config, changed_settings, context_strategy, validate_config
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
@@ -252,8 +252,8 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
       if "Out of host memory" in first:
         raise OutOfDeviceMemory(
             f"out of pinned host memory for the offloaded activations ({first.strip()}); raise "
-            f"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB (now {os.environ.get('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', '64 (XLA default)')} "
-            f"GiB per GPU) if the host has the memory, else use config.model.remat='full' with more devices in "
+            f"{HOST_MEMORY_ENV} (now {os.environ.get(HOST_MEMORY_ENV, '64 (XLA default)')} GiB per GPU) if the "
+            f"host has the memory, else use config.model.remat='full' with more devices in "
             f"config.mesh.context (now {c.mesh.context}) or a shorter config.seq_len={c.seq_len}") from None
       raise OutOfDeviceMemory(
           f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
