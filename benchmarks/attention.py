@@ -6,10 +6,10 @@
 picks: by default each kernel where it measured faster, Mosaic GPU or Triton); "ours_triton_fwd"
 forces the Triton forward (same backward).
 `--mgpu-bwd` adds, per pattern, "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq" and "ours_mgpu_bwd128": the
-default forward with the Mosaic GPU backward (pallas_mgpu_backward), the Triton backward, the Mosaic dQ
-beside the Triton dK/dV (what the default, auto, picks for sparse patterns), or the Mosaic backward with
-its opt-in 128-key dK/dV programs (MgpuBwdTiles.dkv_keys), forced while
-tracing, so the backwards and cuDNN are timed in one run on one card whatever the switch says:
+default forward with the Mosaic GPU backward (pallas_mgpu_backward) with 64-key dK/dV programs, the Triton
+backward, the Mosaic dQ beside the Triton dK/dV (what the default, auto, picks for sparse patterns), or
+the Mosaic backward with 128-key dK/dV programs (MgpuBwdTiles.dkv_keys; what auto picks for full), forced
+while tracing, so the backwards and cuDNN are timed in one run on one card whatever the switch says:
 
   PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours_,cudnn
 
@@ -88,7 +88,8 @@ def make_fns(name: str, spec, tiles=None):
     # None follows LONGGEN_JAX_MGPU_BACKWARD (the default path), True/False force one backward.
     forced = {"ours_mgpu_bwd": True, "ours_triton_bwd": False, "ours_mgpu_dq": "dq",
               "ours_mgpu_bwd128": True}.get(name)
-    bwd_tiles = pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128) if name == "ours_mgpu_bwd128" else None
+    bwd_tiles = {"ours_mgpu_bwd": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=64),
+                 "ours_mgpu_bwd128": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128)}.get(name)
 
     @contextlib.contextmanager
     def switch():

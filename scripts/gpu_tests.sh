@@ -2,8 +2,8 @@
 # The GPU-only tests (they skip on CPU), as the device sessions run them: every GPU test file with the
 # default kernels (the backward's per-kernel Mosaic/Triton choice, LONGGEN_JAX_MGPU_BACKWARD unset =
 # auto), then the Pallas ones again with the Triton backward alone (=0, the Ampere path), with both
-# Mosaic backward kernels (=1), and the segment-id tests with the opt-in Mosaic segment paths
-# (LONGGEN_JAX_MGPU_SEGMENTS=1; off by default until that pass has been green on the device).
+# Mosaic backward kernels (=1), and the segment-id tests with the Mosaic segment paths on for every
+# pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default only full layers take them: pallas_mgpu.SEGMENT_KINDS).
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
 #   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default: all four)
@@ -35,7 +35,7 @@ run() {  # name, env, test files...
   grep -E "(FAILED|ERROR) tests/" "$out/$name.log" | sed 's/^/[gpu_tests]   /' | sort -u
   [[ $rc -ne 0 ]] && status=$rc
 }
-# A pass per backward setting and one for the opt-in segment paths, so one's failure holds back no other.
+# A pass per backward setting and one for the Mosaic segment paths on every pattern, so one's failure holds back no other.
 passes=" ${PASSES:-default triton mgpu_backward mgpu_segments} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
 [[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py

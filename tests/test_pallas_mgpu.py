@@ -62,9 +62,17 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, False) == on
   assert not pallas_mgpu.supported(jnp.float32, 128, False)
   assert not pallas_mgpu.supported(jnp.bfloat16, 64, False)
-  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)   # segment ids: opt-in until GPU-tested
+  # segment ids: by default the measured kinds (full), all with 1, none with 0
+  full, sparse = AttentionSpec.full(), AttentionSpec.sink_window(64, 1984)
+  assert pallas_mgpu.SEGMENT_KINDS == {"full"}
+  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)          # no pattern given: not measured
+  assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) == on
+  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=sparse)
+  assert pallas_mgpu.supported(jnp.bfloat16, 128, False, spec=sparse) == on
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
-  assert pallas_mgpu.supported(jnp.bfloat16, 128, True) == on
+  assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=sparse) == on
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "0")
+  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full)
 
 
 def test_segment_table_marks_no_tile_full():
@@ -274,9 +282,11 @@ def test_backward_supported(monkeypatch):
   assert not mbwd.supported(jnp.float32, 128, False)
   assert not mbwd.supported(jnp.bfloat16, 96, False)
   assert not mbwd.supported(jnp.bfloat16, 256, False)
-  assert not mbwd.supported(jnp.bfloat16, 128, True)     # segment ids: the Triton backward, unless opted in
+  # segment ids: where the Mosaic forward takes them (full by default), else the Triton backward
+  assert mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.full()) == on
+  assert not mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.block_sparse(64, 16, 64))
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
-  assert mbwd.supported(jnp.bfloat16, 128, True) == on
+  assert mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.block_sparse(64, 16, 64)) == on
 
 
 def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
@@ -466,14 +476,19 @@ def test_unit_singles_and_the_dkv_keys_switch(monkeypatch):
   units = mbwd.unit_singles(qtab)
   assert units.shape == (1, 4, 2, 3) and (units[:, :, 0] == units[:, :, 1]).all()
   assert units[0, :, 0, 0].tolist() == [0, 1, 2, 3] and units[0, :, 0, 1].tolist() == [8, 6, 4, 2]
-  monkeypatch.delenv(mbwd.DKV_KEYS_ENV, raising=False)
+  monkeypatch.delenv(mbwd.DKV_KEYS_ENV, raising=False)   # auto: per pattern kind, measured
   assert mbwd.default_tiles() == mbwd.MgpuBwdTiles()
+  assert mbwd.default_tiles(AttentionSpec.full()).dkv_keys == 128
+  assert mbwd.default_tiles(AttentionSpec.sink_window(64, 1984)).dkv_keys == 64
+  assert mbwd.default_tiles(AttentionSpec.block_sparse(64, 16, 64)).dkv_keys == 64
+  monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "64")
+  assert mbwd.default_tiles(AttentionSpec.full()).dkv_keys == 64
   monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "128")
   assert mbwd.default_tiles().dkv_keys == 128
   with mbwd.using_tiles(mbwd.MgpuBwdTiles(stages_dkv=3)):
     assert mbwd.default_tiles() == mbwd.MgpuBwdTiles(stages_dkv=3)
   monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "96")
-  with pytest.raises(ValueError, match="64 or 128"):
+  with pytest.raises(ValueError, match="auto, 64 or 128"):
     mbwd.default_tiles()
 
 
@@ -588,11 +603,13 @@ BWD_GPU_CASES = [  # spec, B, T, S, Hq, Hkv, D, q_offset, dtype
 @hopper_only
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", BWD_GPU_CASES)
 def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype):
-  """The kernels alone, fed the reference's out and lse: dq/dk/dv vs the float32 vjp (with dlse)."""
+  """The kernels alone, fed the reference's out and lse: dq/dk/dv vs the float32 vjp (with dlse);
+  64-key dK/dV programs on every pattern (128: the test below)."""
   q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D)
   out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, q_offset)
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
-  run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset))
+  run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset,
+                                  tiles=mbwd.MgpuBwdTiles(dkv_keys=64)))
   got = run(q, k, v, do, lse2, delta)
   for name, a, b in zip("dq dk dv".split(), got, ref):
     assert a.dtype == dtype and a.shape == b.shape
@@ -609,7 +626,7 @@ def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dt
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", [BWD_GPU_CASES[i] for i in (0, 1, 3, 4, 5, 8)])
 def test_mgpu_backward_128_key_programs_match_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype, segments,
                                                         monkeypatch):
-  """dkv_keys=128 (opt-in): dq/dk/dv vs the float32 vjp, bit-for-bit repeatable; with packed documents
+  """dkv_keys=128 (the full pattern's default): dq/dk/dv vs the float32 vjp, bit-for-bit repeatable; with packed documents
   (the segment paths switched on) too."""
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
   q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D + 2)

@@ -13,23 +13,24 @@ log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 Packed documents (segment ids): the lists are static, the ids are data, so each call also computes
 per list how many tiles at its ends belong to other documents only, and the three kernels start
 (forward, dQ) or stop (dK/dV) past them: a full layer over N packed documents does ~1/N of the
-causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' opt-in segment paths skip the
-same way, written without a GPU: CHECK ON GPU). CPU-tested bit for bit against no skipping; GPU
-timing: benchmarks/packed_attention.py.
+causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' segment paths skip the
+same way). CPU-tested bit for bit against no skipping, GPU-tested against the reference; GPU timing:
+benchmarks/packed_attention.py.
 
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.
 
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
 kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen
-because it is faster for every pattern (figures in BENCHMARKS.md); with segment ids too where
-`LONGGEN_JAX_MGPU_SEGMENTS=1` (opt-in until its GPU tests pass). The backward below consumes
+because it is faster for every pattern (figures in BENCHMARKS.md); with segment ids too on the
+patterns where that measured faster (`pallas_mgpu.SEGMENT_KINDS`: full; `LONGGEN_JAX_MGPU_SEGMENTS=1`
+every pattern, 0 none). The backward below consumes
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 
 Backward on Hopper: by default (`LONGGEN_JAX_MGPU_BACKWARD` unset or auto, read at trace time) the
 kernels that measured faster than this module's run on Mosaic GPU (`pallas_mgpu_backward`; full: dQ
 and dK/dV; sink_window and block_sparse: dQ, beside this module's dK/dV), for bf16/fp16 and head_dim
-64/128 (segment ids with `LONGGEN_JAX_MGPU_SEGMENTS=1`); `=1` both kernels, `=0` the Triton backward
+64/128 (segment ids where the Mosaic forward takes them); `=1` both kernels, `=0` the Triton backward
 below everywhere (as on Ampere, and in interpret mode on a CPU).
 """
 
@@ -221,7 +222,7 @@ def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
   """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows)."""
   if cfg.tiles.forward == "auto" and not cfg.interpret and cfg.head_dim == q.shape[-1]:
     from longgen_jax.attention import pallas_mgpu
-    if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg):
+    if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg, spec=cfg.spec):
       return pallas_mgpu.mgpu_forward(q, k, v, cfg.spec, T=cfg.T, S=cfg.S, q_offset=cfg.q_offset,
                                       head_dim=cfg.head_dim, q_segment_ids=qseg, kv_segment_ids=kseg)
   B, Tp, Hq, D = q.shape
@@ -505,7 +506,7 @@ def _mgpu_backward(cfg: _Cfg, q) -> frozenset[str]:
   if cfg.interpret or cfg.head_dim != q.shape[-1]:
     return frozenset()
   from longgen_jax.attention import pallas_mgpu_backward
-  if not pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg):
+  if not pallas_mgpu_backward.supported(q.dtype, q.shape[-1], cfg.has_seg, spec=cfg.spec):
     return frozenset()
   return pallas_mgpu_backward.mosaic_kernels(cfg.spec)
 

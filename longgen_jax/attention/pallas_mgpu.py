@@ -22,14 +22,15 @@ residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (
 host-side logic (`kv_table`, `supported`) is tested there, the lowering for CUDA too, the kernel
 on the GPU.
 
-Segment ids (packed documents), opt-in until the GPU tests pass on them (`LONGGEN_JAX_MGPU_SEGMENTS=1`,
-read when the forward is traced): segments are run-time data, so no tile can be known full on the
+Segment ids (packed documents), by default on the pattern kinds where they measured faster than the
+Triton kernels (`SEGMENT_KINDS`: full), on every kind with `LONGGEN_JAX_MGPU_SEGMENTS=1`, none with 0
+(read when the forward is traced): segments are run-time data, so no tile can be known full on the
 host: every listed tile goes through the masked loop, whose mask also compares the row's segment id
 (loaded once per warpgroup) with each key's (loaded from GMEM per tile, before the tile's QK^T so the
 load overlaps it). The leading key tiles that share no document with the query tile are skipped
 (`segment_skip.leading_foreign`, computed from the ids before the call: `first`): both the compute
-and the memory warpgroups walk the list from there. Its GPU tests passed without the skipping
-(H200, 2026-11-27); the skipping is written without a GPU (CHECK ON GPU: the mgpu_segments pass).
+and the memory warpgroups walk the list from there. GPU tests with the skipping: the mgpu_segments
+pass, 30 passed (H200, 2026-11-27, every pattern kind).
 """
 
 from __future__ import annotations
@@ -84,15 +85,28 @@ def env_switch(name: str, default: str = "0") -> bool:
   return env_value(name, default) in ("1", "true", "yes", "on")
 
 
-def segments_enabled() -> bool:
-  """Whether calls with segment ids may use this kernel (opt-in: see the module docstring)."""
+# Pattern kinds whose calls WITH segment ids (packed documents) the Mosaic kernels (this forward and
+# pallas_mgpu_backward) serve by default: where they measured faster than the Triton kernels with
+# segments. full: fwd+bwd at 128K with 1 / 4 / 16 documents per row 1297 / 329 / 84.8 ms vs Triton
+# 1379 / 347 / 89.3 (one H200, JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16,
+# benchmarks/packed_attention.py; BENCHMARKS.md "Packed documents"). The sparse kinds pass the same GPU
+# tests (the mgpu_segments pass) but are not timed with segments yet: Triton until they are.
+SEGMENT_KINDS = frozenset({"full"})
+
+
+def segments_enabled(spec: AttentionSpec | None = None) -> bool:
+  """Whether calls with segment ids and pattern `spec` may use the Mosaic kernels:
+  LONGGEN_JAX_MGPU_SEGMENTS = auto or unset (the measured kinds, `SEGMENT_KINDS`), 1 (every pattern),
+  0 (none: the Triton kernels take every packed call)."""
+  if env_value(SEGMENTS_ENV, "auto") == "auto":
+    return spec is not None and spec.kind in SEGMENT_KINDS
   return env_switch(SEGMENTS_ENV)
 
 
-def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
-  """Whether this kernel serves the call (else the Triton forward does)."""
+def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: AttentionSpec | None = None) -> bool:
+  """Whether this kernel serves the call with pattern `spec` (else the Triton forward does)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and head_dim == 128 and (not has_segments or segments_enabled()) and is_hopper(device))
+          and head_dim == 128 and (not has_segments or segments_enabled(spec)) and is_hopper(device))
 
 
 def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,

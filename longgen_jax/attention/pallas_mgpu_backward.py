@@ -50,8 +50,8 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
-Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids where `LONGGEN_JAX_MGPU_SEGMENTS=1`
-(`supported()`; written without a GPU, lowered on CPU, GPU tests pending).
+Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids where the Mosaic forward takes them
+(`supported()`; the mgpu_segments GPU pass, 30 passed, H200, 2026-11-27).
 """
 
 from __future__ import annotations
@@ -110,14 +110,13 @@ class MgpuBwdTiles:
   block_k_dq 64 keeps S, dP, dS and the dQ accumulator within the 232 registers of a compute
   warpgroup; 128 lowers too (CHECK ON GPU: spills).
 
-  dkv_keys: keys per dK/dV program. 64 (the default, GPU-tested): two independent 64-key tiles, one
-  per compute warpgroup, each with its own query-tile list and Q/dO ring. 128 (written without a GPU,
-  opt-in until timed): one 128-key tile whose halves the two warpgroups take, walking ONE list with
-  ONE ring, so each Q/dO tile streamed serves 128 keys instead of 64: twice the matmul work per byte
-  of the ring (the per-kernel profile puts this dK/dV at ~385 TFLOP/s, where the dQ, which shares its
-  K/V tiles between the warpgroups, reaches ~627), and SMEM for stages_dkv 3 (162 KB at head_dim
+  dkv_keys: keys per dK/dV program. 64: two independent 64-key tiles, one per compute warpgroup,
+  each with its own query-tile list and Q/dO ring. 128: one 128-key tile whose halves the two
+  warpgroups take, walking ONE list with ONE ring, so each Q/dO tile streamed serves 128 keys instead
+  of 64: twice the matmul work per byte of the ring, and SMEM for stages_dkv 3 (162 KB at head_dim
   128). Its cost: a half whose keys a query tile does not reach still computes (masked), and
-  block_sparse's strided 64-blocks pull their long lists into the other half (why 64 is the default)."""
+  block_sparse's strided 64-blocks pull their long lists into the other half. Both GPU-tested; which
+  is faster depends on the pattern (`DKV_KEYS_BY_KIND`, what `default_tiles` picks)."""
 
   block_k_dq: int = 64
   stages_dq: int = 2
@@ -126,17 +125,27 @@ class MgpuBwdTiles:
 
 
 DKV_KEYS_ENV = "LONGGEN_JAX_MGPU_DKV_KEYS"
+# Keys per dK/dV program by pattern kind, where 128 measured faster than 64 (others: 64). Mosaic dQ +
+# dK/dV fwd+bwd ms with 128 / 64 keys at 32K and 128K, one H200, JAX 0.11.2, 2026-11-27, B 1, 32 query /
+# 8 kv heads, head_dim 128, bf16 (benchmarks/attention.py --mgpu-bwd; BENCHMARKS.md): full 60.66 / 976.1
+# (64: 128K 1004.5; cuDNN causal 56.07 / 908.6). The sparse kinds lose with 128: sink_window 11.78 /
+# 50.23 vs 43.53, block_sparse 9.85 / 58.27 vs 44.36 at 128K (a half whose queries do not reach its keys
+# still computes; the strided blocks' long lists), so they keep 64 (and `auto` runs the Triton dK/dV there).
+DKV_KEYS_BY_KIND = {"full": 2 * BK_DKV}
 _TILES: list[MgpuBwdTiles | None] = [None]
 
 
-def default_tiles() -> MgpuBwdTiles:
-  """The tiles `mgpu_backward` uses when given none, read at trace time: the `using_tiles` override,
-  else MgpuBwdTiles() with dkv_keys from LONGGEN_JAX_MGPU_DKV_KEYS (64 by default, 128 opt-in)."""
+def default_tiles(spec: AttentionSpec | None = None) -> MgpuBwdTiles:
+  """The tiles `mgpu_backward` uses for pattern `spec` when given none, read at trace time: the
+  `using_tiles` override, else MgpuBwdTiles() with dkv_keys from LONGGEN_JAX_MGPU_DKV_KEYS = auto or
+  unset (per pattern kind, `DKV_KEYS_BY_KIND`), 64 or 128."""
   if _TILES[0] is not None:
     return _TILES[0]
-  keys = env_value(DKV_KEYS_ENV, str(BK_DKV))
+  keys = env_value(DKV_KEYS_ENV, "auto")
+  if keys == "auto":
+    return MgpuBwdTiles(dkv_keys=DKV_KEYS_BY_KIND.get(spec.kind if spec is not None else "", BK_DKV))
   if keys not in (str(BK_DKV), str(2 * BK_DKV)):
-    raise ValueError(f"{DKV_KEYS_ENV} must be {BK_DKV} or {2 * BK_DKV}, got {keys!r}")
+    raise ValueError(f"{DKV_KEYS_ENV} must be auto, {BK_DKV} or {2 * BK_DKV}, got {keys!r}")
   return MgpuBwdTiles(dkv_keys=int(keys))
 
 
@@ -175,11 +184,11 @@ def forced(on: bool | str | None):
     _FORCED[0] = old
 
 
-def supported(dtype, head_dim: int, has_segments: bool, device=None) -> bool:
-  """Whether this backward serves the call (else the Triton backward does). Segment ids only where
-  `LONGGEN_JAX_MGPU_SEGMENTS=1` (opt-in, as for the Mosaic forward: `pallas_mgpu.segments_enabled`)."""
+def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: AttentionSpec | None = None) -> bool:
+  """Whether this backward serves the call with pattern `spec` (else the Triton backward does). Segment
+  ids where the Mosaic forward takes them too (`pallas_mgpu.segments_enabled`: by default full only)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-          and head_dim in (64, 128) and (not has_segments or segments_enabled()) and is_hopper(device))
+          and head_dim in (64, 128) and (not has_segments or segments_enabled(spec)) and is_hopper(device))
 
 
 def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
@@ -238,10 +247,10 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   length T (default: all rows are real) must have zero dO and delta (then they contribute
   nothing). Lengths are padded here to what the kernels tile (128 query rows, 64/128 keys) and
   sliced back. Segment ids (int32
-  [B, Tp] / [B, Sp], opt-in like the forward's): every tile is masked, the mask also compares ids
+  [B, Tp] / [B, Sp], where the forward's are: `supported`): every tile is masked, the mask also compares ids
   (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
   """
-  tiles = tiles or default_tiles()
+  tiles = tiles or default_tiles(spec)
   B, Tp_in, Hq, D = q_BTHD.shape
   Sp_in, Hkv = k_BSKD.shape[1], k_BSKD.shape[2]
   if Hq % Hkv:

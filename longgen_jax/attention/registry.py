@@ -23,7 +23,8 @@ Names users pass (training config, `attention(impl=...)`, prefill, evaluation, b
 Why "auto" prefers our kernel over cuDNN for full layers on a GPU (one H200, JAX 0.11.2, 2026-11-27,
 B 1, 32 query / 8 kv heads, head_dim 128, bf16; BENCHMARKS.md "Attention, H200"): forward alone
 (prefill, scoring) ours is faster, 231.9 vs 246.0 ms at 128K; forward + backward cuDNN is faster,
-920.2 vs 1012.3 ms (1.10x; 57.0 vs 64.2 at 32K), but its gradients are NOT repeatable: five runs of
+908.6 vs 976.1 ms (1.07x; 56.1 vs 60.7 at 32K; another run, "128-key dK/dV programs" in
+BENCHMARKS.md), but its gradients are NOT repeatable: five runs of
 the same fwd+bwd gave different bits at 32K and 128K, ours identical bits every time
 (`benchmarks/cudnn_determinism.py`, same card). Exact resume compares losses bit for bit, so
 training defaults to ours; users who do not need that can set `attn_impl="cudnn"` (full layers on
