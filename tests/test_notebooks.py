@@ -92,21 +92,33 @@ def _check_patterns_notebook(ns):
 
 
 def _check_reproduction_notebook(ns):
-  """The recorded curves are the committed per-seed pass-key results (recounted from passkey.json), and
-  the re-run produced the two variants' jobs at the notebook's size."""
+  """The recorded curves are the committed per-seed pass-key results (recounted from each seed's
+  passkey.json, averaged over seeds; the per-seed plot has one dot per seed), and the re-run produced the
+  two variants' jobs at the notebook's size."""
   for recorded, summary, fig in ((ns["RECORDED"], ns["summary"], ns["accuracy_fig"]),
                                  (ns["CONVERTED"], ns["converted_summary"], ns["converted_fig"]),
                                  (ns["CONVERTED_3000"], ns["converted_3000_summary"], ns["converted_3000_fig"]),
                                  (ns["GPU_TINY"], ns["gpu_tiny_summary"], ns["gpu_tiny_fig"])):
     lines = fig.axes[0].lines
     for row in summary["variants"]:
-      cells = json.loads((recorded / row["variant"] / "seed0" / "passkey.json").read_text())["cells"]
-      by_length = {}
-      for c in cells:
-        by_length.setdefault(c["length"], []).append(c["hits"] / c["samples"])
-      recount = [np.mean(by_length[n]) for n in summary["lengths"]]
+      per_seed = []
+      for seed in row["seeds"]:
+        cells = json.loads((recorded / row["variant"] / f"seed{seed}" / "passkey.json").read_text())["cells"]
+        by_length = {}
+        for c in cells:
+          by_length.setdefault(c["length"], []).append(c["hits"] / c["samples"])
+        per_seed.append([np.mean(by_length[n]) for n in summary["lengths"]])
+      recount = np.mean(per_seed, axis=0)
       np.testing.assert_allclose(row["accuracy_by_length"], recount)
       assert any(np.allclose(line.get_ydata(), recount) for line in lines), row["variant"]
+  gpu_rows = ns["gpu_tiny_summary"]["variants"]
+  assert all(row["seeds"] == [0, 1, 2] for row in gpu_rows)
+  dots = [line.get_ydata() for line in ns["gpu_tiny_seeds_fig"].axes[0].lines]
+  assert len(dots) == len(gpu_rows) and all(len(d) == 3 for d in dots)
+  for row, d in zip(gpu_rows, dots):   # each seed's mean over all cells, from its own result.json
+    means = [json.loads((ns["GPU_TINY"] / row["variant"] / f"seed{s}" / "result.json").read_text())["passkey"]
+             ["mean_accuracy"] for s in row["seeds"]]
+    np.testing.assert_allclose(d, means)
   assert len(ns["heatmap_fig"].axes) == len(ns["results"]) == len(ns["summary"]["variants"]) >= 2
   assert set(ns["converted"]) == {"all_full", "hybrid_third_middle", "all_sparse_sink"}
   assert all(runs[0]["pretrain"]["steps"] == 1500 for runs in ns["converted"].values())
