@@ -144,6 +144,20 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
   save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of a training's metrics.jsonl (empty if it wrote none)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def last_eval_loss(metrics: list[dict]) -> float | None:
+  evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
+  return evals[-1] if evals else None
+
+
 def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps: int, env: dict,
             eval_overrides: dict | None = None, train_sets: tuple[str, ...] = (),
             stages: tuple[Stage, ...] = (), pretrain: Stage | None = None) -> dict:
@@ -163,19 +177,20 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
       times[name] = round(time.time() - t0, 1)
       if p.returncode:
         raise RuntimeError(f"{variant} seed {seed}: {name} failed (exit {p.returncode}); see {jobdir}/log.txt")
-  with open(os.path.join(jobdir, "train", "metrics.jsonl")) as f:
-    metrics = [json.loads(line) for line in f]
+  metrics = read_metrics(os.path.join(jobdir, "train"))
   with open(os.path.join(jobdir, "train", "config.json")) as f:
     resolved = json.load(f)
   passkey = json.load(open(os.path.join(jobdir, "passkey.json")))
   ppl = json.load(open(os.path.join(jobdir, "ppl.json")))
-  evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None]
   result = {
       "variant": variant, "seed": seed, "cpu_tiny": cpu_tiny, "pattern": resolved["model"]["layer_specs"],
-      "steps": metrics[-1]["step"], "final_loss": metrics[-1]["loss"], "final_eval_loss": evals[-1] if evals else None,
+      "steps": metrics[-1]["step"], "final_loss": metrics[-1]["loss"], "final_eval_loss": last_eval_loss(metrics),
       "train_seq_len": resolved["train"]["seq_len"], "seconds": times,
-      "pretrain": None if pretrain is None else {"steps": pretrain[0], "overrides": list(pretrain[1]),
-                                                  "model": init},
+      # the pretrained model's last eval loss says which side of the retrieval transition the conversion
+      # started from (docs/reproduction.md: it decides more than the pattern at CPU size)
+      "pretrain": None if pretrain is None else {
+          "steps": pretrain[0], "overrides": list(pretrain[1]), "model": init,
+          "final_eval_loss": last_eval_loss(read_metrics(pretrain_dir(out, seed)))},
       "stages": [{"steps": n, "overrides": list(sets)} for n, sets in stages],
       "passkey": {k: passkey[k] for k in ("lengths", "depths", "samples", "accuracy", "ci95", "accuracy_by_length",
                                           "ci95_by_length", "mean_accuracy", "mean_ci95")},
@@ -214,6 +229,7 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
     rows.append({"variant": v, "seeds": [r["seed"] for r in res], "pattern": res[0]["pattern"],
                  "accuracy_by_length": acc, "ci95_by_length": ci,
                  "per_seed_mean_accuracy": [r["passkey"]["mean_accuracy"] for r in res],
+                 "per_seed_pretrain_eval_loss": [(r.get("pretrain") or {}).get("final_eval_loss") for r in res],
                  "mean_loss": sum(r["ppl"]["mean_loss"] for r in res) / len(res),
                  "train_seconds": sum(r["seconds"]["train"] for r in res) / len(res)})
   with open(os.path.join(out, "summary.json"), "w") as f:
@@ -233,13 +249,21 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   return text
 
 
+# GPU jobs run XLA's deterministic ops and no autotuning (a timing-dependent algorithm choice): two runs of
+# the same seed on two GPU machines (2026-11-27) fed identical tokens, had identical step-1 losses, then
+# differed in the last bit from step 2 (seed 2) or 17 (seed 1) and ended on opposite sides of the retrieval
+# transition (docs/reproduction.md). XLA_FLAGS set by the user come after these, so they win.
+DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
+
+
 def job_slots(gpus: list[str], workers: int) -> list[dict]:
   """The environment of each parallel job slot: one per listed GPU id (an id listed k times: k jobs on that
-  GPU at once, none preallocating GPU memory then), else `workers` CPU slots."""
+  GPU at once, none preallocating GPU memory then; deterministic XLA ops), else `workers` CPU slots."""
   if not gpus:
     return [{"JAX_PLATFORMS": "cpu"}] * max(1, workers)
   shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if len(set(gpus)) < len(gpus) else {}
-  return [dict(CUDA_VISIBLE_DEVICES=g, **shared) for g in gpus]
+  flags = " ".join(f for f in (DETERMINISTIC_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")) if f)
+  return [dict(CUDA_VISIBLE_DEVICES=g, XLA_FLAGS=flags, **shared) for g in gpus]
 
 
 def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> None:

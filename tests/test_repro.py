@@ -99,7 +99,12 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   pre = json.loads((pretrained / "config.json").read_text())
   assert pre["model"]["layer_specs"] == ["full"] * 6 and pre["train"]["total_steps"] == 3
   assert pre["train"]["optim"]["lr"] == 2e-3 and pre["train"]["init_from"] == str(out / "init" / "seed3")
-  assert res["pretrain"] == {"steps": 3, "overrides": ["optim.lr=2e-3"], "model": str(pretrained / "model")}
+  pre_evals = [m["eval_loss"] for line in (pretrained / "metrics.jsonl").read_text().splitlines()
+               if (m := json.loads(line)).get("eval_loss") is not None]
+  assert pre_evals and res["pretrain"] == {"steps": 3, "overrides": ["optim.lr=2e-3"], "model": str(pretrained / "model"),
+                                           "final_eval_loss": pre_evals[-1]}
+  summary_row = json.loads((out / "summary.json").read_text())["variants"][0]
+  assert summary_row["per_seed_pretrain_eval_loss"] == [pre_evals[-1]]
   assert res["stages"] == [{"steps": 2, "overrides": ["data.synthetic.max_chars=150", "optim.lr=1e-3"]}]
   stage = json.loads((job / "stage1" / "config.json").read_text())
   assert stage["train"]["init_from"] == str(pretrained / "model")
@@ -134,6 +139,7 @@ def test_summary_pools_seeds(tmp_path):
   summary = json.loads((tmp_path / "summary.json").read_text())
   (row,) = summary["variants"]
   assert row["accuracy_by_length"] == pytest.approx([0.9, 0.1]) and row["mean_loss"] == 1.5
+  assert row["per_seed_pretrain_eval_loss"] == [None, None]   # these runs had no pretraining
   lo, hi = wilson_interval(18, 20)  # 10 + 8 of 2 x 10 samples at 128 tokens
   assert row["ci95_by_length"][0] == pytest.approx([lo, hi])
   assert "| v | 2 | 0.90 [" in text and "missing" not in text
@@ -150,10 +156,16 @@ def test_summary_keeps_earlier_variants_of_the_directory(tmp_path):
   assert rep.variants_with_results(str(tmp_path), ["all_full"]) == ["all_full", "hybrid"]
 
 
-def test_job_slots_share_a_gpu_without_preallocating():
+def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
   rep = _script()
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
   assert rep.job_slots([], 2) == [{"JAX_PLATFORMS": "cpu"}] * 2
-  assert rep.job_slots(["0", "1"], 1) == [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+  det = rep.DETERMINISTIC_XLA_FLAGS
+  assert "--xla_gpu_deterministic_ops=true" in det
+  assert rep.job_slots(["0", "1"], 1) == [{"CUDA_VISIBLE_DEVICES": "0", "XLA_FLAGS": det},
+                                          {"CUDA_VISIBLE_DEVICES": "1", "XLA_FLAGS": det}]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=4")   # the user's flags come last: they win
+  assert rep.job_slots(["0"], 1)[0]["XLA_FLAGS"] == det + " --xla_gpu_autotune_level=4"
   shared = rep.job_slots(["0", "0", "1"], 1)
   assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "0", "1"]
   assert all(s["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in shared)
