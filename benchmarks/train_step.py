@@ -104,7 +104,8 @@ def main():
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--documents", type=int, default=1, help="equal documents packed per row (segment ids)")
   ap.add_argument("--variants", default="longgen,all-full,all-full-cudnn",
-                  help="rows to time (all-full-cudnn also needs --cudnn-baseline)")
+                  help="rows to time: longgen, all-full, all-full-cudnn, longgen-cudnn (the -cudnn rows also "
+                       "need --cudnn-baseline; longgen-cudnn: full layers on cuDNN, sparse on ours)")
   ap.add_argument("--json", default="")
   args = ap.parse_args()
 
@@ -119,8 +120,10 @@ def main():
       print("# --documents > 1: no cuDNN baseline (its public API takes no segment ids)")
     else:
       variants.append(("all-full-cudnn", base.all_full(), "cudnn"))
+      # LongGen with its full layers on cuDNN (the sparse ones stay ours: the registry's "cudnn")
+      variants.append(("longgen-cudnn", base.with_pattern(args.num_full, args.sparse, "middle"), "cudnn"))
   chosen = set(args.variants.split(","))
-  if unknown := chosen - {"longgen", "all-full", "all-full-cudnn"}:
+  if unknown := chosen - {"longgen", "all-full", "all-full-cudnn", "longgen-cudnn"}:
     ap.error(f"unknown --variants {sorted(unknown)}")
   variants = [(name.removesuffix("-cudnn"), mc, vimpl) for name, mc, vimpl in variants if name in chosen]
   dev = jax.devices()[0]
