@@ -77,8 +77,9 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
   return statistics.median(times)
 
 
-def make_fns(name: str, spec, tiles=None):
-  """(forward, forward+backward) jitted callables of (q, k, v, do)."""
+def make_fns(name: str, spec, tiles=None, bwd_tiles=None):
+  """(forward, forward+backward) jitted callables of (q, k, v, do); bwd_tiles: the Mosaic backward's
+  tiles for ours_mgpu_bwd (default: 64-key dK/dV programs)."""
   if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128"):
     from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
@@ -88,8 +89,8 @@ def make_fns(name: str, spec, tiles=None):
     # None follows LONGGEN_JAX_MGPU_BACKWARD (the default path), True/False force one backward.
     forced = {"ours_mgpu_bwd": True, "ours_triton_bwd": False, "ours_mgpu_dq": "dq",
               "ours_mgpu_bwd128": True}.get(name)
-    bwd_tiles = {"ours_mgpu_bwd": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=64),
-                 "ours_mgpu_bwd128": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128)}.get(name)
+    bwd_tiles = bwd_tiles or {"ours_mgpu_bwd": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=64),
+                              "ours_mgpu_bwd128": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128)}.get(name)
 
     @contextlib.contextmanager
     def switch():
@@ -129,6 +130,9 @@ def main():
   ap.add_argument("--only", default="", help="comma list of case labels to keep")
   ap.add_argument("--json", default="")
   ap.add_argument("--sweep", default="", help="JSON list of Tiles kwargs: time ours with each")
+  ap.add_argument("--bwd-sweep", default="",
+                  help='JSON list of MgpuBwdTiles kwargs (e.g. [{"dkv_keys": 128, "stages_dkv": 3}]): time the '
+                       "Mosaic backward (both kernels forced) with each, per pattern")
   ap.add_argument("--mgpu-bwd", action="store_true",
                   help="also time ours_mgpu_bwd, ours_triton_bwd, ours_mgpu_dq and ours_mgpu_bwd128 (each backward "
                        "forced) per pattern")
@@ -152,6 +156,10 @@ def main():
         from longgen_jax.attention.pallas_gpu import Tiles
         cases = [("ours", s, Tiles(**kw)) for n, s in CASES if n == "ours"
                  for kw in json.loads(args.sweep)]
+      if args.bwd_sweep:
+        from longgen_jax.attention.pallas_mgpu_backward import MgpuBwdTiles
+        cases = [("ours_mgpu_bwd", s, MgpuBwdTiles(**kw)) for s in PATTERNS for kw in json.loads(args.bwd_sweep)]
+        cases += [(n, s, None) for n, s in CASES if n.startswith("cudnn")]   # the baselines, same run
       for name, spec, tiles in cases:
         label = f"{name}:{spec}" if name.startswith("ours") else name
         if tiles is not None:
@@ -159,7 +167,8 @@ def main():
         if args.only and not any(o in label for o in args.only.split(",")):
           continue
         pairs = allowed_pairs(spec, T, hkv)
-        fwd, fwd_bwd = make_fns(name, spec, tiles)
+        fwd, fwd_bwd = make_fns(name, spec, None if name == "ours_mgpu_bwd" else tiles,
+                                bwd_tiles=tiles if name == "ours_mgpu_bwd" else None)
         row = dict(T=T, kv_heads=hkv, impl=label, pairs=pairs)
         try:
           row["fwd_ms"] = 1e3 * time_fn(fwd, q, k, v, do)
