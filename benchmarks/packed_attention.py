@@ -92,6 +92,10 @@ def main():
   p.add_argument("--json", default="")
   args = p.parse_args()
   T, hkv, spec = args.seq, args.kv_heads, AttentionSpec.parse(args.pattern)
+  known = {"ours_packed", "ours_no_skip", "ours_triton_segments", "ours_mosaic_segments", "cudnn_causal",
+           "cudnn_batched"}
+  if unknown := set(args.cases.split(",")) - known:
+    raise SystemExit(f"unknown --cases {sorted(unknown)}; known: {sorted(known)}")
   if spec.kind != "full" and any(c.startswith("cudnn") for c in args.cases.split(",")):
     raise SystemExit(f"--pattern {spec}: the cudnn cases time full attention only; pick ours_* cases")
   q, k, v, do = random_qkv_do(T, hkv)

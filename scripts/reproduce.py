@@ -251,8 +251,9 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
 
 # GPU jobs run XLA's deterministic ops and no autotuning (a timing-dependent algorithm choice): two runs of
 # the same seed on two GPU machines (2026-11-27) fed identical tokens, had identical step-1 losses, then
-# differed in the last bit from step 2 (seed 2) or 17 (seed 1) and ended on opposite sides of the retrieval
-# transition (docs/reproduction.md). XLA_FLAGS set by the user come after these, so they win.
+# differed in the last bit from step 2 (seed 2) or 17 (seed 1), and seed 2's ended on opposite sides of the
+# retrieval transition (docs/reproduction.md). Not yet run on a GPU with these flags. XLA_FLAGS set by the
+# user come after these, so they win.
 DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
 
 

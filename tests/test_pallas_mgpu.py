@@ -73,6 +73,8 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=sparse) == on
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "0")
   assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full)
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, " ")   # set but empty: the default (auto), not off
+  assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) == on
 
 
 def test_segment_table_marks_no_tile_full():
@@ -483,6 +485,8 @@ def test_unit_singles_and_the_dkv_keys_switch(monkeypatch):
   assert mbwd.default_tiles(AttentionSpec.block_sparse(64, 16, 64)).dkv_keys == 64
   monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "64")
   assert mbwd.default_tiles(AttentionSpec.full()).dkv_keys == 64
+  monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "")     # empty: auto
+  assert mbwd.default_tiles(AttentionSpec.full()).dkv_keys == 128
   monkeypatch.setenv(mbwd.DKV_KEYS_ENV, "128")
   assert mbwd.default_tiles().dkv_keys == 128
   with mbwd.using_tiles(mbwd.MgpuBwdTiles(stages_dkv=3)):

@@ -76,12 +76,12 @@ def is_hopper(device=None) -> bool:
 
 
 def env_value(name: str, default: str = "0") -> str:
-  """An environment setting of the Mosaic GPU paths not yet default, stripped and lower-cased."""
-  return os.environ.get(name, default).strip().lower()
+  """An environment setting of the Mosaic GPU paths, stripped and lower-cased (unset or empty: default)."""
+  return os.environ.get(name, "").strip().lower() or default
 
 
 def env_switch(name: str, default: str = "0") -> bool:
-  """An opt-in switch read from the environment (1/true/yes/on)."""
+  """A switch read from the environment (1/true/yes/on)."""
   return env_value(name, default) in ("1", "true", "yes", "on")
 
 
@@ -89,7 +89,7 @@ def env_switch(name: str, default: str = "0") -> bool:
 # pallas_mgpu_backward) serve by default: where they measured faster than the Triton kernels with
 # segments. full: fwd+bwd at 128K with 1 / 4 / 16 documents per row 1297 / 329 / 84.8 ms vs Triton
 # 1379 / 347 / 89.3 (one H200, JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16,
-# benchmarks/packed_attention.py; BENCHMARKS.md "Packed documents"). The sparse kinds pass the same GPU
+# benchmarks/packed_attention.py; BENCHMARKS.md "The Mosaic segment paths (packed documents)"). The sparse kinds pass the same GPU
 # tests (the mgpu_segments pass) but are not timed with segments yet: Triton until they are.
 SEGMENT_KINDS = frozenset({"full"})
 

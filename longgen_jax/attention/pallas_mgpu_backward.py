@@ -50,8 +50,8 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
-Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids where the Mosaic forward takes them
-(`supported()`; the mgpu_segments GPU pass, 30 passed, H200, 2026-11-27).
+Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids on the pattern kinds where the Mosaic
+forward's switch allows them (`pallas_mgpu.segments_enabled`; `supported()`; the mgpu_segments GPU pass, 30 passed, H200, 2026-11-27).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ KERNELS = frozenset({"dq", "dkv"})
 # kernel. Sparse kinds: per-kernel GPU time at 128K, same shapes, one H200, 2026-11-27
 # (benchmarks/kernel_profile.py; BENCHMARKS.md, "Per kernel"): the Mosaic dQ is faster, its dK/dV slower.
 # Checked whole (fwd+bwd ms, H200, same shapes, one run; BENCHMARKS.md "Attention, H200"): this table's
-# choice beat both kernels Mosaic and both Triton on every row: full 64.2 / 1012.3 (Mosaic dQ only 71.2 /
+# choice beat both kernels Mosaic and both Triton on every row (64-key dK/dV programs then; full layers now
+# run 128: DKV_KEYS_BY_KIND): full 64.2 / 1012.3 (Mosaic dQ only 71.2 /
 # 1123.6, Triton 78.3 / 1265.5); sink_window 10.0 / 41.2 (10.3 / 44.7, 10.9 / 44.5); block_sparse 6.74 /
 # 42.5 (8.08 / 45.2, 7.12 / 45.9).
 FASTER_THAN_TRITON: dict[str, frozenset[str]] = {
@@ -186,7 +187,7 @@ def forced(on: bool | str | None):
 
 def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: AttentionSpec | None = None) -> bool:
   """Whether this backward serves the call with pattern `spec` (else the Triton backward does). Segment
-  ids where the Mosaic forward takes them too (`pallas_mgpu.segments_enabled`: by default full only)."""
+  ids where `pallas_mgpu.segments_enabled(spec)` (by default full layers only)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
           and head_dim in (64, 128) and (not has_segments or segments_enabled(spec)) and is_hopper(device))
 

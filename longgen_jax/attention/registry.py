@@ -26,7 +26,7 @@ B 1, 32 query / 8 kv heads, head_dim 128, bf16; BENCHMARKS.md "Attention, H200")
 908.6 vs 976.1 ms (1.07x; 56.1 vs 60.7 at 32K; another run, "128-key dK/dV programs" in
 BENCHMARKS.md), but its gradients are NOT repeatable: five runs of
 the same fwd+bwd gave different bits at 32K and 128K, ours identical bits every time
-(`benchmarks/cudnn_determinism.py`, same card). Exact resume compares losses bit for bit, so
+(`benchmarks/cudnn_determinism.py`, an H200 of the first run's machine). Exact resume compares losses bit for bit, so
 training defaults to ours; users who do not need that can set `attn_impl="cudnn"` (full layers on
 cuDNN, sparse layers on ours). Packed documents (segment ids) are ours alone: cuDNN's public call
 takes no segment ids, and our kernels skip the tiles of other documents (BENCHMARKS.md, "Packed").
