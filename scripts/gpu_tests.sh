@@ -3,7 +3,7 @@
 # default kernels (the backward's per-kernel Mosaic/Triton choice, LONGGEN_JAX_MGPU_BACKWARD unset =
 # auto), then the Pallas ones again with the Triton backward alone (=0, the Ampere path), with both
 # Mosaic backward kernels (=1), and the segment-id tests with the Mosaic segment paths on for every
-# pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default only full layers take them: pallas_mgpu.SEGMENT_KINDS).
+# pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default the kinds in pallas_mgpu.SEGMENT_KINDS take them).
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
 #   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default: all four)

@@ -62,9 +62,11 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, False) == on
   assert not pallas_mgpu.supported(jnp.float32, 128, False)
   assert not pallas_mgpu.supported(jnp.bfloat16, 64, False)
-  # segment ids: by default the measured kinds (full), all with 1, none with 0
+  # segment ids: by default the kinds in SEGMENT_KINDS (none until the rebuilt lists are GPU-tested),
+  # all with 1, none with 0
   full, sparse = AttentionSpec.full(), AttentionSpec.sink_window(64, 1984)
-  assert pallas_mgpu.SEGMENT_KINDS == {"full"}
+  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) or "full" in pallas_mgpu.SEGMENT_KINDS
+  monkeypatch.setattr(pallas_mgpu, "SEGMENT_KINDS", frozenset({"full"}))
   assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)          # no pattern given: not measured
   assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) == on
   assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=sparse)
@@ -77,13 +79,40 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) == on
 
 
-def test_segment_table_marks_no_tile_full():
-  spec = AttentionSpec.sink_window(64, 200)
-  plain, seg = kv_table(spec, 768, 768, 2, 128), kv_table(spec, 768, 768, 2, 128, all_partial=True)
-  assert plain[..., 1].sum() > 0 and np.all(seg[..., 1] == 0)
-  np.testing.assert_array_equal(plain[..., 0], seg[..., 0])          # the same tiles, all masked
-  for a, b in zip(plain.reshape(-1, plain.shape[-1]), seg.reshape(-1, seg.shape[-1])):
-    assert sorted(a[2:2 + a[0]]) == sorted(b[2:2 + b[0]])
+def test_segment_lists_drop_other_documents_and_unmask_one_document_tiles(monkeypatch):
+  """Per batch row: entries the pattern fills whose tiles lie in one document first (unmasked), then
+  the rest that share a document, the others dropped; a tile holding padding is never unmasked."""
+  spec, T = AttentionSpec.full(), 700
+  ids = np.repeat([[1, 2, 3]], [256, 192, 252], axis=1)               # tile-aligned, then a ragged end
+  both = jnp.asarray(np.concatenate([ids, 4 - ids]))                   # row 1: the documents in reverse order
+  qseg, kseg = pad_segment_ids(both, both, 768, 768)
+  table = kv_table(spec, 768, T, 1, 64)                                  # [1, 6, 2 + 12], 128 x 64 tiles
+  lists = np.asarray(segment_skip.segment_lists(table, qseg, kseg, 128, 64, T, T))
+  assert lists.shape == (2,) + table.shape
+  q_ids, k_ids = np.asarray(qseg), np.asarray(kseg)
+  for b in range(2):
+    for qt in range(table.shape[1]):
+      count, n_full, entries = lists[b, 0, qt, 0], lists[b, 0, qt, 1], lists[b, 0, qt, 2:]
+      static = set(table[0, qt, 2:2 + table[0, qt, 0]].tolist())
+      static_full = set(table[0, qt, 2:2 + table[0, qt, 1]].tolist())
+      rows = q_ids[b, qt * 128:(qt + 1) * 128]
+      want_full, want_rest = [], []
+      for kt in sorted(static):
+        keys = k_ids[b, kt * 64:(kt + 1) * 64]
+        shares = np.isin(rows[rows >= 0], keys[keys >= 0]).any() if qt * 128 < T and kt * 64 < T else False
+        one_doc = len(set(rows.tolist()) | set(keys.tolist())) == 1
+        if kt in static_full and one_doc:
+          want_full.append(kt)
+        elif shares:
+          want_rest.append(kt)
+      got = entries[:count].tolist()
+      assert n_full == len(want_full) and sorted(got[:n_full]) == want_full, (b, qt)
+      assert sorted(got[n_full:]) == want_rest, (b, qt)
+  assert lists[0, 0, 1, 1] == 2 and lists[0, 0, 5, 0] < table[0, 5, 0]   # unmasked tiles; dropped tiles
+  monkeypatch.setattr(segment_skip, "ENABLED", False)                     # nothing dropped, same unmasked
+  kept = np.asarray(segment_skip.segment_lists(table, qseg, kseg, 128, 64, T, T))
+  np.testing.assert_array_equal(kept[..., 0], np.broadcast_to(table[..., 0], kept.shape[:-1]))
+  np.testing.assert_array_equal(kept[..., 1], lists[..., 1])
 
 
 @pytest.mark.parametrize("spec,T,S,Hkv", [(AttentionSpec.full(), 384, 384, 1),
@@ -340,9 +369,10 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
   two 64-row halves, full tiles unmasked), dK/dV over `unit_pairs` x `q_table` with the G heads
   inside (full query tiles unmasked). Wrong tables (a partial tile marked full, a missing tile, a
   key tile not covered) show up as a gradient error. segments: (q ids [B, T], kv ids [B, S]),
-  padded and compared as the kernels do (every tile masked), and the lists walked from the kernels'
-  skip tables (dQ from `leading_skips`, dK/dV up to `segment_skip.live_ends`). dkv_keys 128: the dK/dV
-  programs of one 128-key tile, each warpgroup a 64-key half over the tile's one list."""
+  padded and compared as the kernels do, the lists walked as the kernels rebuild them per batch row
+  (`segment_skip.segment_lists`: other documents' tiles dropped, one-document full tiles unmasked).
+  dkv_keys 128: the dK/dV programs of one 128-key tile, each warpgroup a 64-key half over the tile's
+  one list."""
   q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
   lse2, delta = np.asarray(lse2, np.float64), np.asarray(delta, np.float64)
   B, T, Hq, D = q.shape
@@ -367,21 +397,21 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
     return ok & (qseg[b, q0:q0 + nq, None] == kseg[b, None, k0:k0 + nk]) if has_seg else ok
 
   dq = np.zeros_like(q)
-  tab = kv_table(spec, Tp, S, Hkv, block_k_dq, q_offset, all_partial=has_seg)
   bk = block_k_dq
-  first = (np.asarray(pallas_mgpu.leading_skips(tab, qseg, kseg, bk, T, S)) if has_seg else
-           np.zeros((B,) + tab.shape[:2], int))
+  static = kv_table(spec, Tp, S, Hkv, bk, q_offset)
+  tabs = (np.asarray(segment_skip.segment_lists(static, qseg, kseg, 128, bk, T, S)) if has_seg else
+          np.broadcast_to(static, (B,) + static.shape))
   with np.errstate(invalid="ignore", over="ignore"):
     for b in range(B):
       for h in range(Hq):
         kvh = h // G
         hl = kvh if per_head else 0
         for qt in range(Tp // 128):
-          count, n_full = tab[hl, qt, 0], tab[hl, qt, 1]
+          count, n_full = tabs[b, hl, qt, 0], tabs[b, hl, qt, 1]
           for half in range(2):
             r = slice(qt * 128 + half * 64, qt * 128 + half * 64 + 64)
-            for j in range(first[b, hl, qt], count):
-              kt = tab[hl, qt, 2 + j]
+            for j in range(count):
+              kt = tabs[b, hl, qt, 2 + j]
               ks = slice(kt * bk, kt * bk + bk)
               s = q[b, r, h] @ k[b, ks, kvh].T
               if j >= n_full:
@@ -391,24 +421,24 @@ def _emulate_backward(q, k, v, do, lse2, delta, spec, S, q_offset, block_k_dq=64
               dq[b, r, h] += ds @ k[b, ks, kvh]
     dq *= scale
     dk, dv = np.full_like(k, np.nan), np.full_like(v, np.nan)       # NaN: a tile nobody wrote
-    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // dkv_keys, q_offset, all_partial=has_seg, block_k=dkv_keys)
+    qtab = mbwd.q_table(spec, Tp, S, Hkv, Sp // dkv_keys, q_offset, block_k=dkv_keys)
     shared = dkv_keys == 128
-    units = mbwd.unit_singles(qtab) if shared else mbwd.unit_pairs(qtab)
-    ends = (np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, dkv_keys, 64, S, T))
-            if has_seg else np.broadcast_to(qtab[..., 0], (B,) + qtab.shape[:2]))
+    units = mbwd.unit_singles(qtab) if shared else mbwd.unit_pairs(qtab)    # paired by the static lists
+    qtabs = (np.asarray(segment_skip.segment_lists(qtab, kseg, qseg, dkv_keys, 64, S, T)) if has_seg else
+             np.broadcast_to(qtab, (B,) + qtab.shape))
     for b in range(B):
       for kvh in range(Hkv):
         hp = kvh if per_head else 0
         for wg, (kt, count, n_full) in ((w, u) for program in units[hp] for w, u in enumerate(program)):
           if kt < 0:
             continue
+          count, n_full = qtabs[b, hp, kt, 0], qtabs[b, hp, kt, 1]   # the kernel reads them per batch row
           k0 = kt * 128 + wg * 64 if shared else kt * 64
           ks = slice(k0, k0 + 64)
           dk_t, dv_t = np.zeros((64, D)), np.zeros((64, D))
-          assert ends[b, hp, kt] <= count
-          for it in range(ends[b, hp, kt] * G):
+          for it in range(count * G):
             j, g = divmod(it, G)
-            qt, h = qtab[hp, kt, 2 + j], kvh * G + g
+            qt, h = qtabs[b, hp, kt, 2 + j], kvh * G + g
             r = slice(qt * 64, qt * 64 + 64)
             sT = k[b, ks, kvh] @ q[b, r, h].T
             if j >= n_full:
@@ -498,7 +528,8 @@ def test_unit_singles_and_the_dkv_keys_switch(monkeypatch):
 
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset", [BWD_EMU_CASES[0], BWD_EMU_CASES[2], BWD_EMU_CASES[3]])
 def test_kernel_schedule_with_segments_matches_reference_on_cpu(spec, B, T, S, Hq, Hkv, D, q_offset):
-  """Packed documents: every tile masked, ids compared (padding ids -1 / -2 match nothing)."""
+  """Packed documents: the per-batch lists (one-document full tiles unmasked, the others masked with
+  ids compared; padding ids -1 / -2 match nothing)."""
   q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=T + S + 1)
   segments = _packed_segments(B, T, S, q_offset, seed=T)
   out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, q_offset, segments)
@@ -510,9 +541,30 @@ def test_kernel_schedule_with_segments_matches_reference_on_cpu(spec, B, T, S, H
   assert rel_err(plain[0], rq) > 1e-3
 
 
+@pytest.mark.parametrize("dkv_keys", [64, 128])
+def test_kernel_schedule_runs_one_document_tiles_unmasked_on_cpu(dkv_keys):
+  """Documents that fill whole tiles: their full tiles run in the unmasked loops (the lists say so),
+  and the emulated schedule still matches the reference, GQA 2, edge tiles at the end."""
+  spec, B, T, S, Hq, Hkv, D = AttentionSpec.full(), 2, 700, 700, 4, 2, 64
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=13)
+  ids = np.repeat([[1, 2, 3]], [256, 256, 188], axis=1)
+  segments = (jnp.asarray(np.concatenate([ids, 4 - ids])),) * 2
+  out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, 0, segments)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, 0, segments=segments, dkv_keys=dkv_keys)
+  assert rel_err(dq, rq) < 1e-5 and rel_err(dk, rk) < 1e-5 and rel_err(dv, rv) < 1e-5
+  qseg, kseg = pad_segment_ids(*segments, 768, 768)
+  lists = np.asarray(segment_skip.segment_lists(kv_table(spec, 768, S, Hkv, 64), qseg, kseg, 128, 64, T, S))
+  qlists = np.asarray(segment_skip.segment_lists(mbwd.q_table(spec, 768, S, Hkv, 768 // dkv_keys, block_k=dkv_keys),
+                                                 kseg, qseg, dkv_keys, 64, S, T))
+  assert lists[..., 1].sum() > 0 and qlists[..., 1].sum() > 0
+  assert lists[0, 0, 1, 1] == 2                      # rows 128-255 (document 1): key tiles 0-1 unmasked
+
+
 def test_kernel_schedule_skips_foreign_tiles_exactly_on_cpu(monkeypatch):
-  """The Mosaic kernels' skip tables (leading key tiles of dQ/forward lists, trailing query tiles of
-  dK/dV lists owned by other documents) change no bit of the emulated schedule, and skip something."""
+  """Dropping other documents' tiles from the Mosaic kernels' per-batch lists (key tiles of the dQ /
+  forward lists, query tiles of the dK/dV lists) changes no bit of the emulated schedule, and drops
+  something."""
   spec, B, T, S, Hq, Hkv, D = AttentionSpec.full(), 1, 700, 700, 4, 2, 64
   q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=11)
   segments = (jnp.asarray(np.repeat([[1, 2, 3]], [250, 200, 250], axis=1)),) * 2
@@ -527,12 +579,13 @@ def test_kernel_schedule_skips_foreign_tiles_exactly_on_cpu(monkeypatch):
   assert rel_err(got[True][0], rq) < 1e-5 and rel_err(got[True][1], rk) < 1e-5
   monkeypatch.setattr(segment_skip, "ENABLED", True)
   qseg, kseg = pad_segment_ids(*segments, 768, 768)
-  tab = kv_table(spec, 768, S, Hkv, 64, 0, all_partial=True)
-  first = np.asarray(pallas_mgpu.leading_skips(tab, qseg, kseg, 64, T, S))
-  assert first[0, 0, -1] == 450 // 64 and first[0, 0, 0] == 0   # the last query tile skips documents 1-2
-  qtab = mbwd.q_table(spec, 768, S, Hkv, 768 // 64, 0, all_partial=True)
-  ends = np.asarray(segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], kseg, qseg, 64, 64, S, T))
-  assert ends[0, 0, 0] == -(-250 // 64) < qtab[0, 0, 0]              # key tile 0 stops after document 1
+  tab = kv_table(spec, 768, S, Hkv, 64, 0)
+  lists = np.asarray(segment_skip.segment_lists(tab, qseg, kseg, 128, 64, T, S))
+  assert lists[0, 0, -1, 0] == tab[0, -1, 0] - 450 // 64      # the last query tile drops documents 1-2
+  assert lists[0, 0, 0, 0] == tab[0, 0, 0]
+  qtab = mbwd.q_table(spec, 768, S, Hkv, 768 // 64, 0)
+  qlists = np.asarray(segment_skip.segment_lists(qtab, kseg, qseg, 64, 64, S, T))
+  assert qlists[0, 0, 0, 0] == -(-250 // 64) < qtab[0, 0, 0]   # key tile 0: document 1's query tiles
 
 
 def test_kernel_schedule_empty_rows_give_zero_grads_on_cpu():

@@ -22,8 +22,8 @@ Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=Tru
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
 kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen
 because it is faster for every pattern (figures in BENCHMARKS.md); with segment ids too on the
-patterns where that measured faster (`pallas_mgpu.SEGMENT_KINDS`: full; `LONGGEN_JAX_MGPU_SEGMENTS=1`
-every pattern, 0 none). The backward below consumes
+pattern kinds in `pallas_mgpu.SEGMENT_KINDS` (GPU-tested and measured faster; none at present),
+`LONGGEN_JAX_MGPU_SEGMENTS=1` every pattern, 0 none. The backward below consumes
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.
 

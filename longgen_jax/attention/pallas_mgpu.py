@@ -22,15 +22,17 @@ residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (
 host-side logic (`kv_table`, `supported`) is tested there, the lowering for CUDA too, the kernel
 on the GPU.
 
-Segment ids (packed documents), by default on the pattern kinds where they measured faster than the
-Triton kernels (`SEGMENT_KINDS`: full), on every kind with `LONGGEN_JAX_MGPU_SEGMENTS=1`, none with 0
-(read when the forward is traced): segments are run-time data, so no tile can be known full on the
-host: every listed tile goes through the masked loop, whose mask also compares the row's segment id
-(loaded once per warpgroup) with each key's (loaded from GMEM per tile, before the tile's QK^T so the
-load overlaps it). The leading key tiles that share no document with the query tile are skipped
-(`segment_skip.leading_foreign`, computed from the ids before the call: `first`): both the compute
-and the memory warpgroups walk the list from there. GPU tests with the skipping: the mgpu_segments
-pass, 30 passed (H200, 2026-11-27, every pattern kind).
+Segment ids (packed documents), by default on the pattern kinds in `SEGMENT_KINDS`, on every kind
+with `LONGGEN_JAX_MGPU_SEGMENTS=1`, none with 0 (read when the forward is traced). Segments are
+run-time data, so the key-tile lists are rebuilt per batch row before the call
+(`segment_skip.segment_lists`, a few small XLA ops): tiles that share no document with the query
+tile are dropped wherever they are, and tiles the pattern fills whose queries and keys all lie in one
+document come first and run in the unmasked loop, as without segments; the rest go through the masked
+loop, whose mask also compares the row's segment id (loaded once per warpgroup) with each key's
+(loaded from GMEM per tile, before the tile's QK^T so the load overlaps it). Measured before the
+rebuilt lists (every tile masked, only leading foreign tiles skipped): 30 GPU tests passed, 1.05-1.06x
+faster than the Triton segment path on full layers (H200, 2026-11-27); the rebuilt lists are written
+without a GPU (CPU: the emulated schedule, the CUDA lowering).
 """
 
 from __future__ import annotations
@@ -86,12 +88,15 @@ def env_switch(name: str, default: str = "0") -> bool:
 
 
 # Pattern kinds whose calls WITH segment ids (packed documents) the Mosaic kernels (this forward and
-# pallas_mgpu_backward) serve by default: where they measured faster than the Triton kernels with
-# segments. full: fwd+bwd at 128K with 1 / 4 / 16 documents per row 1297 / 329 / 84.8 ms vs Triton
-# 1379 / 347 / 89.3 (one H200, JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16,
-# benchmarks/packed_attention.py; BENCHMARKS.md "The Mosaic segment paths (packed documents)"). The sparse kinds pass the same GPU
-# tests (the mgpu_segments pass) but are not timed with segments yet: Triton until they are.
-SEGMENT_KINDS = frozenset({"full"})
+# pallas_mgpu_backward) serve by default: where they passed the GPU tests and measured faster than the
+# Triton kernels with segments. None today: the per-batch lists (`segment_skip.segment_lists`) replaced
+# the GPU-tested ones after the last GPU run. Measured with those (every tile masked, leading foreign
+# tiles skipped; one H200, JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16,
+# benchmarks/packed_attention.py; BENCHMARKS.md "The Mosaic segment paths (packed documents)"): full,
+# fwd+bwd at 128K with 1 / 4 / 16 documents per row, 1297 / 329 / 84.8 ms vs Triton 1379 / 347 / 89.3.
+# Next: the mgpu_segments GPU pass on the rebuilt lists, then `packed_attention.py --cases
+# ours_triton_segments,ours_mosaic_segments` per pattern; the kinds that pass and win go here.
+SEGMENT_KINDS: frozenset[str] = frozenset()
 
 
 def segments_enabled(spec: AttentionSpec | None = None) -> bool:
@@ -109,17 +114,16 @@ def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: Atten
           and head_dim == 128 and (not has_segments or segments_enabled(spec)) and is_hopper(device))
 
 
-def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int,
-             q_offset: int = 0, all_partial: bool = False) -> np.ndarray:
+def kv_table(spec: AttentionSpec, T: int, S: int, Hkv: int, block_k: int, q_offset: int = 0) -> np.ndarray:
   """int32[H', nq, 2 + width]: per (kv head, 128-row query tile) [count, n_full, tiles...].
 
   Tiles are the layout's key tiles, full ones first (ascending), then partial ones
   (ascending); slots past `count` repeat the last listed tile. H' is 1 unless the pattern
-  differs between kv heads. all_partial: no tile counts as full (segment ids mask at run time).
+  differs between kv heads. With segment ids a kernel walks it rebuilt per batch row
+  (`segment_skip.segment_lists`).
   """
   lay = block_layout(spec, T, S, Hkv, BLOCK_Q, block_k, q_offset)
-  full = np.zeros_like(lay.kv_full) if all_partial else lay.kv_full
-  return full_first_table(lay.kv_index, full, lay.kv_count)
+  return full_first_table(lay.kv_index, lay.kv_full, lay.kv_count)
 
 
 def full_first_table(index, full, count) -> np.ndarray:
@@ -140,25 +144,17 @@ def _tile_mask(spec: AttentionSpec, q_pos, k_pos, kv_head, Hkv: int, S: int):
 
 
 def split_segment_refs(refs, has_seg: bool):
-  """(q segment ids ref, kv segment ids ref, skip table ref, the other refs) of a kernel whose inputs
-  end with the optional segment-id arrays and their skip table (None x 3 when the call has none)."""
-  return (refs[0], refs[1], refs[2], refs[3:]) if has_seg else (None, None, None, refs)
+  """(q segment ids ref, kv segment ids ref, the other refs) of a kernel whose inputs end with the
+  optional segment-id arrays (None x 2 when the call has none)."""
+  return (refs[0], refs[1], refs[2:]) if has_seg else (None, None, refs)
 
 
-def leading_skips(table, qseg, kseg, block_k: int, T: int | None = None, S: int | None = None):
-  """int32[B, H', nq]: per (batch, kv-head list, 128-row query tile) of a `kv_table` built with
-  all_partial (ascending lists) the leading key tiles that share no segment id with the query tile's
-  first T rows (rows past T are padding: their results are dropped), keys past S ignored likewise."""
-  return segment_skip.leading_foreign(table[..., 2:], table[..., 0], qseg, kseg, BLOCK_Q, block_k, T, S)
-
-
-def list_walk(tab_ref, skip_ref, b, hl, qt):
-  """(count, n_full, tile_of) of the key-tile list of query tile qt in a `kv_table` ref: the steps
-  [0, count) walk the list entries [first, the table's count), first = the leading tiles of other
-  documents (`leading_skips`, the skip_ref of a call with segment ids; none skipped without)."""
-  first = skip_ref[b, hl, qt] if skip_ref is not None else 0
-  count = tab_ref[hl, qt, 0] - first if skip_ref is not None else tab_ref[hl, qt, 0]
-  return count, tab_ref[hl, qt, 1], lambda j: tab_ref[hl, qt, 2 + first + j]
+def list_walk(tab_ref, b, hl, qt, per_batch: bool):
+  """(count, n_full, tile_of) of the key-tile list of query tile qt: a `kv_table` ref [H', nq, 2 + W],
+  or with segment ids its rebuild per batch row [B, H', nq, 2 + W] (`segment_skip.segment_lists`:
+  other documents' tiles dropped, one-document full tiles first, so they run unmasked)."""
+  row = (b, hl, qt) if per_batch else (hl, qt)
+  return tab_ref[(*row, 0)], tab_ref[(*row, 1)], lambda j: tab_ref[(*row, 2 + j)]
 
 
 def load_ids(ids_ref, reduce_axis: int):
@@ -225,19 +221,19 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   segments = pad_segment_ids(q_segment_ids, kv_segment_ids, Tp, Sp) if has_seg else ()
   # The table spans every padded row (padding rows come out finite, as the backward needs);
   # real rows see the same keys, tiles are only marked full where the predicate says so.
-  table = kv_table(spec, Tp, S, Hkv, bk, q_offset, all_partial=has_seg)
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)
   nq = table.shape[1]
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
   def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, *refs):
-    qseg_ref, kseg_ref, skip_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    count, n_full, tile_of = list_walk(tab_ref, skip_ref, b, hl, qt)   # n_full = 0 with segments
+    count, n_full, tile_of = list_walk(tab_ref, b, hl, qt, per_batch=has_seg)
 
     def schedule():
       plgpu.barrier_arrive(sched)
@@ -323,8 +319,9 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                       k_bar, v_bar, k_free, v_free, bk, stages)
 
-  if has_seg:   # after the kernel's table: the skips read it
-    segments = (*segments, leading_skips(table, *segments, bk, T, S))
+  # With segment ids the lists are rebuilt per batch row from the ids (rows past T, keys past S:
+  # padding, ignored for dropping; a tile holding any is never run unmasked).
+  table = segment_skip.segment_lists(table, *segments, BLOCK_Q, bk, T, S) if has_seg else jnp.asarray(table)
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   out, lse = plgpu.kernel(
       longgen_flash_fwd_mgpu,
@@ -348,5 +345,5 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(table), q, k, v, *segments)
+  )(table, q, k, v, *segments)
   return out[:, :Tp_in], lse[:, :, :Tp_in]

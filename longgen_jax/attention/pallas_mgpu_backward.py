@@ -70,7 +70,7 @@ from jax.experimental import pallas as pl
 from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
-                                               full_first_table, is_hopper, kv_table, leading_skips, list_walk,
+                                               full_first_table, is_hopper, kv_table, list_walk,
                                                load_ids, same_segment, segments_enabled, split_segment_refs,
                                                stream_kv_tiles)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
@@ -193,16 +193,17 @@ def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: Atten
 
 
 def q_table(spec: AttentionSpec, Tp: int, S: int, Hkv: int, n_key_tiles: int,
-            q_offset: int = 0, all_partial: bool = False, block_k: int = BK_DKV) -> np.ndarray:
+            q_offset: int = 0, block_k: int = BK_DKV) -> np.ndarray:
   """int32[H', n_key_tiles, 2 + width]: per (kv head, block_k-key tile) [count, n_full, q tiles...].
 
   The transposed layout at 64 x block_k over Tp query rows (padded rows are ordinary rows) and S
   keys: the query tiles that visit each key tile, full ones first (ascending), then partial
   ones (ascending); slots past `count` repeat the last listed tile. Key tiles past the
-  layout's (keys only at or past S) get count 0. all_partial: no tile counts as full (segment ids).
+  layout's (keys only at or past S) get count 0. With segment ids the kernel walks it rebuilt per
+  batch row (`segment_skip.segment_lists`).
   """
   lay = block_layout(spec, Tp, S, Hkv, BQ_DKV, block_k, q_offset)
-  tab = full_first_table(lay.q_index, np.zeros_like(lay.q_full) if all_partial else lay.q_full, lay.q_count)
+  tab = full_first_table(lay.q_index, lay.q_full, lay.q_count)
   nk = tab.shape[1]
   if n_key_tiles < nk:
     raise ValueError(f"{n_key_tiles} key tiles cannot hold the layout's {nk}")
@@ -248,8 +249,10 @@ def mgpu_backward(q_BTHD, k_BSKD, v_BSKD, do_BTHD, lse_BHT, delta_BHT, spec: Att
   length T (default: all rows are real) must have zero dO and delta (then they contribute
   nothing). Lengths are padded here to what the kernels tile (128 query rows, 64/128 keys) and
   sliced back. Segment ids (int32
-  [B, Tp] / [B, Sp], where the forward's are: `supported`): every tile is masked, the mask also compares ids
-  (the resident side's once per warpgroup, the streamed side's per tile from GMEM).
+  [B, Tp] / [B, Sp], where the forward's are: `supported`): both kernels walk their lists rebuilt per
+  batch row (`segment_skip.segment_lists`: other documents' tiles dropped, one-document full tiles
+  unmasked); the mask of the others also compares ids (the resident side's once per warpgroup, the
+  streamed side's per tile from GMEM).
   """
   tiles = tiles or default_tiles(spec)
   B, Tp_in, Hq, D = q_BTHD.shape
@@ -302,20 +305,20 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
   bk, stages = tiles.block_k_dq, tiles.stages_dq
   dtype = q.dtype
   has_seg = bool(segments)
-  table = kv_table(spec, Tp, S, Hkv, bk, q_offset, all_partial=has_seg)   # [H', nq, 2 + width], 128-row tiles
+  table = kv_table(spec, Tp, S, Hkv, bk, q_offset)   # [H', nq, 2 + width], 128-row tiles
   nq = table.shape[1]
   per_head = spec.head_dependent(Hkv)
   c = scale * LOG2E
 
   def longgen_flash_bwd_dq_mgpu(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref, skip_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
      q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
     kv_head = lax.div(h, jnp.int32(G))
     hl = kv_head if per_head else 0
-    count, n_full, tile_of = list_walk(tab_ref, skip_ref, b, hl, qt)   # as the forward's
+    count, n_full, tile_of = list_walk(tab_ref, b, hl, qt, per_batch=has_seg)   # as the forward's
 
     @pl.when(wg < 2)
     def _compute():
@@ -383,8 +386,8 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
       stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                       k_bar, v_bar, k_free, v_free, bk, stages)
 
-  if has_seg:
-    segments = (*segments, leading_skips(table, *segments, bk, T, S))
+  # as the forward's: with segment ids, the lists rebuilt per batch row
+  table = segment_skip.segment_lists(table, *segments, BLOCK_Q, bk, T, S) if has_seg else jnp.asarray(table)
   tr = _transforms()
   return plgpu.kernel(
       longgen_flash_bwd_dq_mgpu,
@@ -411,7 +414,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(table), q, k, v, do, lse, delta, *segments)
+  )(table, q, k, v, do, lse, delta, *segments)
 
 
 # ----------------------------------------------------------------------------- dK, dV
@@ -428,7 +431,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
   has_seg = bool(segments)
   shared = tiles.dkv_keys == 2 * BK_DKV      # one 128-key tile per program, a half per warpgroup
   key_tile = tiles.dkv_keys
-  qtab = q_table(spec, Tp, S, Hkv, Sp // key_tile, q_offset, all_partial=has_seg, block_k=key_tile)
+  qtab = q_table(spec, Tp, S, Hkv, Sp // key_tile, q_offset, block_k=key_tile)
+  # Programs are paired (and ordered) by the static lists' lengths; with segment ids each warpgroup's
+  # list, count and n_full come from the per-batch rebuild instead (segment_skip.segment_lists).
   units = unit_singles(qtab) if shared else unit_pairs(qtab)  # [H', P, 2, 3]
   P = units.shape[1]
   rings = 1 if shared else 2                  # Q/dO/lse/delta rings: one shared, or one per warpgroup
@@ -436,20 +441,23 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
   c = scale * LOG2E
 
   def longgen_flash_bwd_dkv_mgpu(unit_ref, qtab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs):
-    qseg_ref, kseg_ref, end_ref, refs = split_segment_refs(refs, has_seg)
+    qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     (dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
      k_bar, v_bar, q_bar, do_bar, lse_bar, delta_bar, free) = refs
     b, kv_head, pair, wg = (lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("p"),
                             lax.axis_index("wg"))
     hp = kv_head if per_head else 0
 
-    def steps_of(w):
-      """Query tiles this program's warpgroup w visits: its list's count, or with segment ids the
-      list's live end (the trailing query tiles of other documents skipped; a dummy tile: 0)."""
-      kt, count = unit_ref[hp, pair, w, 0], unit_ref[hp, pair, w, 1]
+    # This program's warpgroup w walks the list of its unit's key tile: the static one (count and
+    # n_full in the unit), or with segment ids the one rebuilt for batch row b (a dummy unit: 0, 0).
+    def list_field(w, field):   # field 0: count, 1: n_full
       if not has_seg:
-        return count
-      return jnp.where(kt >= 0, end_ref[b, hp, jnp.maximum(kt, 0)], 0)
+        return unit_ref[hp, pair, w, 1 + field]
+      kt = unit_ref[hp, pair, w, 0]
+      return jnp.where(kt >= 0, qtab_ref[b, hp, jnp.maximum(kt, 0), field], 0)
+
+    def q_tile(kt, j):          # the query tile in slot j of key tile kt's list (kt >= 0)
+      return qtab_ref[b, hp, kt, 2 + j] if has_seg else qtab_ref[hp, kt, 2 + j]
 
     @pl.when(wg < 2)
     def _compute():
@@ -457,7 +465,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
       # registers per thread at D 128) live across the loop beside S^T, P^T, dP^T, dS^T (32 each)
       # and their bf16 copies; ptxas spills would show as a slow kernel, not a wrong one.
       plgpu.set_max_registers(232, action="increase")
-      kt, count, n_full = unit_ref[hp, pair, wg, 0], steps_of(wg), unit_ref[hp, pair, wg, 2]
+      kt, count, n_full = unit_ref[hp, pair, wg, 0], list_field(wg, 0), list_field(wg, 1)
       k_w, v_w = k_smem.at[wg], v_smem.at[wg]
       if shared:   # this warpgroup's half of the program's 128-key tile (never a dummy)
         keys = pl.ds(kt * key_tile + wg * BK_DKV, BK_DKV)
@@ -480,7 +488,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
         ring = lax.rem(it, jnp.int32(stages)) if shared else wg * stages + lax.rem(it, jnp.int32(stages))
         q_s, do_s = q_smem.at[ring], do_smem.at[ring]
         if masked:
-          qt = qtab_ref[hp, kt, 2 + lax.div(it, jnp.int32(G))]
+          qt = q_tile(kt, lax.div(it, jnp.int32(G)))
           q_seg = load_ids(qseg_ref.at[b, pl.ds(qt * BQ_DKV, BQ_DKV)], 0) if has_seg else None   # columns of S^T
         plgpu.barrier_wait(q_bar.at[ring])
 
@@ -535,11 +543,11 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
       kts = [unit_ref[hp, pair, w, 0] for w in range(2)]
-      steps = [steps_of(w) * G for w in range(2)]
+      steps = [list_field(w, 0) * G for w in range(2)]
 
       def fetch(w, it, slot):
         j, g = lax.div(it, jnp.int32(G)), lax.rem(it, jnp.int32(G))
-        qt = qtab_ref[hp, jnp.maximum(kts[w], 0), 2 + j]
+        qt = q_tile(jnp.maximum(kts[w], 0), j)
         h = kv_head * G + g
         rows = pl.ds(qt * BQ_DKV, BQ_DKV)
         ring = w * stages + slot
@@ -565,9 +573,9 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
             plgpu.barrier_wait(free.at[w * stages + slot])
             fetch(w, it, slot)
 
-  if has_seg:   # per (batch, kv-head list, key tile of the program): one past the last query tile to visit
-    segments = (*segments, segment_skip.live_ends(qtab[..., 2:], qtab[..., 0], segments[1], segments[0],
-                                                  key_tile, BQ_DKV, S, T))
+  # rows: key tiles (ids of the keys, true length S), entries: query tiles (true length T)
+  qtab = (segment_skip.segment_lists(qtab, segments[1], segments[0], key_tile, BQ_DKV, S, T) if has_seg
+          else jnp.asarray(qtab))
   tr = _transforms()
   ring = rings * stages
   out_kv = jax.ShapeDtypeStruct((B, Sp, Hkv, D), dtype)
@@ -596,5 +604,5 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interpret,
-  )(jnp.asarray(units), jnp.asarray(qtab), q, k, v, do, lse, delta, *segments)
+  )(jnp.asarray(units), qtab, q, k, v, do, lse, delta, *segments)
   return dk, dv

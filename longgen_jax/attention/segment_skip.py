@@ -6,8 +6,10 @@ tiles at the ends of their lists. The lists are ascending, so for documents pack
 documents' key tiles lead a query tile's list and the later documents' query tiles end a key tile's
 list: a full layer over n equal documents then does ~1/n of the causal work. Computed at run time from
 the ids (only whole runs of such tiles at the list ends are skipped, so nothing is assumed about the
-ids: any tile skipped is one that adds nothing). Shared by the Triton kernels (`pallas_gpu`) and the
-Mosaic GPU ones (`pallas_mgpu`, `pallas_mgpu_backward`).
+ids: any tile skipped is one that adds nothing). The Triton kernels (`pallas_gpu`) skip the ends of
+their static lists (`leading_foreign`, `live_ends`); the Mosaic GPU ones (`pallas_mgpu`,
+`pallas_mgpu_backward`) walk lists rebuilt per batch row (`segment_lists`): other documents' tiles
+dropped wherever they are, and tiles inside one document that the pattern fills run unmasked.
 """
 
 from __future__ import annotations
@@ -64,3 +66,34 @@ def live_ends(index, count, row_seg, entry_seg, row_block: int, entry_block: int
   pad = np.arange(index.shape[-1]) >= count[..., None]      # entries past the list: skippable
   trailing = jnp.sum(jnp.cumprod((f | pad[None])[..., ::-1], axis=-1), axis=-1, dtype=jnp.int32)
   return jnp.asarray(count, jnp.int32)[None] - (trailing - pad.sum(-1)[None])
+
+
+def segment_lists(table, row_seg, entry_seg, row_block: int, entry_block: int,
+                  row_real: int | None = None, entry_real: int | None = None):
+  """int32[B, H', n, 2 + width]: a full-first table ([count, n_full, entries...] per (H', row), numpy,
+  as `pallas_mgpu.full_first_table` builds it from the pattern alone) rebuilt for each batch row's
+  segment ids, in the same layout. First the entries the pattern fills whose row tile and entry tile
+  lie in ONE document (every id of both tiles, padding included, equal): a kernel runs them unmasked;
+  then the other entries that share a document with the row (masked); entries sharing none (a
+  kernel would add exactly nothing) are dropped (kept, masked, when not ENABLED). Relative order is
+  kept within each group, so dropping changes no bit. Rows are query tiles and entries key tiles
+  (forward, dQ), or the reverse (dK/dV); `*_real` as in `tile_ranges` (for the dropping only)."""
+  index, count, n_full = (jnp.asarray(table[..., i]) for i in (slice(2, None), 0, 1))   # [H', n, W], [H', n]
+  n, width = index.shape[1], index.shape[-1]
+  slot = jnp.arange(width)
+  listed = slot < count[..., None]                                             # [H', n, W]
+  filled = slot < n_full[..., None]                                            # full-first: full ones lead
+  (row_lo, row_hi), (ent_lo, ent_hi) = tile_ranges(row_seg, row_block), tile_ranges(entry_seg, entry_block)
+  row_lo, row_hi = row_lo[:, :n], row_hi[:, :n]
+  one_doc_row = (row_lo == row_hi)[:, None, :, None]                           # [B, 1, n, 1]
+  e_lo, e_hi = ent_lo[:, index], ent_hi[:, index]                              # [B, H', n, W]
+  one_doc = one_doc_row & (e_lo == e_hi) & (e_lo == row_lo[:, None, :, None])
+  disjoint = foreign(np.asarray(table[..., 2:]), np.asarray(table[..., 0]),
+                     tile_ranges(row_seg, row_block, row_real), tile_ranges(entry_seg, entry_block, entry_real))
+  drop = disjoint if ENABLED else jnp.zeros_like(disjoint)
+  rank = jnp.where(~listed[None] | drop, 2, jnp.where(filled[None] & one_doc, 0, 1))
+  order = jnp.argsort(rank, axis=-1, stable=True)
+  entries = jnp.take_along_axis(jnp.broadcast_to(index[None], rank.shape), order, axis=-1)
+  new_count = jnp.sum(rank < 2, axis=-1, dtype=jnp.int32)
+  new_full = jnp.sum(rank == 0, axis=-1, dtype=jnp.int32)
+  return jnp.concatenate([new_count[..., None], new_full[..., None], entries.astype(jnp.int32)], axis=-1)
