@@ -4,12 +4,14 @@
 
 A row of T tokens holds N equal documents (segment ids 1..N). Timed, forward+backward, bf16, B 1,
 32 query heads, head_dim 128:
-  ours_packed       our kernel with segment ids: tiles that share no document are skipped at the
-                    list ends (attention.segment_skip.ENABLED), so the work is ~T^2 / 2N
+  ours_packed       our kernel with segment ids (the default path): tiles that share no document are
+                    skipped (attention.segment_skip.ENABLED; Triton: at the list ends, Mosaic: anywhere,
+                    and one-document full tiles unmasked), so the work is ~T^2 / 2N
   ours_triton_segments / ours_mosaic_segments
                     the same, forcing the Triton or the Mosaic GPU segment paths (LONGGEN_JAX_MGPU_SEGMENTS
                     0 / 1 while tracing): the two side by side in one run, per --pattern
-  ours_no_skip      the same with the skipping off: the whole causal triangle, masked by segment
+  ours_no_skip      the same with the skipping off: the whole causal triangle (on the Mosaic path the
+                    one-document tiles still run unmasked)
   cudnn_causal      cuDNN over the row as ONE sequence (no segment ids: the cost of ignoring packing)
   cudnn_batched     cuDNN over the N documents as a batch of N sequences of T / N: the ideal for equal
                     documents (what a packing-aware cuDNN call could reach)

@@ -84,7 +84,8 @@ def test_segment_lists_drop_other_documents_and_unmask_one_document_tiles(monkey
   the rest that share a document, the others dropped; a tile holding padding is never unmasked."""
   spec, T = AttentionSpec.full(), 700
   ids = np.repeat([[1, 2, 3]], [256, 192, 252], axis=1)               # tile-aligned, then a ragged end
-  both = jnp.asarray(np.concatenate([ids, 4 - ids]))                   # row 1: the documents in reverse order
+  other = np.repeat([[3, 1, 2]], [128, 512, 60], axis=1)               # row 1: other boundaries, ids unordered
+  both = jnp.asarray(np.concatenate([ids, other]))
   qseg, kseg = pad_segment_ids(both, both, 768, 768)
   table = kv_table(spec, 768, T, 1, 64)                                  # [1, 6, 2 + 12], 128 x 64 tiles
   lists = np.asarray(segment_skip.segment_lists(table, qseg, kseg, 128, 64, T, T))
@@ -548,7 +549,7 @@ def test_kernel_schedule_runs_one_document_tiles_unmasked_on_cpu(dkv_keys):
   spec, B, T, S, Hq, Hkv, D = AttentionSpec.full(), 2, 700, 700, 4, 2, 64
   q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, jnp.float32, seed=13)
   ids = np.repeat([[1, 2, 3]], [256, 256, 188], axis=1)
-  segments = (jnp.asarray(np.concatenate([ids, 4 - ids])),) * 2
+  segments = (jnp.asarray(np.concatenate([ids, np.repeat([[3, 1, 2]], [128, 512, 60], axis=1)])),) * 2
   out, lse, (rq, rk, rv) = _reference_grads(q, k, v, do, dlse, spec, 0, segments)
   lse2, delta = _kernel_inputs(out, lse, do, dlse)
   dq, dk, dv = _emulate_backward(q, k, v, do, lse2, delta, spec, S, 0, segments=segments, dkv_keys=dkv_keys)
@@ -558,6 +559,7 @@ def test_kernel_schedule_runs_one_document_tiles_unmasked_on_cpu(dkv_keys):
   qlists = np.asarray(segment_skip.segment_lists(mbwd.q_table(spec, 768, S, Hkv, 768 // dkv_keys, block_k=dkv_keys),
                                                  kseg, qseg, dkv_keys, 64, S, T))
   assert lists[..., 1].sum() > 0 and qlists[..., 1].sum() > 0
+  assert (lists[0] != lists[1]).any() and (qlists[0] != qlists[1]).any()   # each batch row its own lists
   assert lists[0, 0, 1, 1] == 2                      # rows 128-255 (document 1): key tiles 0-1 unmasked
 
 
@@ -722,19 +724,19 @@ def test_mgpu_backward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, D
 @pytest.mark.parametrize("dkv_keys", [64, 128])
 @pytest.mark.parametrize("spec", [AttentionSpec.full(), AttentionSpec.sink_window(64, 256)], ids=str)
 def test_mgpu_segments_one_document_tiles_unmasked_match_reference(spec, dkv_keys, monkeypatch):
-  """Long packed documents (tile-aligned and not, two rows in different orders), so the per-batch lists
+  """Long packed documents (tile-aligned and not; the two rows with different boundaries), so the per-batch lists
   put one-document full tiles in the unmasked loops (checked on the lists): forward out/lse and the
   backward kernels' dq/dk/dv vs the float32 reference, GQA 4, bf16."""
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
   B, T, Hq, Hkv, D = 2, 1000, 8, 2, 128
   ids = np.repeat([[1, 2, 3]], [384, 256, 360], axis=1)
-  qs = ks = jnp.asarray(np.concatenate([ids, 4 - ids]), jnp.int32)
+  qs = ks = jnp.asarray(np.concatenate([ids, np.repeat([[3, 1, 2]], [128, 512, 360], axis=1)]), jnp.int32)
   qseg, kseg = pad_segment_ids(qs, ks, 1024, 1024)
   lists = segment_skip.segment_lists(kv_table(spec, 1024, T, Hkv, 128), qseg, kseg, 128, 128, T, T)
   q_lists = segment_skip.segment_lists(mbwd.q_table(spec, 1024, T, Hkv, 1024 // dkv_keys, block_k=dkv_keys),
                                        kseg, qseg, dkv_keys, 64, T, T)
-  assert int(np.asarray(lists)[..., 1].sum()) > 0
-  assert int(np.asarray(q_lists)[..., 1].sum()) > 0
+  for tab in (np.asarray(lists), np.asarray(q_lists)):   # unmasked tiles, and each batch row its own lists
+    assert tab[..., 1].sum() > 0 and (tab[0] != tab[1]).any()
   q, k, v, do, dlse = attention_grad_inputs(B, T, T, Hq, Hkv, D, jnp.bfloat16, seed=21)
   out, lse, ref = _reference_grads(q, k, v, do, dlse, spec, 0, (qs, ks))
   got_out, got_lse2 = jax.jit(lambda q, k, v: mgpu_forward(q, k, v, spec, T=T, S=T, q_segment_ids=qs,

@@ -1,4 +1,4 @@
-"""Packed documents: the tiles at the ends of a kernel's tile lists that other documents own.
+"""Packed documents: which listed tiles other documents own (skipped), and which lie in one (unmasked).
 
 With segment ids a listed tile whose rows and columns share no segment id adds exactly nothing (every
 score -inf, p = 0: the online softmax, dQ and dK/dV are unchanged bit for bit), so the kernels skip such
