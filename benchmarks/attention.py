@@ -77,12 +77,15 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
   return statistics.median(times)
 
 
-def make_fns(name: str, spec, tiles=None, bwd_tiles=None):
-  """(forward, forward+backward) jitted callables of (q, k, v, do); bwd_tiles: the Mosaic backward's
-  tiles for ours_mgpu_bwd (default: 64-key dK/dV programs)."""
+def make_fns(name: str, spec, tiles=None):
+  """(forward, forward+backward) jitted callables of (q, k, v, do); tiles: the kernels' `Tiles`, or
+  for ours_mgpu_bwd the Mosaic backward's `MgpuBwdTiles` (default: 64-key dK/dV programs)."""
   if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128"):
     from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
+    bwd_tiles = None
+    if isinstance(tiles, pallas_mgpu_backward.MgpuBwdTiles):
+      bwd_tiles, tiles = tiles, None
     if name == "ours_triton_fwd":   # the Triton forward instead of Mosaic GPU (same backward)
       tiles = dataclasses.replace(tiles or Tiles(), forward="triton")
     # The backward switch is read while jit traces the custom_vjp backward (in fwd_bwd below):
@@ -167,8 +170,7 @@ def main():
         if args.only and not any(o in label for o in args.only.split(",")):
           continue
         pairs = allowed_pairs(spec, T, hkv)
-        fwd, fwd_bwd = make_fns(name, spec, None if name == "ours_mgpu_bwd" else tiles,
-                                bwd_tiles=tiles if name == "ours_mgpu_bwd" else None)
+        fwd, fwd_bwd = make_fns(name, spec, tiles)
         row = dict(T=T, kv_heads=hkv, impl=label, pairs=pairs)
         try:
           row["fwd_ms"] = 1e3 * time_fn(fwd, q, k, v, do)

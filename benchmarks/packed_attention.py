@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import sys
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -47,21 +48,10 @@ def skipping(on: bool):
     segment_skip.ENABLED = old
 
 
-@contextlib.contextmanager
 def segment_paths(name: str):
   """LONGGEN_JAX_MGPU_SEGMENTS forced for the ours_triton/mosaic_segments cases (read while tracing)."""
   value = {"ours_triton_segments": "0", "ours_mosaic_segments": "1"}.get(name)
-  old = os.environ.get(pallas_mgpu.SEGMENTS_ENV)
-  if value is not None:
-    os.environ[pallas_mgpu.SEGMENTS_ENV] = value
-  try:
-    yield
-  finally:
-    if value is not None:
-      if old is None:
-        os.environ.pop(pallas_mgpu.SEGMENTS_ENV, None)
-      else:
-        os.environ[pallas_mgpu.SEGMENTS_ENV] = old
+  return contextlib.nullcontext() if value is None else mock.patch.dict(os.environ, {pallas_mgpu.SEGMENTS_ENV: value})
 
 
 def fwd_bwd_fn(name: str, T: int, n_docs: int, spec: AttentionSpec = AttentionSpec.full()):

@@ -13,8 +13,8 @@ log-sum-exp kept for backward is base 2, the one returned to callers is natural.
 Packed documents (segment ids): the lists are static, the ids are data, so each call also computes
 per list how many tiles at its ends belong to other documents only, and the three kernels start
 (forward, dQ) or stop (dK/dV) past them: a full layer over N packed documents does ~1/N of the
-causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' segment paths skip the
-same way). CPU-tested bit for bit against no skipping, GPU-tested against the reference; GPU timing:
+causal work, with the same bits (`segment_skip`; the Mosaic GPU kernels' segment paths drop such
+tiles anywhere in their lists). CPU-tested bit for bit against no skipping, GPU-tested against the reference; GPU timing:
 benchmarks/packed_attention.py.
 
 Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=True`) for tests.

@@ -51,7 +51,9 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
 Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids on the pattern kinds where the Mosaic
-forward's switch allows them (`pallas_mgpu.segments_enabled`; `supported()`; the mgpu_segments GPU pass, 30 passed, H200, 2026-11-27).
+forward's switch allows them (`pallas_mgpu.segments_enabled`; `supported()`). The segment paths passed
+the mgpu_segments GPU pass (30 tests, H200, 2026-11-27) before their lists were rebuilt per batch row;
+the rebuilt lists are CPU-checked only (emulated schedule, CUDA lowering).
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def forced(on: bool | str | None):
 
 def supported(dtype, head_dim: int, has_segments: bool, device=None, spec: AttentionSpec | None = None) -> bool:
   """Whether this backward serves the call with pattern `spec` (else the Triton backward does). Segment
-  ids where `pallas_mgpu.segments_enabled(spec)` (by default full layers only)."""
+  ids where `pallas_mgpu.segments_enabled(spec)` (by default the kinds in `pallas_mgpu.SEGMENT_KINDS`)."""
   return (jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
           and head_dim in (64, 128) and (not has_segments or segments_enabled(spec)) and is_hopper(device))
 
