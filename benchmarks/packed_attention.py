@@ -28,7 +28,6 @@ import datetime
 import json
 import os
 import sys
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +47,24 @@ def skipping(on: bool):
     segment_skip.ENABLED = old
 
 
+@contextlib.contextmanager
 def segment_paths(name: str):
-  """LONGGEN_JAX_MGPU_SEGMENTS forced for the ours_triton/mosaic_segments cases (read while tracing)."""
+  """LONGGEN_JAX_MGPU_SEGMENTS forced for the ours_triton/mosaic_segments cases (read while tracing).
+  Only that key is restored afterwards: `mock.patch.dict(os.environ)` would also delete what JAX's Mosaic
+  GPU module sets on its first import inside the block (MOSAIC_GPU_RUNTIME_LIB_PATH), and the kernel,
+  compiled after the block, then fails with "Symbols not found: mosaic_gpu_launch_kernel"."""
   value = {"ours_triton_segments": "0", "ours_mosaic_segments": "1"}.get(name)
-  return contextlib.nullcontext() if value is None else mock.patch.dict(os.environ, {pallas_mgpu.SEGMENTS_ENV: value})
+  key, old = pallas_mgpu.SEGMENTS_ENV, os.environ.get(pallas_mgpu.SEGMENTS_ENV)
+  if value is not None:
+    os.environ[key] = value
+  try:
+    yield
+  finally:
+    if value is not None:
+      if old is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = old
 
 
 def fwd_bwd_fn(name: str, T: int, n_docs: int, spec: AttentionSpec = AttentionSpec.full()):

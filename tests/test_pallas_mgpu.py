@@ -62,10 +62,10 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, False) == on
   assert not pallas_mgpu.supported(jnp.float32, 128, False)
   assert not pallas_mgpu.supported(jnp.bfloat16, 64, False)
-  # segment ids: by default the kinds in SEGMENT_KINDS (none until the rebuilt lists are GPU-tested),
-  # all with 1, none with 0
+  # segment ids: by default the kinds in SEGMENT_KINDS, all with 1, none with 0
   full, sparse = AttentionSpec.full(), AttentionSpec.sink_window(64, 1984)
-  assert not pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) or "full" in pallas_mgpu.SEGMENT_KINDS
+  for spec in (full, sparse, AttentionSpec.block_sparse(64, 16, 64)):
+    assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=spec) == (on and spec.kind in pallas_mgpu.SEGMENT_KINDS)
   monkeypatch.setattr(pallas_mgpu, "SEGMENT_KINDS", frozenset({"full"}))
   assert not pallas_mgpu.supported(jnp.bfloat16, 128, True)          # no pattern given: not measured
   assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=full) == on
@@ -314,9 +314,9 @@ def test_backward_supported(monkeypatch):
   assert not mbwd.supported(jnp.float32, 128, False)
   assert not mbwd.supported(jnp.bfloat16, 96, False)
   assert not mbwd.supported(jnp.bfloat16, 256, False)
-  # segment ids: where the Mosaic forward takes them (full by default), else the Triton backward
-  assert mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.full()) == on
-  assert not mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.block_sparse(64, 16, 64))
+  # segment ids: for the kinds in SEGMENT_KINDS (where the Mosaic forward takes them), else the Triton backward
+  for spec in (AttentionSpec.full(), AttentionSpec.block_sparse(64, 16, 64)):
+    assert mbwd.supported(jnp.bfloat16, 128, True, spec=spec) == (on and spec.kind in pallas_mgpu.SEGMENT_KINDS)
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
   assert mbwd.supported(jnp.bfloat16, 128, True, spec=AttentionSpec.block_sparse(64, 16, 64)) == on
 
@@ -814,3 +814,26 @@ def test_backward_mixes_mosaic_and_triton_kernels_per_gradient(monkeypatch):
   assert np.all(np.asarray(dq, np.float32) == 7)
   np.testing.assert_array_equal(np.asarray(dk), np.asarray(triton_dk))
   np.testing.assert_array_equal(np.asarray(dv), np.asarray(triton_dv))
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_train_step_runs_each_full_layer_forward_once(scan):
+  """remat="full" keeps each full layer's attention output, so the compiled gradient holds ONE Mosaic
+  forward kernel per full layer (per scan body when the layers are scanned) and none in the backward.
+  Without the barrier in attention.residuals, XLA's dynamic-slice fusion cloned the forward into the
+  write of the scan's stacked residuals: two forwards per layer (the 7B step at 128K lost 0.24 s/layer)."""
+  from flax import nnx
+  from longgen_jax import Llama
+  from longgen_jax.model.config import ModelConfig
+  from tests.conftest import run_model
+  cfg = ModelConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=128)
+  graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat="full", scan_layers=scan))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (1, 1024)), jnp.int32)
+  loss = lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+  forwards = [line for line in hlo.splitlines()
+              if 'custom_call_target="mosaic_gpu_v2"' in line and "longgen_flash_fwd_mgpu" in line]
+  assert len(forwards) == (1 if scan else cfg.num_layers), forwards

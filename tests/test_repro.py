@@ -169,3 +169,16 @@ def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
   shared = rep.job_slots(["0", "0", "1"], 1)
   assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "0", "1"]
   assert all(s["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in shared)
+
+
+def test_eval_settings_fit_the_longest_prompt_and_its_answer():
+  """Both eval settings leave room for the answer after the longest pass-key prompt (the GPU set's
+  first 8K pilot stopped at evaluation: 16K prompts with --max-seq-len 16K)."""
+  from longgen_jax.evaluate import parse_length
+  from longgen_jax.evaluation.passkey import _answer_tokens
+  from longgen_jax.data.tokenizer import ByteTokenizer
+  base = _script().load_config_module(os.path.join(REPRO, "base.py"))
+  room = _answer_tokens(ByteTokenizer())
+  for ev in (base.EVAL, base.CPU_TINY["eval"]):
+    longest = max(map(parse_length, ev["lengths"].split(",")))
+    assert longest + room <= parse_length(ev["max_seq_len"]), ev

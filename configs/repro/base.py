@@ -19,9 +19,10 @@ from longgen_jax.training import default_config
 MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers=12, num_heads=4,
              num_kv_heads=2, head_dim=128, max_seq_len=8192, rope_theta=10000.0)
 SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64,4,64)"}
-# evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len; RoPE base from the checkpoint)
+# evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len, which must also hold the
+# longest prompt's answer: 16K + 1K; RoPE base from the checkpoint)
 EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
-            max_seq_len="16K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8, attn_impl="auto")
+            max_seq_len="17K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8, attn_impl="auto")
 
 # Training stages before the main one, each (steps, {key: value}) on top of the variant's config and
 # starting from the previous stage's model: a curriculum (scripts/reproduce.py --stage replaces it). None

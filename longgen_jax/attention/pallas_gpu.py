@@ -22,7 +22,7 @@ Runs compiled on Ampere and Hopper, and in interpret mode on CPU (`interpret=Tru
 Forward on Hopper: for bf16/fp16, head_dim 128 and no segment ids, the forward is the Mosaic GPU
 kernel in `pallas_mgpu` (wgmma, TMA, warp-specialised; same tables, same base-2 lse), chosen
 because it is faster for every pattern (figures in BENCHMARKS.md); with segment ids too on the
-pattern kinds in `pallas_mgpu.SEGMENT_KINDS` (GPU-tested and measured faster; none at present),
+pattern kinds in `pallas_mgpu.SEGMENT_KINDS` (GPU-tested and measured faster: all three),
 `LONGGEN_JAX_MGPU_SEGMENTS=1` every pattern, 0 none. The backward below consumes
 its out + lse unchanged.
 `Tiles(forward="triton")` forces this module's forward.

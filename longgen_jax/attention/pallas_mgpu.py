@@ -89,14 +89,16 @@ def env_switch(name: str, default: str = "0") -> bool:
 
 # Pattern kinds whose calls WITH segment ids (packed documents) the Mosaic kernels (this forward and
 # pallas_mgpu_backward) serve by default: where they passed the GPU tests and measured faster than the
-# Triton kernels with segments. None today: the per-batch lists (`segment_skip.segment_lists`) replaced
-# the GPU-tested ones after the last GPU run. Measured with those (every tile masked, leading foreign
-# tiles skipped; one H200, JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16,
-# benchmarks/packed_attention.py; BENCHMARKS.md "The Mosaic segment paths (packed documents)"): full,
-# fwd+bwd at 128K with 1 / 4 / 16 documents per row, 1297 / 329 / 84.8 ms vs Triton 1379 / 347 / 89.3.
-# Next: the mgpu_segments GPU pass on the rebuilt lists, then `packed_attention.py --cases
-# ours_triton_segments,ours_mosaic_segments` per pattern; the kinds that pass and win go here.
-SEGMENT_KINDS: frozenset[str] = frozenset()
+# Triton kernels with segments. All three, with the per-batch lists (`segment_skip.segment_lists`):
+# the mgpu_segments GPU pass (every pattern on these paths) 34 passed on an H200; timed (one H200,
+# JAX 0.11.2, 2026-11-27, 32 query / 8 kv heads, head_dim 128, bf16, fwd+bwd at 128K with 1 / 4 / 16
+# documents per row, benchmarks/packed_attention.py; BENCHMARKS.md "Packed documents: the Mosaic
+# segment paths"), ms, Mosaic vs Triton:
+#   full                     958.7 / 240.9 / 64.3   vs 1380.7 / 348.6 / 88.7   (1.38-1.45x)
+#   sink_window(64,1984)      43.0 /  40.6 / 36.7   vs   47.6 /  45.2 / 41.3   (1.11-1.13x)
+#   block_sparse(64,16,64)    42.6 /  27.4 / 22.9   vs   48.3 /  30.5 / 25.3   (1.10-1.13x)
+# (sparse kinds: Mosaic forward and dQ, Triton dK/dV, as pallas_mgpu_backward.FASTER_THAN_TRITON says.)
+SEGMENT_KINDS: frozenset[str] = frozenset({"full", "sink_window", "block_sparse"})
 
 
 def segments_enabled(spec: AttentionSpec | None = None) -> bool:
