@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU-only tests (they skip on CPU), as the device sessions run them: every GPU test file with the
 # default kernels (the backward's per-kernel Mosaic/Triton choice, LONGGEN_JAX_MGPU_BACKWARD unset =
-# auto), then the Pallas ones again with the Triton backward alone (=0, the Ampere path), with both
+# auto), then the Pallas ones again with the Triton backward and segment paths alone
+# (LONGGEN_JAX_MGPU_BACKWARD=0 LONGGEN_JAX_MGPU_SEGMENTS=0, the Ampere path), with both
 # Mosaic backward kernels (=1), and the segment-id tests with the Mosaic segment paths on for every
 # pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default the kinds in pallas_mgpu.SEGMENT_KINDS take them).
 #
@@ -38,7 +39,7 @@ run() {  # name, env, test files...
 # A pass per backward setting and one for the Mosaic segment paths on every pattern, so one's failure holds back no other.
 passes=" ${PASSES:-default triton mgpu_backward mgpu_segments} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
-[[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0" tests/test_pallas_gpu.py
+[[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0 LONGGEN_JAX_MGPU_SEGMENTS=0" tests/test_pallas_gpu.py
 [[ $passes == *" mgpu_backward "* ]] && run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
 [[ $passes == *" mgpu_segments "* ]] && run mgpu_segments "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py -k "seg"
 exit $status

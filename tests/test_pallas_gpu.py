@@ -261,7 +261,8 @@ def test_gpu_offset_segments_fp16():
 def test_gpu_packed_segments_skip_foreign_tiles_exactly(monkeypatch):
   """Compiled: four packed documents of uneven lengths (T not a multiple of 64), full layer, GQA 4,
   bf16: the same bits with and without skipping the tiles other documents own, and the reference.
-  (The Triton kernels unless pallas_mgpu.SEGMENT_KINDS or LONGGEN_JAX_MGPU_SEGMENTS=1 route it to Mosaic.)"""
+  (On Hopper the Mosaic segment paths by default, pallas_mgpu.SEGMENT_KINDS; the Triton ones in the
+  `triton` pass of scripts/gpu_tests.sh, LONGGEN_JAX_MGPU_SEGMENTS=0, and on Ampere.)"""
   T = 2000
   seg = jnp.asarray(np.repeat([1, 2, 3, 4], [700, 300, 650, 350])[None], jnp.int32)
   q, k, v, d_out, d_lse = _inputs(5, 1, T, T, 8, 2, 128, jnp.bfloat16)

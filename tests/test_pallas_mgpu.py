@@ -62,7 +62,9 @@ def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   assert pallas_mgpu.supported(jnp.bfloat16, 128, False) == on
   assert not pallas_mgpu.supported(jnp.float32, 128, False)
   assert not pallas_mgpu.supported(jnp.bfloat16, 64, False)
-  # segment ids: by default the kinds in SEGMENT_KINDS, all with 1, none with 0
+  # segment ids: by default the kinds in SEGMENT_KINDS (all three: GPU-tested and measured faster), all
+  # with 1, none with 0
+  assert pallas_mgpu.SEGMENT_KINDS == {"full", "sink_window", "block_sparse"}
   full, sparse = AttentionSpec.full(), AttentionSpec.sink_window(64, 1984)
   for spec in (full, sparse, AttentionSpec.block_sparse(64, 16, 64)):
     assert pallas_mgpu.supported(jnp.bfloat16, 128, True, spec=spec) == (on and spec.kind in pallas_mgpu.SEGMENT_KINDS)
@@ -818,19 +820,21 @@ def test_backward_mixes_mosaic_and_triton_kernels_per_gradient(monkeypatch):
 
 @gpu_only
 @hopper_only
+@pytest.mark.parametrize("pattern,remat", [("full", "full"), ("full", "none"), ("sink_window(64,448)", "none")])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-def test_train_step_runs_each_full_layer_forward_once(scan):
-  """remat="full" keeps each full layer's attention output, so the compiled gradient holds ONE Mosaic
-  forward kernel per full layer (per scan body when the layers are scanned) and none in the backward.
-  Without the barrier in attention.residuals, XLA's dynamic-slice fusion cloned the forward into the
-  write of the scan's stacked residuals: two forwards per layer (the 7B step at 128K lost 0.24 s/layer)."""
+def test_train_step_runs_each_layer_forward_once(scan, pattern, remat):
+  """remat="full" keeps each full layer's attention output ("none" every layer's), so the compiled gradient
+  holds ONE Mosaic forward kernel per layer (per scan body when the layers are scanned) and none in the
+  backward. Without the barrier in pallas_gpu's custom_vjp forward, XLA's dynamic-slice fusion cloned the
+  forward into the write of the scan's stacked residuals: two forwards per scan body (seen on full layers
+  with remat="full", where the 7B step at 128K lost 0.24 s per full layer; the scanned cases catch it)."""
   from flax import nnx
   from longgen_jax import Llama
   from longgen_jax.model.config import ModelConfig
   from tests.conftest import run_model
   cfg = ModelConfig(vocab_size=128, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=2,
-                    num_kv_heads=1, head_dim=128)
-  graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat="full", scan_layers=scan))
+                    num_kv_heads=1, head_dim=128, layer_specs=(AttentionSpec.parse(pattern),) * 2)
+  graphdef, state = nnx.split(Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat=remat, scan_layers=scan))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (1, 1024)), jnp.int32)
   loss = lambda state: jnp.mean(run_model(nnx.merge(graphdef, state), tokens) ** 2)
   hlo = jax.jit(jax.grad(loss)).lower(state).compile().as_text()

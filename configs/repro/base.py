@@ -20,7 +20,7 @@ MODEL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_layers
              num_kv_heads=2, head_dim=128, max_seq_len=8192, rope_theta=10000.0)
 SPARSE = {"sink_window": "sink_window(64,256)", "block_sparse": "block_sparse(64,4,64)"}
 # evaluate passkey / ppl arguments (lengths beyond seq_len use --max-seq-len, which must also hold the
-# longest prompt's answer: 16K + 1K; RoPE base from the checkpoint)
+# longest prompt's answer (a few tokens; 17K leaves slack); RoPE base from the checkpoint)
 EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=50, batch_size=25,
             max_seq_len="17K", ppl_seq_len="16K", ppl_bucket="1K", ppl_docs=8, attn_impl="auto")
 

@@ -51,9 +51,8 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
 Supported: bf16/fp16, head_dim 64 or 128, Hopper; segment ids on the pattern kinds where the Mosaic
-forward's switch allows them (`pallas_mgpu.segments_enabled`; `supported()`). The segment paths passed
-the mgpu_segments GPU pass (30 tests, H200, 2026-11-27) before their lists were rebuilt per batch row;
-the rebuilt lists are CPU-checked only (emulated schedule, CUDA lowering).
+forward's switch allows them (`pallas_mgpu.segments_enabled`; `supported()`). The segment paths, on
+lists rebuilt per batch row, passed the mgpu_segments GPU pass (34 tests, H200, 2026-11-27).
 """
 
 from __future__ import annotations
