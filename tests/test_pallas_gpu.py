@@ -296,3 +296,24 @@ def test_gpu_dispatch():
   out = attention(q, k, v, FULL, impl="pallas")
   ref = reference_attention(q, k, v, FULL)
   assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("spec", [FULL, AttentionSpec.sink_window(4, 12), AttentionSpec.block_sparse(4, 1, 3)], ids=str)
+def test_dkv_lists_flat_hold_each_list_and_nothing_else(spec):
+  """The dK/dV kernel's transposed lists travel flat (CSR): row r's entries are entries[offsets[r]:][:count[r]],
+  in list order, and the table is exactly as long as the real entries (the sink's and strided key tiles make the
+  dense [rows, width] form mostly padding)."""
+  from longgen_jax.attention import pallas_gpu
+  from longgen_jax.attention.spec import block_layout
+  lay = block_layout(spec, 200, 200, 3, 8, 8)
+  entries, offsets, (tile, rows, slots) = pallas_gpu._csr_tables(lay.q_index, lay.q_full, lay.q_count)
+  entries, offsets, count = np.asarray(entries), np.asarray(offsets), lay.q_count.reshape(-1)
+  assert entries.size == max(1, count.sum()) and offsets.size == count.size
+  index, full = lay.q_index.reshape(count.size, -1), lay.q_full.reshape(count.size, -1)
+  for r, n in enumerate(count):
+    got = entries[offsets[r]:offsets[r] + n]
+    np.testing.assert_array_equal(got // 2, index[r, :n])
+    np.testing.assert_array_equal(got % 2, full[r, :n])
+    np.testing.assert_array_equal(tile[rows == r], index[r, :n])
+    np.testing.assert_array_equal(slots[rows == r], np.arange(n))
+  assert count.max() > 2 * np.median(count) or spec.is_full   # a long row: what the flat form saves

@@ -127,6 +127,23 @@ def _tables(index, full, count):
   return jnp.asarray(entries), jnp.asarray(count.reshape(-1).astype(np.int32)), width
 
 
+def _csr_tables(index, full, count):
+  """Layout lists -> (entries, offsets): each row's real entries (tile * 2 + full) back to back,
+  int32[max(1, sum(count))], and where each row starts, int32[rows]; plus the numpy (tile, row, slot) of
+  every entry (for `_live_ends`). For the transposed (dK/dV) lists, whose rows are as long as the longest
+  (the sink's key tile, every strided one: all later query tiles), a dense [rows, width] table is mostly
+  padding: 512 MiB at 128K for block_sparse(64,16,64) over 32 kv heads (64x64 tiles), 8.2 MiB this way."""
+  count = count.reshape(-1).astype(np.int64)
+  index2, full2 = index.reshape(count.size, -1), full.reshape(count.size, -1)
+  real = np.arange(index2.shape[1])[None] < count[:, None]
+  tile = index2[real].astype(np.int32)
+  entries = tile * 2 + full2[real].astype(np.int32)
+  offsets = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
+  rows, slots = np.nonzero(real)
+  entries = entries if entries.size else np.zeros(1, np.int32)   # a kernel operand cannot be empty
+  return jnp.asarray(entries), jnp.asarray(offsets), (tile, rows.astype(np.int32), slots.astype(np.int32))
+
+
 def _whole(x):
   """BlockSpec covering a whole (small, 1-D) array for every program."""
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
@@ -175,7 +192,8 @@ def _leading_foreign(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
 
 def _live_ends(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
   """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit."""
-  return segment_skip.live_ends(lay.q_index, lay.q_count, kseg, qseg, bk, bq, cfg.S, cfg.T).reshape(-1)
+  flat = _csr_tables(lay.q_index, lay.q_full, lay.q_count)[2]
+  return segment_skip.live_ends(*flat, lay.q_count, kseg, qseg, bk, bq, cfg.S, cfg.T).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -385,9 +403,8 @@ def _units(cfg: _Cfg, bq: int, bk: int) -> _Units:
                 long_kt, long_slots, long_valid)
 
 
-def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_ref,
-                do_ref, lse_ref, delta_ref, *rest, cfg: _Cfg, width: int, nk: int, n_units: int,
-                n_rows: int):
+def _dkv_kernel(ent_ref, off_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, *rest, cfg: _Cfg, nk: int, n_units: int, n_rows: int):
   if cfg.has_seg:
     qseg_ref, kseg_ref, end_ref, dk_ref, dv_ref, ek_ref, ev_ref = rest
   else:
@@ -398,6 +415,7 @@ def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_
   unit = hp * n_units + u
   kt, slot = kt_ref[unit], slot_ref[unit]
   row = hp * nk + kt
+  first = off_ref[row]   # the row's entries in the flat (CSR) table
   ks = pl.ds(kt * bk, bk)
   k, v = k_ref[ks, :], v_ref[ks, :]
   k_pos = kt * bk + jnp.arange(bk)
@@ -406,7 +424,7 @@ def _dkv_kernel(ent_ref, kt_ref, start_ref, stop_ref, slot_ref, q_ref, k_ref, v_
   def body(it, carry):
     dk, dv = carry
     j, g = jax.lax.div(it, G), jax.lax.rem(it, G)   # query tile slot, head in the group
-    qt, full = _unpack(ent_ref[row * width + j])
+    qt, full = _unpack(ent_ref[first + j])
     qs = pl.ds(qt * bq, bq)
     q_pos = cfg.q_offset + qt * bq + jnp.arange(bq)
     seg_mask = (qseg_ref[qs][:, None] == kseg[None, :]) if cfg.has_seg else None
@@ -459,20 +477,20 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
   bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
   lay = cfg.layout(bq, bk)
   nk = lay.num_k_blocks
-  ent, _, width = _tables(lay.q_index, lay.q_full, lay.q_count)
+  ent, off, _ = _csr_tables(lay.q_index, lay.q_full, lay.q_count)
   units = _units(cfg, bq, bk)
   n_units = units.kt.shape[1]
   utab = [jnp.asarray(a.reshape(-1)) for a in (units.kt, units.start, units.stop, units.slot)]
   Sp, E = cfg.Sp, units.n_slots
   seq = lambda i, b, h: (b, 0, h, 0)
-  in_specs = [_whole(ent)] + [_whole(a) for a in utab] + [
+  in_specs = [_whole(ent), _whole(off)] + [_whole(a) for a in utab] + [
       pl.BlockSpec((None, Tp, G, D), seq),
       pl.BlockSpec((None, Sp, None, D), seq),
       pl.BlockSpec((None, Sp, None, D), seq),
       pl.BlockSpec((None, Tp, G, D), seq),
       pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0)),
       pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
-  args = [ent, *utab, q, k, v, do, lse, delta]
+  args = [ent, off, *utab, q, k, v, do, lse, delta]
   if cfg.has_seg:
     ends = _live_ends(cfg, lay, qseg, kseg, bq, bk)
     in_specs += [pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)),
@@ -481,7 +499,7 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
   extra_spec = pl.BlockSpec((None, None, E, bk, D), lambda i, b, h: (b, h, 0, 0, 0))
   extra_shape = jax.ShapeDtypeStruct((B, cfg.Hkv, E, bk, D), jnp.float32)
   dk, dv, ek, ev = pl.pallas_call(
-      functools.partial(_dkv_kernel, cfg=cfg, width=width, nk=nk, n_units=n_units, n_rows=lay.q_count.size),
+      functools.partial(_dkv_kernel, cfg=cfg, nk=nk, n_units=n_units, n_rows=lay.q_count.size),
       grid=(n_units, B, cfg.Hkv),
       in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, Sp, None, D), seq), pl.BlockSpec((None, Sp, None, D), seq),

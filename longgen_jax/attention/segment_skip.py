@@ -53,19 +53,24 @@ def leading_foreign(index, count, row_seg, entry_seg, row_block: int, entry_bloc
   return jnp.sum(jnp.cumprod(f, axis=-1), axis=-1, dtype=jnp.int32)
 
 
-def live_ends(index, count, row_seg, entry_seg, row_block: int, entry_block: int,
+def live_ends(tile, row, slot, count, row_seg, entry_seg, row_block: int, entry_block: int,
               row_real: int | None = None, entry_real: int | None = None):
   """int32[B, H', n]: per (batch, row) one past the last list entry to visit (the trailing entries
   that share no segment with the row's tile are skipped; `count` when not ENABLED). Rows are key
-  tiles and entries query tiles (dK/dV)."""
+  tiles and entries query tiles (dK/dV). The lists come flat (numpy, one item per real entry): its
+  tile, its row (in H' x n order) and its slot in that row; count [H', n]."""
   count = np.asarray(count)
+  B = row_seg.shape[0]
   if not ENABLED:
-    return jnp.broadcast_to(jnp.asarray(count, jnp.int32), (row_seg.shape[0],) + count.shape)
-  f = foreign(index, count, tile_ranges(row_seg, row_block, row_real),
-              tile_ranges(entry_seg, entry_block, entry_real))
-  pad = np.arange(index.shape[-1]) >= count[..., None]      # entries past the list: skippable
-  trailing = jnp.sum(jnp.cumprod((f | pad[None])[..., ::-1], axis=-1), axis=-1, dtype=jnp.int32)
-  return jnp.asarray(count, jnp.int32)[None] - (trailing - pad.sum(-1)[None])
+    return jnp.broadcast_to(jnp.asarray(count, jnp.int32), (B,) + count.shape)
+  n = count.shape[1]
+  (row_lo, row_hi), (ent_lo, ent_hi) = (tile_ranges(row_seg, row_block, row_real),
+                                        tile_ranges(entry_seg, entry_block, entry_real))
+  r_lo, r_hi = row_lo[:, row % n], row_hi[:, row % n]                        # [B, E]
+  shares = ~((ent_hi[:, tile] < r_lo) | (ent_lo[:, tile] > r_hi))
+  last = jnp.where(shares, jnp.asarray(slot + 1), 0)                           # one past a sharing entry
+  ends = jnp.zeros((B, count.size), jnp.int32).at[:, row].max(last)           # 0: no entry shares
+  return ends.reshape((B,) + count.shape)
 
 
 def segment_lists(table, row_seg, entry_seg, row_block: int, entry_block: int,
