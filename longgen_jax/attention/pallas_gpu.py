@@ -130,9 +130,8 @@ def _tables(index, full, count):
 def _csr_tables(index, full, count):
   """Layout lists -> (entries, offsets): each row's real entries (tile * 2 + full) back to back,
   int32[max(1, sum(count))], and where each row starts, int32[rows]; plus the numpy (tile, row, slot) of
-  every entry (for `_live_ends`). For the transposed (dK/dV) lists, whose rows are as long as the longest
-  (the sink's key tile, every strided one: all later query tiles), a dense [rows, width] table is mostly
-  padding: 512 MiB at 128K for block_sparse(64,16,64) over 32 kv heads (64x64 tiles), 8.2 MiB this way."""
+  every entry (for `_live_ends`). For the transposed (dK/dV) lists a dense [rows, width] table pads every
+  row to the longest (the sink's key tile, every strided one: all later query tiles), mostly padding: 512 MiB at 128K for block_sparse(64,16,64) over 32 kv heads (64x64 tiles), 8.2 MiB this way."""
   count = count.reshape(-1).astype(np.int64)
   index2, full2 = index.reshape(count.size, -1), full.reshape(count.size, -1)
   real = np.arange(index2.shape[1])[None] < count[:, None]
@@ -190,9 +189,10 @@ def _leading_foreign(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
   return segment_skip.leading_foreign(lay.kv_index, lay.kv_count, qseg, kseg, bq, bk, cfg.T, cfg.S).reshape(-1)
 
 
-def _live_ends(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int):
-  """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit."""
-  flat = _csr_tables(lay.q_index, lay.q_full, lay.q_count)[2]
+def _live_ends(cfg: _Cfg, lay, qseg, kseg, bq: int, bk: int, flat=None):
+  """int32[B * H' * nk]: per (batch, key-tile list) one past the last query tile to visit. `flat`: the
+  (tile, row, slot) arrays of `_csr_tables` for `lay`'s transposed lists, when the caller has them."""
+  flat = flat or _csr_tables(lay.q_index, lay.q_full, lay.q_count)[2]
   return segment_skip.live_ends(*flat, lay.q_count, kseg, qseg, bk, bq, cfg.S, cfg.T).reshape(-1)
 
 
@@ -477,7 +477,7 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
   bq, bk, G = cfg.tiles.block_q_dkv, cfg.tiles.block_k_dkv, cfg.G
   lay = cfg.layout(bq, bk)
   nk = lay.num_k_blocks
-  ent, off, _ = _csr_tables(lay.q_index, lay.q_full, lay.q_count)
+  ent, off, flat = _csr_tables(lay.q_index, lay.q_full, lay.q_count)
   units = _units(cfg, bq, bk)
   n_units = units.kt.shape[1]
   utab = [jnp.asarray(a.reshape(-1)) for a in (units.kt, units.start, units.stop, units.slot)]
@@ -492,7 +492,7 @@ def _backward_dkv(cfg: _Cfg, q, k, v, do, lse, delta, qseg, kseg):
       pl.BlockSpec((None, G, Tp), lambda i, b, h: (b, h, 0))]
   args = [ent, off, *utab, q, k, v, do, lse, delta]
   if cfg.has_seg:
-    ends = _live_ends(cfg, lay, qseg, kseg, bq, bk)
+    ends = _live_ends(cfg, lay, qseg, kseg, bq, bk, flat)
     in_specs += [pl.BlockSpec((None, Tp), lambda i, b, h: (b, 0)),
                  pl.BlockSpec((None, Sp), lambda i, b, h: (b, 0)), _whole(ends)]
     args += [qseg, kseg, ends]
