@@ -54,17 +54,19 @@ def segment_paths(name: str):
   GPU module sets on its first import inside the block (MOSAIC_GPU_RUNTIME_LIB_PATH), and the kernel,
   compiled after the block, then fails with "Symbols not found: mosaic_gpu_launch_kernel"."""
   value = {"ours_triton_segments": "0", "ours_mosaic_segments": "1"}.get(name)
-  key, old = pallas_mgpu.SEGMENTS_ENV, os.environ.get(pallas_mgpu.SEGMENTS_ENV)
-  if value is not None:
-    os.environ[key] = value
+  if value is None:
+    yield
+    return
+  key = pallas_mgpu.SEGMENTS_ENV
+  old = os.environ.get(key)
+  os.environ[key] = value
   try:
     yield
   finally:
-    if value is not None:
-      if old is None:
-        os.environ.pop(key, None)
-      else:
-        os.environ[key] = old
+    if old is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = old
 
 
 def fwd_bwd_fn(name: str, T: int, n_docs: int, spec: AttentionSpec = AttentionSpec.full()):

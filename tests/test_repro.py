@@ -172,13 +172,14 @@ def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
 
 
 def test_eval_settings_fit_the_longest_prompt_and_its_answer():
-  """Both eval settings leave room for the answer after the longest pass-key prompt (the GPU set's
-  first 8K pilot stopped at evaluation: 16K prompts with --max-seq-len 16K)."""
-  from longgen_jax.evaluate import parse_length
-  from longgen_jax.evaluation.passkey import _answer_tokens
+  """Both eval settings pass `evaluate passkey`'s own argument check on their model with their
+  --max-seq-len (the GPU set's first 8K pilot stopped there: 16K prompts with --max-seq-len 16K)."""
   from longgen_jax.data.tokenizer import ByteTokenizer
+  from longgen_jax.evaluate import parse_length, parse_list
+  from longgen_jax.evaluation.passkey import check_passkey_args
+  from longgen_jax.model.config import ModelConfig
   base = _script().load_config_module(os.path.join(REPRO, "base.py"))
-  room = _answer_tokens(ByteTokenizer())
-  for ev in (base.EVAL, base.CPU_TINY["eval"]):
-    longest = max(map(parse_length, ev["lengths"].split(",")))
-    assert longest + room <= parse_length(ev["max_seq_len"]), ev
+  for model, ev in ((base.MODEL, base.EVAL), (base.CPU_TINY["model"], base.CPU_TINY["eval"])):
+    cfg = ModelConfig(**dict(model, max_seq_len=parse_length(ev["max_seq_len"])))
+    check_passkey_args(cfg, ByteTokenizer(), parse_list(ev["lengths"], parse_length),
+                       parse_list(ev["depths"], float), ev["samples"], ev["batch_size"])

@@ -131,14 +131,14 @@ def _csr_tables(index, full, count):
   """Layout lists -> (entries, offsets): each row's real entries (tile * 2 + full) back to back,
   int32[max(1, sum(count))], and where each row starts, int32[rows]; plus the numpy (tile, row, slot) of
   every entry (for `_live_ends`). For the transposed (dK/dV) lists a dense [rows, width] table pads every
-  row to the longest (the sink's key tile, every strided one: all later query tiles), mostly padding: 512 MiB at 128K for block_sparse(64,16,64) over 32 kv heads (64x64 tiles), 8.2 MiB this way."""
+  row to the longest (the sink's key tile, every strided one: all later query tiles): 512 MiB at 128K for
+  block_sparse(64,16,64) over 32 kv heads (64x64 tiles), 8.2 MiB this way."""
   count = count.reshape(-1).astype(np.int64)
   index2, full2 = index.reshape(count.size, -1), full.reshape(count.size, -1)
-  real = np.arange(index2.shape[1])[None] < count[:, None]
-  tile = index2[real].astype(np.int32)
-  entries = tile * 2 + full2[real].astype(np.int32)
+  rows, slots = np.nonzero(np.arange(index2.shape[1])[None] < count[:, None])   # real entries, row-major
+  tile = index2[rows, slots].astype(np.int32)
+  entries = tile * 2 + full2[rows, slots].astype(np.int32)
   offsets = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int32)
-  rows, slots = np.nonzero(real)
   entries = entries if entries.size else np.zeros(1, np.int32)   # a kernel operand cannot be empty
   return jnp.asarray(entries), jnp.asarray(offsets), (tile, rows.astype(np.int32), slots.astype(np.int32))
 

@@ -63,10 +63,10 @@ def live_ends(tile, row, slot, count, row_seg, entry_seg, row_block: int, entry_
   B = row_seg.shape[0]
   if not ENABLED:
     return jnp.broadcast_to(jnp.asarray(count, jnp.int32), (B,) + count.shape)
-  n = count.shape[1]
   (row_lo, row_hi), (ent_lo, ent_hi) = (tile_ranges(row_seg, row_block, row_real),
                                         tile_ranges(entry_seg, entry_block, entry_real))
-  r_lo, r_hi = row_lo[:, row % n], row_hi[:, row % n]                        # [B, E]
+  row_tile = row % count.shape[1]
+  r_lo, r_hi = row_lo[:, row_tile], row_hi[:, row_tile]                      # [B, E]
   shares = ~((ent_hi[:, tile] < r_lo) | (ent_lo[:, tile] > r_hi))
   last = jnp.where(shares, jnp.asarray(slot + 1), 0)                           # one past a sharing entry
   ends = jnp.zeros((B, count.size), jnp.int32).at[:, row].max(last)           # 0: no entry shares
