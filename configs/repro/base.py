@@ -6,7 +6,8 @@ scripts/reproduce.py writes a freshly initialised checkpoint of it per seed, whi
 from (`init_from`): identical initial weights across variants, since the pattern adds no parameters.
 
   GPU set: 12 layers, hidden 512 (~48M parameters, byte tokenizer), 8K tokens per sequence, sparse layers
-  sink_window(64,256) or block_sparse(64,4,64); pass-key grid 1K-16K (beyond the 8K training length).
+  sink_window(64,256) or block_sparse(64,4,64); the all-full model pretrained once per seed (PRETRAIN), then
+  each variant converted from it for 600 steps; pass-key grid 1K-16K (beyond the 8K training length).
   CPU_TINY: the same experiment shrunk to 2 CPU cores (6 layers, hidden 128, 256 tokens, sink_window(4,16),
   1500 steps: ~10-20 minutes per variant on shared cores); scripts/reproduce.py --cpu-tiny applies it.
 """
@@ -30,8 +31,10 @@ EVAL = dict(lengths="1K,2K,4K,8K,12K,16K", depths="0,0.25,0.5,0.75,1", samples=5
 STAGES: list[tuple[int, dict]] = []
 # A shared pretraining before every variant, (steps, {key: value}) on top of the all_full config: the
 # all-full model trained once per seed, then each variant starts from it (scripts/reproduce.py --pretrain
-# replaces it), as LongGen converts a pretrained full-attention model. None yet (not piloted on a GPU).
-PRETRAIN: tuple[int, dict] | None = None
+# replaces it), as LongGen converts a pretrained full-attention model. Short documents (128-1024 characters:
+# dense answers) teach the copy that 8K-character documents alone did not within ~5 minutes (GPU pilots,
+# docs/reproduction.md); 1200 steps take ~3 minutes on an H200.
+PRETRAIN: tuple[int, dict] | None = (1200, {"data.synthetic.min_chars": 128, "data.synthetic.max_chars": 1024})
 
 CPU_TINY = dict(
     model=dict(MODEL, hidden_size=128, intermediate_size=384, num_layers=6, num_heads=4, num_kv_heads=2,
@@ -58,7 +61,7 @@ def make_config(full_fraction: float, sparse: str = "sink_window", placement: st
   """The training config of one variant: round(full_fraction * num_layers) layers full at `placement`, the
   rest `sparse` (a key of SPARSE). Fraction 1 is all-full, 0 all-sparse."""
   c = default_config()
-  c.total_steps = 2000
+  c.total_steps = 600  # the conversion from PRETRAIN's model (300 steps left the 1/3 hybrid behind: pilots)
   c.seq_len = 8192
   c.batch_size = 8
   c.model.num_layers = num_layers
