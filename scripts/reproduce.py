@@ -267,9 +267,10 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
   return [dict(CUDA_VISIBLE_DEVICES=g, XLA_FLAGS=flags, **shared) for g in gpus]
 
 
-def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> None:
+def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None) -> list:
   """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
-  a RuntimeError is recorded in `failures` and the slot goes on with the next item."""
+  a RuntimeError is recorded in `failures` and the slot goes on with the next item. After `deadline` (a
+  time.time()) no slot starts another item; returns the items never started."""
   todo = queue.Queue()
   for item in items:
     todo.put(item)
@@ -278,7 +279,7 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> Non
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
     if "CUDA_VISIBLE_DEVICES" in extra:
       env.pop("JAX_PLATFORMS", None)
-    while True:
+    while deadline is None or time.time() < deadline:
       try:
         item = todo.get_nowait()
       except queue.Empty:
@@ -294,6 +295,7 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str]) -> Non
     t.start()
   for t in threads:
     t.join()
+  return list(todo.queue)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,8 +321,12 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--out", default="results/repro", help="results directory")
   for key in ("lengths", "depths", "samples"):
     p.add_argument(f"--{key}", default=None, help=f"override the pass-key {key} of configs/repro/base.py")
+  p.add_argument("--stop-after", type=float, default=0, metavar="SECONDS",
+                 help="start no job (pretraining or variant) later than SECONDS after the start, then summarize "
+                      "and exit 3; re-running the same command continues (for machines lent by the call)")
   p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
   args = p.parse_args(argv)
+  deadline = time.time() + args.stop_after if args.stop_after > 0 else None
 
   names = variant_names()
   variants = names if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -397,14 +403,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[reproduce] {v} seed {s} ({extra}): {time.time() - t0:.0f} s, pass-key by length {acc}",
           file=sys.stderr)
 
+  all_jobs = list(jobs)
   if pretrain:
-    run_on_slots(seeds, pretrain_seed, slots, failures)
+    run_on_slots(seeds, pretrain_seed, slots, failures, deadline)
     jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
-  run_on_slots(jobs, variant_job, slots, failures)
+  run_on_slots(jobs, variant_job, slots, failures, deadline)
   print(summarize(out, variants_with_results(out, variants), seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
     return 1
+  left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))]
+  if left:  # only --stop-after leaves jobs without a failure
+    print(f"[reproduce] --stop-after {args.stop_after:g} s: {len(left)} job(s) not started; run the same command "
+          "again to continue", file=sys.stderr)
+    return 3
   return 0
 
 

@@ -171,6 +171,34 @@ def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
   assert all(s["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in shared)
 
 
+def test_slots_start_nothing_after_the_deadline_and_return_what_was_left():
+  """--stop-after: a slot takes no item once the deadline has passed (the running one finishes); the items
+  never started come back, and re-running them is the caller's continuation."""
+  import time
+  rep = _script()
+  ran, failures = [], []
+  left = rep.run_on_slots([1, 2, 3], lambda item, env, slot: ran.append(item), [{}] * 2, failures,
+                          deadline=time.time() - 1)
+  assert ran == [] and sorted(left) == [1, 2, 3]
+
+  def slow(item, env, slot):   # the first item outlasts the deadline: nothing after it starts
+    ran.append(item)
+    time.sleep(0.3)
+  left = rep.run_on_slots([1, 2, 3], slow, [{}], failures, deadline=time.time() + 0.1)
+  assert ran == [1] and left == [2, 3] and not failures
+  ran.clear()
+  assert rep.run_on_slots([1, 2, 3], lambda item, env, slot: ran.append(item), [{}], failures) == []
+  assert ran == [1, 2, 3]
+
+
+def test_stop_after_exits_3_and_names_the_jobs_left(tmp_path):
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny", "--variants",
+                      "all_full", "--seeds", "0", "--steps", "1", "--stop-after", "0.001", "--out", str(tmp_path)],
+                     capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+  assert p.returncode == 3, p.stderr[-2000:]
+  assert "1 job(s) not started" in p.stderr and not (tmp_path / "all_full").exists()
+
+
 def test_eval_settings_fit_the_longest_prompt_and_its_answer():
   """Both eval settings pass `evaluate passkey`'s own argument check on their model with their
   --max-seq-len (the GPU set's first 8K pilot stopped there: 16K prompts with --max-seq-len 16K)."""
