@@ -13,6 +13,9 @@ while tracing, so the backwards and cuDNN are timed in one run on one card whate
 
   PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours_,cudnn
 
+`--persistent` adds "ours_persistent" per pattern: the default path with the persistent Mosaic forward
+(`MgpuTiles.persistent`: one program per SM walking query tiles in turn; opt-in until GPU-tested).
+
 Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
 a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
 """
@@ -80,7 +83,8 @@ def time_fn(fn, *args, min_time=0.3, reps=5) -> float:
 def make_fns(name: str, spec, tiles=None):
   """(forward, forward+backward) jitted callables of (q, k, v, do); tiles: the kernels' `Tiles`, or
   for ours_mgpu_bwd the Mosaic backward's `MgpuBwdTiles` (default: 64-key dK/dV programs)."""
-  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128"):
+  if name in ("ours", "ours_triton_fwd", "ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128",
+              "ours_persistent"):
     from longgen_jax.attention import pallas_mgpu_backward
     from longgen_jax.attention.pallas_gpu import Tiles, pallas_attention
     bwd_tiles = None
@@ -94,6 +98,9 @@ def make_fns(name: str, spec, tiles=None):
               "ours_mgpu_bwd128": True}.get(name)
     bwd_tiles = bwd_tiles or {"ours_mgpu_bwd": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=64),
                               "ours_mgpu_bwd128": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128)}.get(name)
+
+    if name == "ours_persistent":   # the persistent Mosaic forward (same backward)
+      tiles = dataclasses.replace(tiles or Tiles(), forward="persistent")
 
     @contextlib.contextmanager
     def switch():
@@ -139,10 +146,13 @@ def main():
   ap.add_argument("--mgpu-bwd", action="store_true",
                   help="also time ours_mgpu_bwd, ours_triton_bwd, ours_mgpu_dq and ours_mgpu_bwd128 (each backward "
                        "forced) per pattern")
+  ap.add_argument("--persistent", action="store_true",
+                  help="also time ours_persistent per pattern: the default path with the persistent Mosaic forward "
+                       "(Tiles(forward='persistent'))")
   args = ap.parse_args()
   case_list = CASES + ([(n, s) for n in ("ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128")
                         for s in PATTERNS]
-                       if args.mgpu_bwd else [])
+                       if args.mgpu_bwd else []) + ([("ours_persistent", s) for s in PATTERNS] if args.persistent else [])
   dev = jax.devices()[0]
   print(f"# {dev.device_kind}, JAX {jax.__version__}, {datetime.date.today()}, B=1 Hq={HQ} D={D} bf16")
   rows = []

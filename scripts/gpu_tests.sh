@@ -4,10 +4,11 @@
 # auto), then the Pallas ones again with the Triton backward and segment paths alone
 # (LONGGEN_JAX_MGPU_BACKWARD=0 LONGGEN_JAX_MGPU_SEGMENTS=0, the Ampere path), with both
 # Mosaic backward kernels (=1), and the segment-id tests with the Mosaic segment paths on for every
-# pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default the kinds in pallas_mgpu.SEGMENT_KINDS take them).
+# pattern (LONGGEN_JAX_MGPU_SEGMENTS=1; by default the kinds in pallas_mgpu.SEGMENT_KINDS take them), and
+# with the persistent Mosaic forward routed for every pattern (LONGGEN_JAX_MGPU_PERSISTENT=1, opt-in).
 #
 #   scripts/gpu_tests.sh [OUT_DIR]     # logs in OUT_DIR (default gpu_tests/), a summary line per pass
-#   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default: all four)
+#   PASSES=mgpu_backward scripts/gpu_tests.sh OUT   # chosen passes only (default: all five)
 #
 # Tests run on several pytest workers (pytest-xdist) with a per-test limit (pytest-timeout, where
 # installed): a hang fails one test, not the run. A Mosaic GPU kernel compiles in 1-4 s on an H100; one
@@ -37,9 +38,10 @@ run() {  # name, env, test files...
   [[ $rc -ne 0 ]] && status=$rc
 }
 # A pass per backward setting and one for the Mosaic segment paths on every pattern, so one's failure holds back no other.
-passes=" ${PASSES:-default triton mgpu_backward mgpu_segments} "
+passes=" ${PASSES:-default triton mgpu_backward mgpu_segments persistent} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
 [[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0 LONGGEN_JAX_MGPU_SEGMENTS=0" tests/test_pallas_gpu.py
 [[ $passes == *" mgpu_backward "* ]] && run mgpu_backward "LONGGEN_JAX_MGPU_BACKWARD=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
+[[ $passes == *" persistent "* ]] && run persistent "LONGGEN_JAX_MGPU_PERSISTENT=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py
 [[ $passes == *" mgpu_segments "* ]] && run mgpu_segments "LONGGEN_JAX_MGPU_BACKWARD=1 LONGGEN_JAX_MGPU_SEGMENTS=1" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py -k "seg"
 exit $status

@@ -56,6 +56,79 @@ def test_default_tiles():
   assert pallas_mgpu.default_mgpu_tiles(AttentionSpec.block_sparse(64, 16, 64)).block_k == 64
 
 
+def test_persistent_forward_switch_reaches_the_static_config(monkeypatch):
+  """LONGGEN_JAX_MGPU_PERSISTENT (1, or a comma list of kinds) turns pallas_gpu's default forward into the
+  persistent one per pattern, in the call's static config (jit's key: no stale trace), never by default."""
+  from longgen_jax.attention import pallas_gpu
+  specs = (AttentionSpec.full(), AttentionSpec.sink_window(64, 200), AttentionSpec.block_sparse(64, 4, 8))
+  x = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+
+  def forwards():
+    return [pallas_gpu._prepare(x, x, x, sp, None, None, 0, None, None, None, False)[0].tiles.forward
+            for sp in specs]
+  monkeypatch.delenv(pallas_mgpu.PERSISTENT_ENV, raising=False)
+  assert forwards() == ["auto"] * 3 and not pallas_mgpu.default_mgpu_tiles(specs[0]).persistent
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "1")
+  assert forwards() == ["persistent"] * 3
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "sink_window,block_sparse")
+  assert forwards() == ["auto", "persistent", "persistent"]
+  assert pallas_gpu._prepare(x, x, x, specs[1], None, None, 0, pallas_gpu.Tiles(forward="triton"), None, None,
+                             False)[0].tiles.forward == "triton"          # an explicit choice stays
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "0")
+  assert forwards() == ["auto"] * 3
+  with pytest.raises(ValueError, match="persistent"):
+    pallas_gpu.Tiles(forward="persistant").check()
+
+
+def _mosaic_modules(fn, *args):
+  """The Mosaic GPU modules (MLIR text, no debug info) `fn` lowers to for CUDA, read where JAX serialises
+  them (an internal hook: skips where it or the Mosaic GPU bindings are missing)."""
+  try:
+    from jax.experimental.mosaic.gpu import core
+    serde = core._run_serde_pass
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f"Mosaic GPU lowering unavailable: {e}")
+  seen = []
+
+  def capture(module, **kw):
+    if kw.get("serialize"):
+      seen.append(module.operation.get_asm(enable_debug_info=False))
+    return serde(module, **kw)
+  core._run_serde_pass = capture
+  try:
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    core._run_serde_pass = serde
+  return seen
+
+
+@pytest.mark.parametrize("spec,T,S,Hkv,segments", [(AttentionSpec.full(), 300, 812, 2, False),
+                                                    (AttentionSpec.sink_window(64, 200), 777, 777, 2, True),
+                                                    (AttentionSpec.block_sparse(64, 4, 8), 1100, 1100, 2, False)])
+def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv, segments):
+  """The persistent forward lowers for CUDA (with and without segment ids) to a launch of `programs`
+  (or one per SM, at most one per query tile) programs instead of one per (head, query tile, row)."""
+  import dataclasses
+  import re
+  sd = jax.ShapeDtypeStruct
+  Hq = 4
+  args = [sd((1, T, Hq, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16)]
+  args += [sd((1, T), jnp.int32), sd((1, S), jnp.int32)] if segments else []
+  nq = -(-T // 128)
+
+  def grid(tiles):
+    def f(q, k, v, *ids):
+      kw = dict(q_segment_ids=ids[0], kv_segment_ids=ids[1]) if ids else {}
+      return mgpu_forward(q, k, v, spec, T=T, S=S, q_offset=S - T, tiles=tiles, **kw)
+    (text,) = _mosaic_modules(f, *args)
+    return tuple(int(n) for n in re.search(
+        r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)", text).groups())
+  base = pallas_mgpu.default_mgpu_tiles(spec)
+  assert grid(base) == (1, nq, Hq)   # launch dims (x, y, z) = the grid (h, qt, b) reversed
+  assert grid(dataclasses.replace(base, persistent=True, programs=5)) == (5, 1, 1)
+  assert grid(dataclasses.replace(base, persistent=True)) == (min(pallas_mgpu.num_sms(), Hq * nq), 1, 1)
+
+
 def test_supported_only_on_hopper_bf16_d128(monkeypatch):
   on = pallas_mgpu.is_hopper()
   monkeypatch.delenv(pallas_mgpu.SEGMENTS_ENV, raising=False)
@@ -149,6 +222,14 @@ CASES = [  # spec, B, T, S, Hq, Hkv, q_offset, tiles
     (AttentionSpec.full(), 1, 300, 812, 4, 2, 512, MgpuTiles()),
     (AttentionSpec.full(), 1, 640, 640, 2, 1, 0, MgpuTiles(64, 3)),
     (AttentionSpec.sink_window(64, 1984), 1, 4096, 4096, 8, 1, 0, MgpuTiles()),
+    # persistent programs: 1 and 3 walk many query tiles each (the ring runs on across lists; empty and
+    # short lists between long ones), 0 = one per SM
+    (AttentionSpec.full(), 1, 1000, 1000, 4, 1, 0, MgpuTiles(persistent=True, programs=1)),
+    (AttentionSpec.full(), 2, 300, 812, 4, 2, 512, MgpuTiles(persistent=True, programs=3)),
+    (AttentionSpec.sink_window(64, 200), 2, 777, 777, 4, 4, 0, MgpuTiles(persistent=True, programs=3)),
+    (AttentionSpec.block_sparse(64, 4, 8), 1, 1100, 1100, 8, 2, 0, MgpuTiles(64, 2, persistent=True, programs=5)),
+    (AttentionSpec.full(), 1, 640, 640, 2, 1, 0, MgpuTiles(64, 3, persistent=True, programs=2)),
+    (AttentionSpec.sink_window(64, 1984), 1, 4096, 4096, 8, 1, 0, MgpuTiles(persistent=True)),
 ]
 
 
@@ -178,12 +259,15 @@ def _packed_segments(B, T, S, q_offset, seed):
 @pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,q_offset", [
     (AttentionSpec.full(), 2, 1000, 1000, 4, 1, 0), (AttentionSpec.sink_window(64, 200), 1, 777, 777, 4, 2, 0),
     (AttentionSpec.block_sparse(64, 4, 8), 1, 1100, 1100, 8, 2, 0), (AttentionSpec.full(), 1, 300, 812, 4, 2, 512)])
-def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offset, monkeypatch):
+@pytest.mark.parametrize("persistent", [False, True], ids=["grid", "persistent"])
+def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offset, persistent, monkeypatch):
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "1" if persistent else "0")   # pallas_attention below too
+  tiles = MgpuTiles(64, 2, persistent, 3) if spec.kind == "block_sparse" else MgpuTiles(128, 2, persistent, 3)
   q, k, v = _inputs(B, T, S, Hq, Hkv, seed=T)
   qs, ks = _packed_segments(B, T, S, q_offset, seed=T)
   out, lse2 = jax.jit(lambda q, k, v, qs, ks: mgpu_forward(
-      q, k, v, spec, T=T, S=S, q_offset=q_offset, q_segment_ids=qs, kv_segment_ids=ks))(q, k, v, qs, ks)
+      q, k, v, spec, T=T, S=S, q_offset=q_offset, tiles=tiles, q_segment_ids=qs, kv_segment_ids=ks))(q, k, v, qs, ks)
   ref, ref_lse = reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), spec, q_offset=q_offset,
                                      q_segment_ids=qs, kv_segment_ids=ks, return_lse=True)
   assert rel_err(out[:, :T], ref) < 5e-3

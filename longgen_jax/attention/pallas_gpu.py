@@ -70,7 +70,8 @@ class Tiles:
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
   dkv_chunk: int = 0   # query tiles per dK/dV work unit; 0: 2x the mean list length (>= 32)
-  forward: str = "auto"  # "auto": Mosaic GPU forward where supported (Hopper), else "triton"
+  forward: str = "auto"  # "auto": Mosaic GPU forward where supported (Hopper), else "triton";
+  # "persistent": the Mosaic GPU forward with persistent programs (pallas_mgpu.MgpuTiles.persistent), else Triton
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int, **kw) -> Tiles:
@@ -80,8 +81,8 @@ class Tiles:
     for name, val in dataclasses.asdict(self).items():
       if name.startswith("block_") and (val < 16 or val & (val - 1)):
         raise ValueError(f"Tiles.{name} must be a power of two >= 16, got {val}")
-    if self.forward not in ("auto", "triton"):
-      raise ValueError(f"Tiles.forward must be 'auto' or 'triton', got {self.forward!r}")
+    if self.forward not in ("auto", "triton", "persistent"):
+      raise ValueError(f"Tiles.forward must be 'auto', 'triton' or 'persistent', got {self.forward!r}")
 
 
 def default_tiles() -> Tiles:
@@ -238,11 +239,12 @@ def _fwd_kernel(ent_ref, cnt_ref, q_ref, k_ref, v_ref, *rest, cfg: _Cfg, width: 
 
 def _forward(cfg: _Cfg, q, k, v, qseg, kseg):
   """Padded inputs -> out [B,Tp,Hq,D], base-2 lse [B,Hq,Tp] (-inf for empty rows)."""
-  if cfg.tiles.forward == "auto" and not cfg.interpret and cfg.head_dim == q.shape[-1]:
+  if cfg.tiles.forward != "triton" and not cfg.interpret and cfg.head_dim == q.shape[-1]:
     from longgen_jax.attention import pallas_mgpu
     if pallas_mgpu.supported(q.dtype, q.shape[-1], cfg.has_seg, spec=cfg.spec):
+      tiles = pallas_mgpu.default_mgpu_tiles(cfg.spec, persistent=cfg.tiles.forward == "persistent")
       return pallas_mgpu.mgpu_forward(q, k, v, cfg.spec, T=cfg.T, S=cfg.S, q_offset=cfg.q_offset,
-                                      head_dim=cfg.head_dim, q_segment_ids=qseg, kv_segment_ids=kseg)
+                                      head_dim=cfg.head_dim, tiles=tiles, q_segment_ids=qseg, kv_segment_ids=kseg)
   B, Tp, Hq, D = q.shape
   bq, bk = cfg.tiles.block_q, cfg.tiles.block_k
   lay = cfg.layout(bq, bk)
@@ -579,6 +581,10 @@ def _prepare(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, q_segment_ids, kv_segm
     raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
   if tiles is None:
     tiles = default_tiles()
+  if tiles.forward == "auto" and not interpret:
+    from longgen_jax.attention import pallas_mgpu
+    if pallas_mgpu.persistent_enabled(spec):   # read per call: part of the static config, so of jit's key
+      tiles = dataclasses.replace(tiles, forward="persistent")
   if block_q or block_k:
     tiles = dataclasses.replace(tiles, **{f"block_q{s}": block_q or getattr(tiles, f"block_q{s}")
                                           for s in ("", "_dq", "_dkv")},

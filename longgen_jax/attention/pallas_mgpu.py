@@ -16,6 +16,14 @@ are offset by half a step (a shared "schedule" barrier) so that one's softmax ov
 other's wgmma. GQA: query heads are the fastest grid axis, so the G heads of one kv head run
 side by side and share K/V tiles in L2; K/V are never repeated.
 
+Persistent programs (`MgpuTiles.persistent`, opt-in: `LONGGEN_JAX_MGPU_PERSISTENT=1` or a comma list of
+kinds, or `pallas_gpu.Tiles(forward="persistent")`): one program per SM walks query tiles in the
+grid's order (`plgpu.nd_loop`), every warpgroup counting the program's key tiles so far, so the K/V ring
+runs on from one list into the next and the memory warpgroup fetches the next query tile's keys during
+this one's epilogue. For short sparse rows (~17-33 key tiles) whose prologue and epilogue are not
+amortised. The barrier protocol is simulated on CPU (tests/test_mgpu_ring_protocol.py); the kernel's GPU
+tests are written, not yet run, and it is not yet timed.
+
 Returns out [B,Tp,Hq,D] and the base-2 lse [B,Hq,Tp] (-inf for rows with no allowed key), the
 residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (multiples of
 64 compile too); `supported()` says when to use it. Mosaic GPU kernels do not run on CPU:
@@ -59,16 +67,40 @@ BLOCK_Q = 2 * HALF   # query rows per program
 
 @dataclasses.dataclass(frozen=True)
 class MgpuTiles:
-  """Key tile width and the depth of the K/V SMEM ring (2 x 128 x 128 fits with Q)."""
+  """Key tile width and the depth of the K/V SMEM ring (2 x 128 x 128 fits with Q).
+
+  persistent: one program per SM (or `programs` of them) walks query tiles in turn, its K/V ring running
+  on from one tile's list into the next's, so the memory warpgroup prefetches the next query tile's keys
+  during this one's epilogue and the next Q load (short sparse rows: ~17-33 key tiles, where the per-tile
+  prologue and epilogue are not amortised). Opt-in (`LONGGEN_JAX_MGPU_PERSISTENT=1`) until GPU-tested."""
 
   block_k: int = 128
   stages: int = 2
+  persistent: bool = False
+  programs: int = 0      # persistent programs; 0: the device's SM count
 
 
-def default_mgpu_tiles(spec: AttentionSpec) -> MgpuTiles:
+PERSISTENT_ENV = "LONGGEN_JAX_MGPU_PERSISTENT"
+
+
+def default_mgpu_tiles(spec: AttentionSpec, persistent: bool = False) -> MgpuTiles:
   """128-key tiles for full/sink_window; 64 for block_sparse, whose strided 64-blocks would
   leave half of every 128-key tile masked (measured: BENCHMARKS.md)."""
-  return MgpuTiles(64, 2) if spec.kind == "block_sparse" else MgpuTiles(128, 2)
+  tiles = MgpuTiles(64, 2) if spec.kind == "block_sparse" else MgpuTiles(128, 2)
+  return dataclasses.replace(tiles, persistent=persistent)
+
+
+def persistent_enabled(spec: AttentionSpec) -> bool:
+  """Whether LONGGEN_JAX_MGPU_PERSISTENT asks for persistent forward programs for this pattern: 1 (every
+  pattern), a comma list of kinds (e.g. sink_window,block_sparse), or unset / 0 (none, the default)."""
+  return env_switch(PERSISTENT_ENV) or spec.kind in env_value(PERSISTENT_ENV).split(",")
+
+
+def num_sms(device=None) -> int:
+  """Streaming multiprocessors of the device (132 on an H100 / H200 SXM; that when unknown, e.g. lowering
+  for CUDA on a CPU host)."""
+  device = device or jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or 0) if device.platform == "gpu" else 132
 
 
 def is_hopper(device=None) -> bool:
@@ -196,6 +228,24 @@ def stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
 
 
+def stream_kv_tiles_from(base, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_bar, v_bar,
+                         k_free, v_free, bk: int, stages: int):
+  """`stream_kv_tiles` for a persistent program: this list's tile j is the program's tile base + j
+  overall, so it goes to ring slot (base + j) % stages and, past the program's first `stages` tiles,
+  waits for that slot's previous tile to be freed (which may belong to the previous query tile)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+
+  @pl.loop(0, count)
+  def _(j):
+    g = base + j
+    slot = lax.rem(g, jnp.int32(stages))
+    rows = pl.ds(tile_of(j) * bk, bk)    # read before the wait: hides latency
+    pl.when(g >= stages)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
+    pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
+
+
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
                  q_offset: int = 0, head_dim: int | None = None, tiles: MgpuTiles | None = None,
                  q_segment_ids=None, kv_segment_ids=None, interpret=None):
@@ -230,19 +280,21 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
   def longgen_flash_fwd_mgpu(tab_ref, q_ref, k_ref, v_ref, *refs):
     qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     out_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched = refs
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
-    kv_head = lax.div(h, jnp.int32(G))
-    hl = kv_head if per_head else 0
-    count, n_full, tile_of = list_walk(tab_ref, b, hl, qt, per_batch=has_seg)
+
+    def walk(b, h, qt):
+      """(kv head, count, n_full, tile_of) of query head h's tile qt in batch row b."""
+      kv_head = lax.div(h, jnp.int32(G))
+      hl = kv_head if per_head else 0
+      return (kv_head, *list_walk(tab_ref, b, hl, qt, per_batch=has_seg))
 
     def schedule():
       plgpu.barrier_arrive(sched)
       plgpu.barrier_wait(sched)
 
-    @pl.when(wg < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def compute(wg, b, h, qt, kv_head, count, n_full, tile_of, base):
+      """Compute warpgroup wg's 64 rows of one query tile. base: the program's key tiles before this
+      list (persistent programs; their ring runs on), None: a program of one query tile."""
+      ring = (lambda j: j) if base is None else (lambda j: base + j)
       qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
       q_base = qt * BLOCK_Q + wg * HALF
       plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q_base, HALF), h], qo_smem, q_bar.at[wg])
@@ -254,13 +306,13 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
 
       @pl.when(count > 0)
       def _():
-        plgpu.barrier_wait(k_bar.at[0])
+        plgpu.barrier_wait(k_bar.at[0 if base is None else lax.rem(base, jnp.int32(stages))])
 
       pl.when(wg == 1)(schedule)
 
       def step(j, carry, masked: bool):
         acc, m, l = carry
-        slot = lax.rem(j, jnp.int32(stages))
+        slot = lax.rem(ring(j), jnp.int32(stages))
         if masked:
           kt = tile_of(j)
           k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps QK^T
@@ -297,7 +349,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
 
           @pl.when(nxt < count)
           def _():
-            plgpu.barrier_wait(k_bar.at[lax.rem(nxt, jnp.int32(stages))])
+            plgpu.barrier_wait(k_bar.at[lax.rem(ring(nxt), jnp.int32(stages))])
         acc = pl.run_state(pv_fn)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_new, l
@@ -313,12 +365,53 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(q_base, HALF), h])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, HALF)])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)   # (persistent: the next query tile's Q lands in qo_smem)
+
+    if not tiles.persistent:   # one program per (query head, query tile, batch row)
+      b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+      qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
+      kv_head, count, n_full, tile_of = walk(b, h, qt)
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, None)
+
+      @pl.when(wg == 2)
+      def _memory():
+        stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                        k_bar, v_bar, k_free, v_free, bk, stages)
+      return
+
+    # Persistent: program p takes query tiles p, p + P, p + 2P, ... of (batch row, query tile from
+    # the longest row down, query head) with heads fastest, as the grid above runs them; every
+    # warpgroup walks the same sequence and counts the program's key tiles so far (the ring position).
+    wg = lax.axis_index("wg")
+    items = (B, nq, Hq)
+
+    @pl.when(wg < 2)
+    def _compute_persistent():
+      plgpu.set_max_registers(232, action="increase")
+
+      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
+      def _(info, carry):
+        b, q_rank, h = info.index
+        qt = nq - 1 - q_rank
+        kv_head, count, n_full, tile_of = walk(b, h, qt)
+        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
+        return carry + count
 
     @pl.when(wg == 2)
-    def _memory():
-      stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                      k_bar, v_bar, k_free, v_free, bk, stages)
+    def _memory_persistent():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
+      def _(info, carry):
+        b, q_rank, h = info.index
+        kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
+        stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                             k_bar, v_bar, k_free, v_free, bk, stages)
+        return carry + count
 
   # With segment ids the lists are rebuilt per batch row from the ids (rows past T, keys past S:
   # padding, ignored for dropping; a tile holding any is never run unmasked).
@@ -340,8 +433,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2),
       ],
-      grid=(Hq, nq, B),
-      grid_names=("h", "qt", "b"),
+      grid=(min(tiles.programs or num_sms(), B * nq * Hq),) if tiles.persistent else (Hq, nq, B),
+      grid_names=("sm",) if tiles.persistent else ("h", "qt", "b"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
