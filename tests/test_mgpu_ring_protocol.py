@@ -1,7 +1,8 @@
-"""The barrier protocol of the Mosaic GPU forward's persistent programs, simulated on the CPU.
+"""The barrier protocol of the Mosaic GPU kernels' persistent programs, simulated on the CPU.
 
 Mosaic GPU kernels do not run on a CPU, so this checks the protocol the persistent forward
-(`pallas_mgpu.mgpu_forward` with `MgpuTiles(persistent=True)`) relies on: one program walks several
+(`pallas_mgpu.mgpu_forward` with `MgpuTiles(persistent=True)`) and dQ (`pallas_mgpu_backward`,
+`MgpuBwdTiles(persistent_dq=True)`) rely on: one program walks several
 query tiles' key-tile lists while its K/V SMEM ring runs on from one list into the next. Three
 warpgroups (two compute, one memory) are coroutines that issue what the kernel issues, in its order;
 mbarriers are modelled as the hardware has them (an arrival count per phase, waits by phase parity,
@@ -47,9 +48,10 @@ def program_lists(table: np.ndarray, B: int, Hq: int, G: int, programs: int, pro
   return lists
 
 
-def simulate(lists, stages: int, seed: int, ring_runs_on: bool = True):
+def simulate(lists, stages: int, seed: int, ring_runs_on: bool = True, kernel: str = "forward"):
   """Runs the three warpgroups of one persistent program over `lists`; ring_runs_on=False is the naive
-  per-list ring (slot j % stages, the first `stages` copies of every list unguarded): must fail."""
+  per-list ring (slot j % stages, the first `stages` copies of every list unguarded): must fail.
+  kernel: "forward" (pallas_mgpu) or "dq" (pallas_mgpu_backward's dQ: the same ring, no ping-pong)."""
   rng = random.Random(seed)
   k_bar, v_bar = [Barrier(1) for _ in range(stages)], [Barrier(1) for _ in range(stages)]
   k_free, v_free = [Barrier(2) for _ in range(stages)], [Barrier(2) for _ in range(stages)]
@@ -80,6 +82,29 @@ def simulate(lists, stages: int, seed: int, ring_runs_on: bool = True):
           yield from wait(v_free[slot], parity)
         copy(v_slot, v_busy, slot, tile, v_bar[slot])
         yield
+      base += len(tiles)
+
+  def compute_dq(wg):
+    base, parity = 0, {id(b): 0 for b in k_bar + v_bar + q_bar}
+    for tiles in lists:
+      in_flight.append((None, None, None, q_bar[wg]))   # Q, dO, lse, delta of this query tile
+      yield from wait(q_bar[wg], parity)
+      for j, tile in enumerate(tiles):
+        slot = (base + j if ring_runs_on else j) % stages
+        yield from wait(k_bar[slot], parity)
+        k_busy[slot].add(wg)
+        assert k_slot[slot] == tile, f"warpgroup {wg} read K {k_slot[slot]} for {tile}"
+        yield                                             # S = Q K^T
+        yield from wait(v_bar[slot], parity)
+        v_busy[slot].add(wg)
+        assert v_slot[slot] == tile, f"warpgroup {wg} read V {v_slot[slot]} for {tile}"
+        yield                                             # dP = dO V^T
+        v_busy[slot].discard(wg)
+        v_free[slot].arrive()
+        yield                                             # dQ += dS K (K still read)
+        assert k_slot[slot] == tile
+        k_busy[slot].discard(wg)
+        k_free[slot].arrive()
       base += len(tiles)
 
   def compute(wg):
@@ -119,7 +144,7 @@ def simulate(lists, stages: int, seed: int, ring_runs_on: bool = True):
         yield from schedule()
       base += len(tiles)
 
-  threads = [memory(), compute(0), compute(1)]
+  threads = [memory(), *(compute(wg) if kernel == "forward" else compute_dq(wg) for wg in (0, 1))]
   for _ in range(10**6):
     if not threads and not in_flight:
       return
@@ -146,19 +171,21 @@ CASES = [  # spec, T, Hkv, block_k, stages
 ]
 
 
+@pytest.mark.parametrize("kernel", ["forward", "dq"])
 @pytest.mark.parametrize("spec,T,Hkv,bk,stages", CASES)
 @pytest.mark.parametrize("programs", [1, 3, 7])
-def test_persistent_ring_runs_on_across_query_tiles(spec, T, Hkv, bk, stages, programs):
+def test_persistent_ring_runs_on_across_query_tiles(spec, T, Hkv, bk, stages, programs, kernel):
   B, Hq = 2, 4
   table = kv_table(spec, -(-T // BLOCK_Q) * BLOCK_Q, T, Hkv, bk)
   for program in range(programs):
     lists = program_lists(table, B, Hq, Hq // Hkv, programs, program)
     assert sum(map(len, lists)) > stages
     for seed in range(3):
-      simulate(lists, stages, seed=seed * 31 + program)
+      simulate(lists, stages, seed=seed * 31 + program, kernel=kernel)
 
 
-def test_the_model_catches_a_ring_that_restarts_per_query_tile():
+@pytest.mark.parametrize("kernel", ["forward", "dq"])
+def test_the_model_catches_a_ring_that_restarts_per_query_tile(kernel):
   """The naive persistent ring (each list from slot 0, its first copies unguarded) overwrites tiles a
   warpgroup still reads, or deadlocks: the simulation must say so."""
   table = kv_table(AttentionSpec.full(), 512, 512, 1, 128)
@@ -166,7 +193,7 @@ def test_the_model_catches_a_ring_that_restarts_per_query_tile():
   failures = 0
   for seed in range(20):
     try:
-      simulate(lists, 2, seed=seed, ring_runs_on=False)
+      simulate(lists, 2, seed=seed, ring_runs_on=False, kernel=kernel)
     except AssertionError:
       failures += 1
   assert failures > 0

@@ -106,7 +106,7 @@ def _mosaic_modules(fn, *args):
                                                     (AttentionSpec.sink_window(64, 200), 777, 777, 2, True),
                                                     (AttentionSpec.block_sparse(64, 4, 8), 1100, 1100, 2, False)])
 def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv, segments):
-  """The persistent forward lowers for CUDA (with and without segment ids) to a launch of `programs`
+  """The persistent forward (and dQ) lowers for CUDA (with and without segment ids) to a launch of `programs`
   (or one per SM, at most one per query tile) programs instead of one per (head, query tile, row)."""
   import dataclasses
   import re
@@ -127,6 +127,21 @@ def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv,
   assert grid(base) == (1, nq, Hq)   # launch dims (x, y, z) = the grid (h, qt, b) reversed
   assert grid(dataclasses.replace(base, persistent=True, programs=5)) == (5, 1, 1)
   assert grid(dataclasses.replace(base, persistent=True)) == (min(pallas_mgpu.num_sms(), Hq * nq), 1, 1)
+
+  # the dQ kernel, its twin (the dK/dV kernel stays one program per key tile)
+  dq_args = [*args[:3], sd((1, T, Hq, 128), jnp.bfloat16), sd((1, Hq, T), jnp.float32), sd((1, Hq, T), jnp.float32),
+             *args[3:]]
+
+  def dq_grid(tiles):
+    def f(q, k, v, do, lse, delta, *ids):
+      kw = dict(q_segment_ids=ids[0], kv_segment_ids=ids[1]) if ids else {}
+      return mbwd.mgpu_backward(q, k, v, do, lse, delta, spec, S=S, T=T, q_offset=S - T, tiles=tiles,
+                                kernels=frozenset({"dq"}), **kw)[0]
+    (text,) = _mosaic_modules(f, *dq_args)
+    return tuple(int(n) for n in re.search(
+        r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)", text).groups())
+  assert dq_grid(mbwd.MgpuBwdTiles()) == (1, nq, Hq)
+  assert dq_grid(mbwd.MgpuBwdTiles(persistent_dq=True, programs=5)) == (5, 1, 1)
 
 
 def test_supported_only_on_hopper_bf16_d128(monkeypatch):
@@ -763,6 +778,29 @@ def test_mgpu_backward_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dt
   again = run(q, k, v, do, lse2, delta)                 # deterministic: bit for bit
   for a, b in zip(got, again):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("programs", [1, 3, 0])
+@pytest.mark.parametrize("segments", [False, True], ids=["", "segments"])
+@pytest.mark.parametrize("spec,B,T,S,Hq,Hkv,D,q_offset,dtype", [BWD_GPU_CASES[i] for i in (0, 1, 2, 4, 5, 8)])
+def test_mgpu_persistent_dq_matches_reference(spec, B, T, S, Hq, Hkv, D, q_offset, dtype, segments, programs,
+                                              monkeypatch):
+  """The dQ kernel's persistent programs (1 and 3: many query tiles each; 0: one per SM) vs the
+  float32 vjp, with and without segment ids, and deterministic."""
+  monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
+  q, k, v, do, dlse = attention_grad_inputs(B, T, S, Hq, Hkv, D, dtype, seed=T + Hkv + D + programs)
+  qs, ks = _packed_segments(B, T, S, q_offset, seed=T) if segments else (None, None)
+  out, lse, (ref_dq, _, _) = _reference_grads(q, k, v, do, dlse, spec, q_offset, (qs, ks) if segments else None)
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  run = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, q_offset=q_offset, kernels=frozenset({"dq"}),
+                                  tiles=mbwd.MgpuBwdTiles(persistent_dq=True, programs=programs)))
+  dq, _, _ = run(q, k, v, do, lse2, delta, q_segment_ids=qs, kv_segment_ids=ks)
+  assert dq.dtype == dtype and np.isfinite(np.asarray(dq, np.float32)).all()
+  assert rel_err(dq, ref_dq) < 2e-2
+  again, _, _ = run(q, k, v, do, lse2, delta, q_segment_ids=qs, kv_segment_ids=ks)
+  np.testing.assert_array_equal(np.asarray(dq), np.asarray(again))
 
 
 @gpu_only

@@ -71,7 +71,8 @@ class Tiles:
   num_stages_bwd: int = 2
   dkv_chunk: int = 0   # query tiles per dK/dV work unit; 0: 2x the mean list length (>= 32)
   forward: str = "auto"  # "auto": Mosaic GPU forward where supported (Hopper), else "triton";
-  # "persistent": the Mosaic GPU forward with persistent programs (pallas_mgpu.MgpuTiles.persistent), else Triton
+  # "persistent": the Mosaic GPU forward and dQ (where the backward runs it) with persistent programs
+  # (pallas_mgpu.MgpuTiles.persistent, MgpuBwdTiles.persistent_dq), else as "auto"
 
   @classmethod
   def uniform(cls, block_q: int, block_k: int, **kw) -> Tiles:
@@ -559,8 +560,11 @@ def _flash_bwd(cfg, res, cotangents):
   mosaic = _mgpu_backward(cfg, q)   # LONGGEN_JAX_MGPU_BACKWARD (default auto): see pallas_mgpu_backward
   if mosaic:
     from longgen_jax.attention import pallas_mgpu_backward
+    tiles = pallas_mgpu_backward.default_tiles(cfg.spec)
+    if cfg.tiles.forward == "persistent":   # the persistent switch covers the dQ kernel, the forward's twin
+      tiles = dataclasses.replace(tiles, persistent_dq=True)
     dq, dk, dv = pallas_mgpu_backward.mgpu_backward(q, k, v, do, lse_b, delta, cfg.spec, S=cfg.S, T=cfg.T,
-                                                    q_offset=cfg.q_offset, head_dim=cfg.head_dim,
+                                                    q_offset=cfg.q_offset, head_dim=cfg.head_dim, tiles=tiles,
                                                     q_segment_ids=qseg, kv_segment_ids=kseg, kernels=mosaic)
   if dq is None:
     dq = _backward_dq(cfg, q, k, v, do, lse_b, delta, qseg, kseg)

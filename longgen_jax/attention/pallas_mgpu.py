@@ -21,8 +21,9 @@ kinds, or `pallas_gpu.Tiles(forward="persistent")`): one program per SM walks qu
 grid's order (`plgpu.nd_loop`), every warpgroup counting the program's key tiles so far, so the K/V ring
 runs on from one list into the next and the memory warpgroup fetches the next query tile's keys during
 this one's epilogue. For short sparse rows (~17-33 key tiles) whose prologue and epilogue are not
-amortised. The barrier protocol is simulated on CPU (tests/test_mgpu_ring_protocol.py); the kernel's GPU
-tests are written, not yet run, and it is not yet timed.
+amortised; the backward's dQ kernel has the same mode (`MgpuBwdTiles.persistent_dq`, on with the same
+switch). The barrier protocol is simulated on CPU (tests/test_mgpu_ring_protocol.py); the kernels' GPU
+tests are written, not yet run, and they are not yet timed.
 
 Returns out [B,Tp,Hq,D] and the base-2 lse [B,Hq,Tp] (-inf for rows with no allowed key), the
 residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (multiples of

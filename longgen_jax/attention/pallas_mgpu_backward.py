@@ -72,8 +72,8 @@ from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
                                                full_first_table, is_hopper, kv_table, list_walk,
-                                               load_ids, same_segment, segments_enabled, split_segment_refs,
-                                               stream_kv_tiles)
+                                               load_ids, num_sms, same_segment, segments_enabled,
+                                               split_segment_refs, stream_kv_tiles, stream_kv_tiles_from)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -124,6 +124,8 @@ class MgpuBwdTiles:
   stages_dq: int = 2
   stages_dkv: int = 2
   dkv_keys: int = 64
+  persistent_dq: bool = False   # dQ as the forward's persistent programs (`pallas_mgpu.MgpuTiles.persistent`)
+  programs: int = 0             # persistent programs; 0: the device's SM count
 
 
 DKV_KEYS_ENV = "LONGGEN_JAX_MGPU_DKV_KEYS"
@@ -315,15 +317,15 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
     qseg_ref, kseg_ref, refs = split_segment_refs(refs, has_seg)
     (dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
      q_bar, do_bar, lse_bar, delta_bar, k_bar, v_bar, k_free, v_free) = refs
-    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-    qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
-    kv_head = lax.div(h, jnp.int32(G))
-    hl = kv_head if per_head else 0
-    count, n_full, tile_of = list_walk(tab_ref, b, hl, qt, per_batch=has_seg)   # as the forward's
 
-    @pl.when(wg < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def walk(b, h, qt):
+      kv_head = lax.div(h, jnp.int32(G))
+      hl = kv_head if per_head else 0
+      return (kv_head, *list_walk(tab_ref, b, hl, qt, per_batch=has_seg))   # as the forward's
+
+    def compute(wg, b, h, qt, kv_head, count, n_full, tile_of, base):
+      """Warpgroup wg's 64 rows of one query tile; base as in the forward (None: one tile per program)."""
+      ring = (lambda j: j) if base is None else (lambda j: base + j)
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
       q_base = qt * BLOCK_Q + wg * HALF
@@ -341,7 +343,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
       dq = plgpu.layout_cast(jnp.full((HALF, D), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def step(j, dq, masked: bool):
-        slot = lax.rem(j, jnp.int32(stages))
+        slot = lax.rem(ring(j), jnp.int32(stages))
         if masked:
           kt = tile_of(j)
           k_seg = load_ids(kseg_ref.at[b, pl.ds(kt * bk, bk)], 0) if has_seg else None   # overlaps the wgmmas
@@ -380,12 +382,51 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
       q_smem[...] = (dq * scale).astype(dtype)        # Q is no longer read: stage dQ there
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
-      plgpu.wait_smem_to_gmem(0)
+      plgpu.wait_smem_to_gmem(0)   # (persistent: the next query tile's Q lands in q_smem)
+
+    if not tiles.persistent_dq:   # one program per (query head, query tile, batch row)
+      b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+      qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
+      kv_head, count, n_full, tile_of = walk(b, h, qt)
+
+      @pl.when(wg < 2)
+      def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, None)
+
+      @pl.when(wg == 2)
+      def _memory():   # the forward's K/V ring, same list
+        stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                        k_bar, v_bar, k_free, v_free, bk, stages)
+      return
+
+    # Persistent, as the forward's: query tiles in the grid's order, the ring running on across them.
+    wg = lax.axis_index("wg")
+    items = (B, nq, Hq)
+
+    @pl.when(wg < 2)
+    def _compute_persistent():
+      plgpu.set_max_registers(232, action="increase")
+
+      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
+      def _(info, carry):
+        b, q_rank, h = info.index
+        qt = nq - 1 - q_rank
+        kv_head, count, n_full, tile_of = walk(b, h, qt)
+        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
+        return carry + count
 
     @pl.when(wg == 2)
-    def _memory():   # the forward's K/V ring, same list
-      stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                      k_bar, v_bar, k_free, v_free, bk, stages)
+    def _memory_persistent():
+      plgpu.set_max_registers(40, action="decrease")
+
+      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
+      def _(info, carry):
+        b, q_rank, h = info.index
+        kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
+        stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                             k_bar, v_bar, k_free, v_free, bk, stages)
+        return carry + count
 
   # as the forward's: with segment ids, the lists rebuilt per batch row
   table = segment_skip.segment_lists(table, *segments, BLOCK_Q, bk, T, S) if has_seg else jnp.asarray(table)
@@ -409,8 +450,8 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),      # both warpgroups free a slot
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       ],
-      grid=(Hq, nq, B),
-      grid_names=("h", "qt", "b"),
+      grid=(min(tiles.programs or num_sms(), B * nq * Hq),) if tiles.persistent_dq else (Hq, nq, B),
+      grid_names=("sm",) if tiles.persistent_dq else ("h", "qt", "b"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
