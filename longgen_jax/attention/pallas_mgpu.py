@@ -247,6 +247,71 @@ def stream_kv_tiles_from(base, tile_of, count, k_ref, v_ref, b, kv_head, k_smem,
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
 
 
+
+def program_grid(persistent: bool, programs: int, shape: tuple[int, int, int]) -> dict:
+  """`plgpu.kernel`'s grid for `query_tile_programs` over shape (B, nq, Hq): one program per (query head,
+  query tile, batch row), or `programs` persistent ones (0: one per SM; never more than query tiles)."""
+  if not persistent:
+    B, nq, Hq = shape
+    return dict(grid=(Hq, nq, B), grid_names=("h", "qt", "b"))
+  return dict(grid=(min(programs or num_sms(), math.prod(shape)),), grid_names=("sm",))
+
+
+def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, compute, ring) -> None:
+  """The warp-specialised body of a kernel over query tiles and their key-tile lists (the forward, dQ).
+
+  walk(b, h, qt) -> (kv_head, count, n_full, tile_of); compute(wg, b, h, qt, kv_head, count, n_full,
+  tile_of, base) runs on compute warpgroups 0 and 1; warpgroup 2 streams the listed K/V tiles into
+  `ring` = (k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, block_k, stages). One query tile
+  per program (base None; long rows first: causal load balance), or persistent: program p takes query
+  tiles p, p + P, p + 2P, ... of (batch row, query tile from the longest row down, query head), heads
+  fastest as the grid runs them, and every warpgroup counts the program's key tiles so far (base: the
+  ring position), so the ring runs on from one list into the next (tests/test_mgpu_ring_protocol.py)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
+  k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, bk, stages = ring
+  B, nq, Hq = shape
+  if not persistent:
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    qt = nq - 1 - lax.axis_index("qt")
+    kv_head, count, n_full, tile_of = walk(b, h, qt)
+
+    @pl.when(wg < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      compute(wg, b, h, qt, kv_head, count, n_full, tile_of, None)
+
+    @pl.when(wg == 2)
+    def _memory():
+      stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                      k_bar, v_bar, k_free, v_free, bk, stages)
+    return
+
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg < 2)
+  def _compute_persistent():
+    plgpu.set_max_registers(232, action="increase")
+
+    @plgpu.nd_loop(shape, collective_axes="sm", init_carry=jnp.int32(0))
+    def _(info, carry):   # carry: the program's key tiles so far
+      b, q_rank, h = info.index
+      qt = nq - 1 - q_rank
+      kv_head, count, n_full, tile_of = walk(b, h, qt)
+      compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
+      return carry + count
+
+  @pl.when(wg == 2)
+  def _memory_persistent():
+    plgpu.set_max_registers(40, action="decrease")
+
+    @plgpu.nd_loop(shape, collective_axes="sm", init_carry=jnp.int32(0))
+    def _(info, carry):
+      b, q_rank, h = info.index
+      kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
+      stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
+                           k_bar, v_bar, k_free, v_free, bk, stages)
+      return carry + count
+
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
                  q_offset: int = 0, head_dim: int | None = None, tiles: MgpuTiles | None = None,
                  q_segment_ids=None, kv_segment_ids=None, interpret=None):
@@ -368,51 +433,8 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q_base, HALF)])
       plgpu.wait_smem_to_gmem(0)   # (persistent: the next query tile's Q lands in qo_smem)
 
-    if not tiles.persistent:   # one program per (query head, query tile, batch row)
-      b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-      qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
-      kv_head, count, n_full, tile_of = walk(b, h, qt)
-
-      @pl.when(wg < 2)
-      def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, None)
-
-      @pl.when(wg == 2)
-      def _memory():
-        stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                        k_bar, v_bar, k_free, v_free, bk, stages)
-      return
-
-    # Persistent: program p takes query tiles p, p + P, p + 2P, ... of (batch row, query tile from
-    # the longest row down, query head) with heads fastest, as the grid above runs them; every
-    # warpgroup walks the same sequence and counts the program's key tiles so far (the ring position).
-    wg = lax.axis_index("wg")
-    items = (B, nq, Hq)
-
-    @pl.when(wg < 2)
-    def _compute_persistent():
-      plgpu.set_max_registers(232, action="increase")
-
-      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
-      def _(info, carry):
-        b, q_rank, h = info.index
-        qt = nq - 1 - q_rank
-        kv_head, count, n_full, tile_of = walk(b, h, qt)
-        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
-        return carry + count
-
-    @pl.when(wg == 2)
-    def _memory_persistent():
-      plgpu.set_max_registers(40, action="decrease")
-
-      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
-      def _(info, carry):
-        b, q_rank, h = info.index
-        kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
-        stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                             k_bar, v_bar, k_free, v_free, bk, stages)
-        return carry + count
+    query_tile_programs(tiles.persistent, (B, nq, Hq), walk, compute,
+                        (k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, bk, stages))
 
   # With segment ids the lists are rebuilt per batch row from the ids (rows past T, keys past S:
   # padding, ignored for dropping; a tile holding any is never run unmasked).
@@ -434,8 +456,7 @@ def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           plgpu.Barrier(num_arrivals=2),
       ],
-      grid=(min(tiles.programs or num_sms(), B * nq * Hq),) if tiles.persistent else (Hq, nq, B),
-      grid_names=("sm",) if tiles.persistent else ("h", "qt", "b"),
+      **program_grid(tiles.persistent, tiles.programs, (B, nq, Hq)),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -71,9 +71,9 @@ from jax.experimental import pallas as pl
 from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
 from longgen_jax.attention.pallas_mgpu import (BLOCK_Q, HALF, LOG2E, _tile_mask, env_switch, env_value,
-                                               full_first_table, is_hopper, kv_table, list_walk,
-                                               load_ids, num_sms, same_segment, segments_enabled,
-                                               split_segment_refs, stream_kv_tiles, stream_kv_tiles_from)
+                                               full_first_table, is_hopper, kv_table, list_walk, load_ids,
+                                               program_grid, query_tile_programs, same_segment,
+                                               segments_enabled, split_segment_refs)
 from longgen_jax.attention.spec import AttentionSpec, block_layout
 
 ENV = "LONGGEN_JAX_MGPU_BACKWARD"
@@ -384,49 +384,8 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
       plgpu.wait_smem_to_gmem(0)   # (persistent: the next query tile's Q lands in q_smem)
 
-    if not tiles.persistent_dq:   # one program per (query head, query tile, batch row)
-      b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
-      qt = nq - 1 - lax.axis_index("qt")           # long rows first (causal load balance)
-      kv_head, count, n_full, tile_of = walk(b, h, qt)
-
-      @pl.when(wg < 2)
-      def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, None)
-
-      @pl.when(wg == 2)
-      def _memory():   # the forward's K/V ring, same list
-        stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                        k_bar, v_bar, k_free, v_free, bk, stages)
-      return
-
-    # Persistent, as the forward's: query tiles in the grid's order, the ring running on across them.
-    wg = lax.axis_index("wg")
-    items = (B, nq, Hq)
-
-    @pl.when(wg < 2)
-    def _compute_persistent():
-      plgpu.set_max_registers(232, action="increase")
-
-      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
-      def _(info, carry):
-        b, q_rank, h = info.index
-        qt = nq - 1 - q_rank
-        kv_head, count, n_full, tile_of = walk(b, h, qt)
-        compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
-        return carry + count
-
-    @pl.when(wg == 2)
-    def _memory_persistent():
-      plgpu.set_max_registers(40, action="decrease")
-
-      @plgpu.nd_loop(items, collective_axes="sm", init_carry=jnp.int32(0))
-      def _(info, carry):
-        b, q_rank, h = info.index
-        kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
-        stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
-                             k_bar, v_bar, k_free, v_free, bk, stages)
-        return carry + count
+    query_tile_programs(tiles.persistent_dq, (B, nq, Hq), walk, compute,   # the forward's K/V ring, same lists
+                        (k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, bk, stages))
 
   # as the forward's: with segment ids, the lists rebuilt per batch row
   table = segment_skip.segment_lists(table, *segments, BLOCK_Q, bk, T, S) if has_seg else jnp.asarray(table)
@@ -450,8 +409,7 @@ def _dq_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, seg
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),      # both warpgroups free a slot
           plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       ],
-      grid=(min(tiles.programs or num_sms(), B * nq * Hq),) if tiles.persistent_dq else (Hq, nq, B),
-      grid_names=("sm",) if tiles.persistent_dq else ("h", "qt", "b"),
+      **program_grid(tiles.persistent_dq, tiles.programs, (B, nq, Hq)),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
