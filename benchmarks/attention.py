@@ -14,7 +14,8 @@ while tracing, so the backwards and cuDNN are timed in one run on one card whate
   PYTHONPATH=. python benchmarks/attention.py --mgpu-bwd --only ours_,cudnn
 
 `--persistent` adds "ours_persistent" per pattern: the default path with the persistent Mosaic forward
-(`MgpuTiles.persistent`: one program per SM walking query tiles in turn; opt-in until GPU-tested).
+and dQ (`MgpuTiles.persistent`, `MgpuBwdTiles.persistent_dq`: one program per SM walking query tiles in
+turn; opt-in until GPU-tested). With LONGGEN_JAX_MGPU_PERSISTENT set, "ours" is persistent too.
 
 Effective TFLOP/s count only allowed (query, key) pairs, from closed-form per-row counts (never
 a dense mask): forward 4*D flops per pair, forward+backward 3.5x that (the usual 2.5x backward).
@@ -99,7 +100,7 @@ def make_fns(name: str, spec, tiles=None):
     bwd_tiles = bwd_tiles or {"ours_mgpu_bwd": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=64),
                               "ours_mgpu_bwd128": pallas_mgpu_backward.MgpuBwdTiles(dkv_keys=128)}.get(name)
 
-    if name == "ours_persistent":   # the persistent Mosaic forward (same backward)
+    if name == "ours_persistent":   # the persistent Mosaic forward and dQ (dK/dV as "ours")
       tiles = dataclasses.replace(tiles or Tiles(), forward="persistent")
 
     @contextlib.contextmanager
@@ -148,7 +149,7 @@ def main():
                        "forced) per pattern")
   ap.add_argument("--persistent", action="store_true",
                   help="also time ours_persistent per pattern: the default path with the persistent Mosaic forward "
-                       "(Tiles(forward='persistent'))")
+                       "and dQ (Tiles(forward='persistent'))")
   args = ap.parse_args()
   case_list = CASES + ([(n, s) for n in ("ours_mgpu_bwd", "ours_triton_bwd", "ours_mgpu_dq", "ours_mgpu_bwd128")
                         for s in PATTERNS]

@@ -37,12 +37,12 @@ class Barrier:
 
 
 def program_lists(table: np.ndarray, B: int, Hq: int, G: int, programs: int, program: int):
-  """The key-tile lists `program` walks, in nd_loop's order over (batch row, query tile from the last,
-  query head): flat items program, program + P, ..."""
+  """The key-tile lists `program` walks, in `query_tile_programs`' nd_loop order over (query head, query
+  tile from the last, batch row): flat items program, program + P, ..."""
   nq = table.shape[1]
   lists = []
   for flat in range(program, B * nq * Hq, programs):
-    b, rank, h = flat // (nq * Hq), flat // Hq % nq, flat % Hq
+    h, rank, b = flat // (nq * B), flat // B % nq, flat % B
     row = table[(h // G) % table.shape[0], nq - 1 - rank]
     lists.append([(b, h, int(t)) for t in row[2:2 + row[0]]])
   return lists
@@ -162,21 +162,23 @@ def simulate(lists, stages: int, seed: int, ring_runs_on: bool = True, kernel: s
   raise AssertionError("deadlock: no warpgroup finished")
 
 
-CASES = [  # spec, T, Hkv, block_k, stages
-    (AttentionSpec.full(), 1000, 1, 128, 2),
-    (AttentionSpec.sink_window(64, 200), 777, 2, 128, 2),
-    (AttentionSpec.block_sparse(64, 4, 8), 1100, 2, 64, 2),
-    (AttentionSpec.full(), 640, 1, 64, 3),
-    (AttentionSpec.sink_window(0, 100), 900, 1, 128, 2),   # rows past the window: short lists
+CASES = [  # spec, T, S, Hkv, block_k, stages
+    (AttentionSpec.full(), 1000, 1000, 1, 128, 2),
+    (AttentionSpec.sink_window(64, 200), 777, 777, 2, 128, 2),
+    (AttentionSpec.block_sparse(64, 4, 8), 1100, 1100, 2, 64, 2),
+    (AttentionSpec.full(), 640, 640, 1, 64, 3),
+    (AttentionSpec.sink_window(0, 100), 640, 300, 1, 128, 2),   # queries past S + 100: empty lists
 ]
 
 
 @pytest.mark.parametrize("kernel", ["forward", "dq"])
-@pytest.mark.parametrize("spec,T,Hkv,bk,stages", CASES)
+@pytest.mark.parametrize("spec,T,S,Hkv,bk,stages", CASES)
 @pytest.mark.parametrize("programs", [1, 3, 7])
-def test_persistent_ring_runs_on_across_query_tiles(spec, T, Hkv, bk, stages, programs, kernel):
+def test_persistent_ring_runs_on_across_query_tiles(spec, T, S, Hkv, bk, stages, programs, kernel):
   B, Hq = 2, 4
-  table = kv_table(spec, -(-T // BLOCK_Q) * BLOCK_Q, T, Hkv, bk)
+  table = kv_table(spec, -(-T // BLOCK_Q) * BLOCK_Q, S, Hkv, bk)
+  if S < T:
+    assert (table[..., 0] == 0).any() and (table[..., 0] > 0).any()   # empty lists between others
   for program in range(programs):
     lists = program_lists(table, B, Hq, Hq // Hkv, programs, program)
     assert sum(map(len, lists)) > stages

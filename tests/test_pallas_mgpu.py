@@ -74,8 +74,13 @@ def test_persistent_forward_switch_reaches_the_static_config(monkeypatch):
   assert forwards() == ["auto", "persistent", "persistent"]
   assert pallas_gpu._prepare(x, x, x, specs[1], None, None, 0, pallas_gpu.Tiles(forward="triton"), None, None,
                              False)[0].tiles.forward == "triton"          # an explicit choice stays
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, " block_sparse , full")
+  assert forwards() == ["persistent", "auto", "persistent"]
   monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "0")
   assert forwards() == ["auto"] * 3
+  monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "sink")               # not a kind: said, not ignored
+  with pytest.raises(ValueError, match="sink_window"):
+    forwards()
   with pytest.raises(ValueError, match="persistent"):
     pallas_gpu.Tiles(forward="persistant").check()
 
@@ -237,8 +242,8 @@ CASES = [  # spec, B, T, S, Hq, Hkv, q_offset, tiles
     (AttentionSpec.full(), 1, 300, 812, 4, 2, 512, MgpuTiles()),
     (AttentionSpec.full(), 1, 640, 640, 2, 1, 0, MgpuTiles(64, 3)),
     (AttentionSpec.sink_window(64, 1984), 1, 4096, 4096, 8, 1, 0, MgpuTiles()),
-    # persistent programs: 1 and 3 walk many query tiles each (the ring runs on across lists; empty and
-    # short lists between long ones), 0 = one per SM
+    # persistent programs: 1 and 3 walk many query tiles each (the ring runs on across lists; short
+    # lists between long ones; empty ones: the test below), 0 = one per SM
     (AttentionSpec.full(), 1, 1000, 1000, 4, 1, 0, MgpuTiles(persistent=True, programs=1)),
     (AttentionSpec.full(), 2, 300, 812, 4, 2, 512, MgpuTiles(persistent=True, programs=3)),
     (AttentionSpec.sink_window(64, 200), 2, 777, 777, 4, 4, 0, MgpuTiles(persistent=True, programs=3)),
@@ -300,6 +305,29 @@ def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offse
   ref_g = jax.jit(jax.grad(loss(theirs), (0, 1, 2)))(*(x.astype(jnp.float32) for x in (q, k, v)))
   for a, b in zip(g, ref_g):
     assert rel_err(a, b) < 2e-2
+
+
+@gpu_only
+@hopper_only
+@pytest.mark.parametrize("programs", [1, 3])
+def test_persistent_forward_and_dq_with_empty_lists_between_others(programs):
+  """Query tiles without a key (queries past S + 100) between ones with keys, on few persistent programs:
+  the ring position does not move over an empty list, the two warpgroups' schedule stays paired."""
+  spec, T, S = AttentionSpec.sink_window(0, 100), 640, 300
+  q, k, v, do, dlse = attention_grad_inputs(1, T, S, 4, 1, 128, jnp.bfloat16, seed=programs)
+  out, lse, (ref_dq, _, _) = _reference_grads(q, k, v, do, dlse, spec, 0)
+  has_keys = np.isfinite(np.asarray(lse))                                     # [B, Hq, T]
+  assert has_keys.any() and not has_keys.all()
+  got, got_lse2 = jax.jit(lambda q, k, v: mgpu_forward(q, k, v, spec, T=T, S=S, tiles=MgpuTiles(
+      persistent=True, programs=programs)))(q, k, v)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(got_lse2)), has_keys)
+  rows = np.moveaxis(has_keys, 1, 2)[..., None]                               # [B, T, Hq, 1]
+  assert np.all(np.where(rows, 0, np.asarray(got, np.float32)) == 0)
+  assert rel_err(jnp.where(rows, got, 0), jnp.where(rows, out, 0)) < 5e-3
+  lse2, delta = _kernel_inputs(out, lse, do, dlse)
+  dq, _, _ = jax.jit(functools.partial(mbwd.mgpu_backward, spec=spec, S=S, kernels=frozenset({"dq"}), tiles=(
+      mbwd.MgpuBwdTiles(persistent_dq=True, programs=programs))))(q, k, v, do, lse2, delta)
+  assert np.isfinite(np.asarray(dq, np.float32)).all() and rel_err(dq, ref_dq) < 2e-2
 
 
 @gpu_only

@@ -13,8 +13,10 @@ first (`kv_table`): the kernel runs an unmasked loop over them, then a masked lo
 partial ones, so the pattern predicate is only evaluated on partial tiles and no per-step
 branch is needed (online softmax does not care about the order). The two compute warpgroups
 are offset by half a step (a shared "schedule" barrier) so that one's softmax overlaps the
-other's wgmma. GQA: query heads are the fastest grid axis, so the G heads of one kv head run
-side by side and share K/V tiles in L2; K/V are never repeated.
+other's wgmma. Launch order: Mosaic GPU launches the grid (h, qt, b) with its axes reversed (CUDA x =
+batch row, y = query tile, z = head; read from the lowered module), so the programs running together
+are the query tiles of one head, longest first, and share that head's K/V tiles in L2; GQA heads
+share a kv head's K/V through L2 only across that head order. K/V are never repeated.
 
 Persistent programs (`MgpuTiles.persistent`, opt-in: `LONGGEN_JAX_MGPU_PERSISTENT=1` or a comma list of
 kinds, or `pallas_gpu.Tiles(forward="persistent")`): one program per SM walks query tiles in the
@@ -91,17 +93,27 @@ def default_mgpu_tiles(spec: AttentionSpec, persistent: bool = False) -> MgpuTil
   return dataclasses.replace(tiles, persistent=persistent)
 
 
+PATTERN_KINDS = ("full", "sink_window", "block_sparse")
+
+
 def persistent_enabled(spec: AttentionSpec) -> bool:
-  """Whether LONGGEN_JAX_MGPU_PERSISTENT asks for persistent forward programs for this pattern: 1 (every
-  pattern), a comma list of kinds (e.g. sink_window,block_sparse), or unset / 0 (none, the default)."""
-  return env_switch(PERSISTENT_ENV) or spec.kind in env_value(PERSISTENT_ENV).split(",")
+  """Whether LONGGEN_JAX_MGPU_PERSISTENT asks for persistent programs (forward and dQ) for this pattern:
+  1 (every pattern), a comma list of kinds (e.g. sink_window,block_sparse), or unset / 0 (none, the
+  default)."""
+  value = env_value(PERSISTENT_ENV)
+  if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+    return env_switch(PERSISTENT_ENV)
+  kinds = {k.strip() for k in value.split(",") if k.strip()}
+  if not kinds <= set(PATTERN_KINDS):
+    raise ValueError(f"{PERSISTENT_ENV} must be 1, 0 or a comma list of {', '.join(PATTERN_KINDS)}; got {value!r}")
+  return spec.kind in kinds
 
 
 def num_sms(device=None) -> int:
   """Streaming multiprocessors of the device (132 on an H100 / H200 SXM; that when unknown, e.g. lowering
   for CUDA on a CPU host)."""
   device = device or jax.devices()[0]
-  return int(getattr(device, "core_count", 0) or 0) if device.platform == "gpu" else 132
+  return (int(getattr(device, "core_count", 0) or 0) if device.platform == "gpu" else 0) or 132
 
 
 def is_hopper(device=None) -> bool:
@@ -264,12 +276,14 @@ def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, com
   tile_of, base) runs on compute warpgroups 0 and 1; warpgroup 2 streams the listed K/V tiles into
   `ring` = (k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, block_k, stages). One query tile
   per program (base None; long rows first: causal load balance), or persistent: program p takes query
-  tiles p, p + P, p + 2P, ... of (batch row, query tile from the longest row down, query head), heads
-  fastest as the grid runs them, and every warpgroup counts the program's key tiles so far (base: the
-  ring position), so the ring runs on from one list into the next (tests/test_mgpu_ring_protocol.py)."""
+  tiles p, p + P, p + 2P, ... in the order the grid's programs launch (batch rows fastest, then query
+  tiles from the longest row down, then heads: programs running together share a head's K/V in L2),
+  and every warpgroup counts the program's key tiles so far (base: the ring position), so the ring
+  runs on from one list into the next (tests/test_mgpu_ring_protocol.py)."""
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
   k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, bk, stages = ring
   B, nq, Hq = shape
+  launch_order = (Hq, nq, B)   # nd_loop's last axis runs fastest
   if not persistent:
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     qt = nq - 1 - lax.axis_index("qt")
@@ -292,9 +306,9 @@ def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, com
   def _compute_persistent():
     plgpu.set_max_registers(232, action="increase")
 
-    @plgpu.nd_loop(shape, collective_axes="sm", init_carry=jnp.int32(0))
+    @plgpu.nd_loop(launch_order, collective_axes="sm", init_carry=jnp.int32(0))
     def _(info, carry):   # carry: the program's key tiles so far
-      b, q_rank, h = info.index
+      h, q_rank, b = info.index
       qt = nq - 1 - q_rank
       kv_head, count, n_full, tile_of = walk(b, h, qt)
       compute(wg, b, h, qt, kv_head, count, n_full, tile_of, carry)
@@ -304,9 +318,9 @@ def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, com
   def _memory_persistent():
     plgpu.set_max_registers(40, action="decrease")
 
-    @plgpu.nd_loop(shape, collective_axes="sm", init_carry=jnp.int32(0))
+    @plgpu.nd_loop(launch_order, collective_axes="sm", init_carry=jnp.int32(0))
     def _(info, carry):
-      b, q_rank, h = info.index
+      h, q_rank, b = info.index
       kv_head, count, _, tile_of = walk(b, h, nq - 1 - q_rank)
       stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                            k_bar, v_bar, k_free, v_free, bk, stages)

@@ -44,9 +44,12 @@ dK/dV: one program = two 64-key tiles of one kv head (one per compute warpgroup,
   Why two independent key tiles per program rather than one 128-key tile split in halves
   (JAX's dense example): block_sparse's strided 64-blocks would make the non-strided half
   walk the strided half's long list for nothing (~1.7x the work at (64,16,64)). Load balance:
-  the key tiles of one head are sorted by list length (longest first) and paired; heads are
-  the fastest grid axis and pairs the next, so the longest programs of every head start
-  first and the makespan is ~max(longest list x G, total / SMs); lists are not split, which
+  the key tiles of one head are sorted by list length (longest first) and paired. The grid is
+  (h, p, b), but Mosaic GPU launches it with the axes reversed (batch rows fastest, then pairs,
+  then heads; read from the lowered module), so the longest programs of each head start first
+  WITHIN that head, and the last head's longest program starts near the end: a tail where one list
+  is far longer than the mean (the sink's key tile, visited by every query tile), not measured;
+  lists are not split, which
   avoids fp32 partial tiles and a second reduction pass (MQA with huge G is the case where
   the longest program could dominate: see benchmarks/NOTES_attention.md).
 
@@ -563,7 +566,6 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
       # One issuer for both rings, in step order; pairs have similar lengths, so neither
       # warpgroup waits long on the other's free slot. CHECK ON GPU: if the profile shows the
       # compute warpgroups starved here, give each ring its own issuing warp (or 3 stages at D 64).
-      # CHECK ON GPU: grid=(Hkv, P, B) launches heads fastest (as the forward's grid assumes).
       @pl.loop(stages, jnp.maximum(steps[0] if shared else jnp.maximum(steps[0], steps[1]), stages))
       def _(it):
         slot = lax.rem(it, jnp.int32(stages))
@@ -597,7 +599,7 @@ def _dkv_call(q, k, v, do, lse, delta, spec, *, S, T, q_offset, scale, tiles, se
           plgpu.Barrier(num_barriers=ring),
           plgpu.Barrier(num_arrivals=2 if shared else 1, num_barriers=ring),   # who reads a slot frees it
       ],
-      # Heads fastest, then pairs longest-first: the longest lists of every head start first.
+      # Launched batch rows fastest, then pairs longest-first, then heads (the axes reversed).
       grid=(Hkv, P, B),
       grid_names=("h", "p", "b"),
       num_threads=3,
