@@ -37,7 +37,8 @@ run() {  # name, env, test files...
   grep -E "(FAILED|ERROR) tests/" "$out/$name.log" | sed 's/^/[gpu_tests]   /' | sort -u
   [[ $rc -ne 0 ]] && status=$rc
 }
-# A pass per backward setting and one for the Mosaic segment paths on every pattern, so one's failure holds back no other.
+# A pass per backward setting, one for the Mosaic segment paths on every pattern and one for the persistent
+# programs, so one's failure holds back no other.
 passes=" ${PASSES:-default triton mgpu_backward mgpu_segments persistent} "
 [[ $passes == *" default "* ]] && run default "LONGGEN_JAX_MGPU_BACKWARD=auto" tests/test_pallas_gpu.py tests/test_pallas_mgpu.py tests/test_generate.py
 [[ $passes == *" triton "* ]] && run triton "LONGGEN_JAX_MGPU_BACKWARD=0 LONGGEN_JAX_MGPU_SEGMENTS=0" tests/test_pallas_gpu.py

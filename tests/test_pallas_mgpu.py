@@ -1,6 +1,7 @@
 """Mosaic GPU forward and backward: host-side tables and predicate on CPU (and the backward lowered for
 CUDA there); the kernels on a Hopper GPU."""
 
+import dataclasses
 import functools
 import math
 
@@ -107,14 +108,20 @@ def _mosaic_modules(fn, *args):
   return seen
 
 
+def _launch_grid(fn, *args) -> tuple[int, int, int]:
+  """The (x, y, z) CUDA grid of the one Mosaic GPU kernel `fn` lowers to."""
+  import re
+  (text,) = _mosaic_modules(fn, *args)
+  return tuple(int(n) for n in re.search(
+      r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)", text).groups())
+
+
 @pytest.mark.parametrize("spec,T,S,Hkv,segments", [(AttentionSpec.full(), 300, 812, 2, False),
                                                     (AttentionSpec.sink_window(64, 200), 777, 777, 2, True),
                                                     (AttentionSpec.block_sparse(64, 4, 8), 1100, 1100, 2, False)])
 def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv, segments):
   """The persistent forward (and dQ) lowers for CUDA (with and without segment ids) to a launch of `programs`
   (or one per SM, at most one per query tile) programs instead of one per (head, query tile, row)."""
-  import dataclasses
-  import re
   sd = jax.ShapeDtypeStruct
   Hq = 4
   args = [sd((1, T, Hq, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16), sd((1, S, Hkv, 128), jnp.bfloat16)]
@@ -125,9 +132,7 @@ def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv,
     def f(q, k, v, *ids):
       kw = dict(q_segment_ids=ids[0], kv_segment_ids=ids[1]) if ids else {}
       return mgpu_forward(q, k, v, spec, T=T, S=S, q_offset=S - T, tiles=tiles, **kw)
-    (text,) = _mosaic_modules(f, *args)
-    return tuple(int(n) for n in re.search(
-        r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)", text).groups())
+    return _launch_grid(f, *args)
   base = pallas_mgpu.default_mgpu_tiles(spec)
   assert grid(base) == (1, nq, Hq)   # launch dims (x, y, z) = the grid (h, qt, b) reversed
   assert grid(dataclasses.replace(base, persistent=True, programs=5)) == (5, 1, 1)
@@ -142,9 +147,7 @@ def test_persistent_forward_lowers_to_one_program_per_sm_on_cpu(spec, T, S, Hkv,
       kw = dict(q_segment_ids=ids[0], kv_segment_ids=ids[1]) if ids else {}
       return mbwd.mgpu_backward(q, k, v, do, lse, delta, spec, S=S, T=T, q_offset=S - T, tiles=tiles,
                                 kernels=frozenset({"dq"}), **kw)[0]
-    (text,) = _mosaic_modules(f, *dq_args)
-    return tuple(int(n) for n in re.search(
-        r"gpu\.launch .*?blocks\(.*?\) in \(%\w+ = %c(\d+), %\w+ = %c(\d+), %\w+ = %c(\d+)\)", text).groups())
+    return _launch_grid(f, *dq_args)
   assert dq_grid(mbwd.MgpuBwdTiles()) == (1, nq, Hq)
   assert dq_grid(mbwd.MgpuBwdTiles(persistent_dq=True, programs=5)) == (5, 1, 1)
 
@@ -283,7 +286,7 @@ def _packed_segments(B, T, S, q_offset, seed):
 def test_forward_with_segments_matches_reference(spec, B, T, S, Hq, Hkv, q_offset, persistent, monkeypatch):
   monkeypatch.setenv(pallas_mgpu.SEGMENTS_ENV, "1")
   monkeypatch.setenv(pallas_mgpu.PERSISTENT_ENV, "1" if persistent else "0")   # pallas_attention below too
-  tiles = MgpuTiles(64, 2, persistent, 3) if spec.kind == "block_sparse" else MgpuTiles(128, 2, persistent, 3)
+  tiles = dataclasses.replace(pallas_mgpu.default_mgpu_tiles(spec, persistent), programs=3)
   q, k, v = _inputs(B, T, S, Hq, Hkv, seed=T)
   qs, ks = _packed_segments(B, T, S, q_offset, seed=T)
   out, lse2 = jax.jit(lambda q, k, v, qs, ks: mgpu_forward(
@@ -457,7 +460,7 @@ def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
   monkeypatch.setenv(mbwd.ENV, "1")
   cfg = pallas_gpu._prepare(q, k, v, SPECS[0], None, None, 0, None, None, None, True)[0]
   assert not pallas_gpu._mgpu_backward(cfg, q)           # interpret mode: never
-  cfg = dataclasses_replace(cfg, interpret=False)
+  cfg = dataclasses.replace(cfg, interpret=False)
   assert pallas_gpu._mgpu_backward(cfg, q) == (mbwd.KERNELS if on else frozenset())
   monkeypatch.setenv(mbwd.ENV, "0")
   assert not pallas_gpu._mgpu_backward(cfg, q)
@@ -466,13 +469,8 @@ def test_pallas_gpu_keeps_triton_backward_unless_switched(monkeypatch):
   sparse = pallas_gpu._prepare(q, k, v, AttentionSpec.block_sparse(64, 4, 8), None, None, 0, None, None, None,
                                True)[0]
   # block_sparse: only dQ (its Mosaic dK/dV measured slower than the Triton one)
-  assert pallas_gpu._mgpu_backward(dataclasses_replace(sparse, interpret=False), q) == (
+  assert pallas_gpu._mgpu_backward(dataclasses.replace(sparse, interpret=False), q) == (
       {"dq"} if on else frozenset())
-
-
-def dataclasses_replace(x, **kw):
-  import dataclasses
-  return dataclasses.replace(x, **kw)
 
 
 def _reference_grads(q, k, v, do, dlse, spec, q_offset, segments=None):

@@ -51,6 +51,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ from jax.experimental import pallas as pl
 
 from longgen_jax.attention import segment_skip
 from longgen_jax.attention.padding import pad_axis, pad_segment_ids, round_up
-from longgen_jax.attention.spec import AttentionSpec, allowed, block_layout
+from longgen_jax.attention.spec import AttentionSpec, Kind, allowed, block_layout
 
 LOG2E = math.log2(math.e)
 SEGMENTS_ENV = "LONGGEN_JAX_MGPU_SEGMENTS"
@@ -93,9 +94,6 @@ def default_mgpu_tiles(spec: AttentionSpec, persistent: bool = False) -> MgpuTil
   return dataclasses.replace(tiles, persistent=persistent)
 
 
-PATTERN_KINDS = ("full", "sink_window", "block_sparse")
-
-
 def persistent_enabled(spec: AttentionSpec) -> bool:
   """Whether LONGGEN_JAX_MGPU_PERSISTENT asks for persistent programs (forward and dQ) for this pattern:
   1 (every pattern), a comma list of kinds (e.g. sink_window,block_sparse), or unset / 0 (none, the
@@ -104,8 +102,8 @@ def persistent_enabled(spec: AttentionSpec) -> bool:
   if value in ("1", "true", "yes", "on", "0", "false", "no", "off"):
     return env_switch(PERSISTENT_ENV)
   kinds = {k.strip() for k in value.split(",") if k.strip()}
-  if not kinds <= set(PATTERN_KINDS):
-    raise ValueError(f"{PERSISTENT_ENV} must be 1, 0 or a comma list of {', '.join(PATTERN_KINDS)}; got {value!r}")
+  if not kinds <= set(get_args(Kind)):
+    raise ValueError(f"{PERSISTENT_ENV} must be 1, 0 or a comma list of {', '.join(get_args(Kind))}; got {value!r}")
   return spec.kind in kinds
 
 
@@ -221,7 +219,6 @@ def stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem, k_
   `tile_of(j)` (j < count) of batch row `b`, kv head `kv_head`, into a `stages`-deep SMEM ring,
   slot j % stages, each copy after the compute warpgroups freed the slot."""
   from jax.experimental.pallas import mosaic_gpu as plgpu   # Hopper-only backend
-  plgpu.set_max_registers(40, action="decrease")
 
   def fetch(j, slot):
     rows = pl.ds(tile_of(j) * bk, bk)
@@ -257,7 +254,6 @@ def stream_kv_tiles_from(base, tile_of, count, k_ref, v_ref, b, kv_head, k_smem,
     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, kv_head], k_smem.at[slot], k_bar.at[slot])
     pl.when(g >= stages)(lambda: plgpu.barrier_wait(v_free.at[slot]))
     plgpu.copy_gmem_to_smem(v_ref.at[b, rows, kv_head], v_smem.at[slot], v_bar.at[slot])
-
 
 
 def program_grid(persistent: bool, programs: int, shape: tuple[int, int, int]) -> dict:
@@ -296,6 +292,7 @@ def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, com
 
     @pl.when(wg == 2)
     def _memory():
+      plgpu.set_max_registers(40, action="decrease")
       stream_kv_tiles(tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                       k_bar, v_bar, k_free, v_free, bk, stages)
     return
@@ -325,6 +322,7 @@ def query_tile_programs(persistent: bool, shape: tuple[int, int, int], walk, com
       stream_kv_tiles_from(carry, tile_of, count, k_ref, v_ref, b, kv_head, k_smem, v_smem,
                            k_bar, v_bar, k_free, v_free, bk, stages)
       return carry + count
+
 
 def mgpu_forward(q_BTHD, k_BSKD, v_BSKD, spec: AttentionSpec, *, T: int, S: int,
                  q_offset: int = 0, head_dim: int | None = None, tiles: MgpuTiles | None = None,
