@@ -24,8 +24,9 @@ grid's order (`plgpu.nd_loop`), every warpgroup counting the program's key tiles
 runs on from one list into the next and the memory warpgroup fetches the next query tile's keys during
 this one's epilogue. For short sparse rows (~17-33 key tiles) whose prologue and epilogue are not
 amortised; the backward's dQ kernel has the same mode (`MgpuBwdTiles.persistent_dq`, on with the same
-switch). The barrier protocol is simulated on CPU (tests/test_mgpu_ring_protocol.py); the kernels' GPU
-tests are written, not yet run, and they are not yet timed.
+switch). The barrier protocol is simulated on CPU (tests/test_mgpu_ring_protocol.py); the GPU tests pass
+(H200), and timed they are not faster than one program per query tile (sink_window forward -2.4%, full
++14%, the persistent dQ slower: BENCHMARKS.md, "Persistent programs timed"), so they stay opt-in.
 
 Returns out [B,Tp,Hq,D] and the base-2 lse [B,Hq,Tp] (-inf for rows with no allowed key), the
 residuals `pallas_gpu`'s backward consumes. Supported: bf16/fp16, head_dim 128 (multiples of
@@ -76,7 +77,8 @@ class MgpuTiles:
   persistent: one program per SM (or `programs` of them) walks query tiles in turn, its K/V ring running
   on from one tile's list into the next's, so the memory warpgroup prefetches the next query tile's keys
   during this one's epilogue and the next Q load (short sparse rows: ~17-33 key tiles, where the per-tile
-  prologue and epilogue are not amortised). Opt-in (`LONGGEN_JAX_MGPU_PERSISTENT=1`) until GPU-tested."""
+  prologue and epilogue are not amortised). Opt-in (`LONGGEN_JAX_MGPU_PERSISTENT=1`): GPU-tested, measured
+  no faster than one program per query tile (BENCHMARKS.md)."""
 
   block_k: int = 128
   stages: int = 2
