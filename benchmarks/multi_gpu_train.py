@@ -14,9 +14,17 @@ Runs (G = the visible GPUs):
 The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per-device memory, nothing
 allocated) and, with --run-longest N, times N steps at the longest length that fits.
 
+--processes P runs each CLI as P processes of G/P GPUs (launch/local_multiprocess.sh), as a multi-host job
+would: each process allocates and registers its own pinned host memory (`remat="offload"`) and loads its
+own kernels, where one process does both for all GPUs (suspected, not profiled, of the ~170 s first step
+of 512K on 4 H100s: BENCHMARKS.md). --workdirs DIR keeps each run's workdir
+(cli.log written as it runs, metrics.jsonl per step) under DIR, so a run cut off from outside leaves them.
+
   python benchmarks/multi_gpu_train.py --runs longgen_fsdp,full_cudnn_fsdp --seq-len 131072 --steps 3 --json r.json
   python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --ladder-run longgen_context --run-longest 1
   python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --set model.remat=offload --run-longest 2
+  python benchmarks/multi_gpu_train.py --runs longgen_context --seq-len 1048576 --steps 1 --processes 4 \
+      --set model.remat=offload --workdirs $OUT/runs
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,20 +64,44 @@ def overrides(name: str, seq_len: int, steps: int, layers: int, gpus: int, dry_r
   return [f"--config={config}"] + [f"--config.{k}={v}" for k, v in o.items()]
 
 
-def run_cli(args: list[str], limit: int) -> tuple[str, str, str | None]:
-  """(workdir, log, error line or None) of one training CLI process."""
-  workdir = tempfile.mkdtemp(prefix="mgt_")
+def cli_command(args: list[str], workdir: str, processes: int = 1, gpus: int = 1) -> list[str]:
+  """The training CLI on all visible GPUs: one process, or `processes` of gpus // processes GPUs each."""
   cmd = [sys.executable, "-m", "longgen_jax.train", f"--workdir={workdir}", *args]
-  try:
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
-    log = p.stdout + p.stderr
-    error = None if p.returncode == 0 else next(
-        (line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
-  except subprocess.TimeoutExpired as e:
-    log, error = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""), f"> {limit} s"
-  with open(os.path.join(workdir, "cli.log"), "w") as f:
-    f.write(" ".join(cmd) + "\n" + log)
-  return workdir, log, error
+  if processes <= 1:
+    return cmd
+  if gpus % processes:
+    raise ValueError(f"--processes {processes} must divide the {gpus} GPUs")
+  return ["bash", os.path.join(ROOT, "launch", "local_multiprocess.sh"), str(processes), str(gpus // processes),
+          "--", *cmd]
+
+
+def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
+  """(log, error line or None) of one CLI run; its output goes to workdir/cli.log as it runs. Past `limit`
+  seconds the run's whole process group is killed (every process of a multi-process run)."""
+  log_path = os.path.join(workdir, "cli.log")
+  with open(log_path, "w") as log_file:
+    log_file.write(" ".join(cmd) + "\n")
+    log_file.flush()
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+      rc = p.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.wait()
+      rc = None
+  with open(log_path) as f:
+    log = f.read()
+  if rc is None:
+    return log, f"> {limit} s"
+  if rc == 0:
+    return log, None
+  return log, next((line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
+
+
+def new_workdir(root: str | None) -> str:
+  if root:
+    os.makedirs(root, exist_ok=True)
+  return tempfile.mkdtemp(prefix="mgt_", dir=root)
 
 
 def compile_seconds(log: str) -> float | None:
@@ -78,10 +111,13 @@ def compile_seconds(log: str) -> float | None:
   return None
 
 
-def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int) -> dict:
-  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps}
+def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int, processes: int = 1,
+              root: str | None = None) -> dict:
+  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps, "processes": processes}
   t0 = time.perf_counter()
-  workdir, log, error = run_cli(overrides(name, seq_len, steps, layers, gpus, dry_run=False), limit)
+  workdir = new_workdir(root)
+  log, error = run_cli(cli_command(overrides(name, seq_len, steps, layers, gpus, dry_run=False), workdir,
+                                   processes, gpus), workdir, limit)
   row.update(wall_s=time.perf_counter() - t0, compile_s=compile_seconds(log), workdir=workdir)
   path = os.path.join(workdir, "metrics.jsonl")
   records = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
@@ -91,6 +127,7 @@ def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit
     timed = records[1:] or records  # the first step may include one-time work (allocation, autotuning)
     row["step_s"] = statistics.median(r["step_time_s"] for r in timed)
     row["step_s_all"] = [r["step_time_s"] for r in records]
+    row["first_step_s"] = records[0]["step_time_s"]   # with one-time work: the only figure of a 1-step run
     row["tokens_per_s_per_gpu"] = statistics.median(r["tokens_per_s"] for r in timed) / gpus
     row["mfu"] = statistics.median(r["mfu"] for r in timed) if timed[0]["mfu"] is not None else None
     row["peak_gb"] = max((r["peak_memory_gb"] or 0) for r in records)
@@ -98,9 +135,12 @@ def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit
   return row
 
 
-def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int) -> dict:
-  row = {"run": name, "seq_len": seq_len, "layers": layers or 32}
-  workdir, log, error = run_cli(overrides(name, seq_len, 1, layers, gpus, dry_run=True), limit)
+def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int, processes: int = 1,
+            root: str | None = None) -> dict:
+  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "processes": processes}
+  workdir = new_workdir(root)
+  log, error = run_cli(cli_command(overrides(name, seq_len, 1, layers, gpus, dry_run=True), workdir, processes,
+                                   gpus), workdir, limit)
   path = os.path.join(workdir, "dry_run.json")
   if os.path.exists(path):
     report = json.load(open(path))
@@ -122,6 +162,9 @@ def main():
   p.add_argument("--run-longest", type=int, default=0, help="steps to time at the longest length that fits")
   p.add_argument("--limit", type=int, default=900, help="seconds per CLI process")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run")
+  p.add_argument("--processes", type=int, default=1,
+                  help="processes per run (launch/local_multiprocess.sh), each with GPUs / processes GPUs")
+  p.add_argument("--workdirs", default="", help="keep each run's workdir under this directory (default: /tmp)")
   p.add_argument("--json", default="")
   args = p.parse_args()
   EXTRA.update(kv.split("=", 1) for kv in args.set)
@@ -134,6 +177,9 @@ def main():
           "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
   print("# " + json.dumps(meta), flush=True)
   out = {"meta": meta, "runs": [], "ladder": []}
+  if gpus % args.processes:
+    p.error(f"--processes {args.processes} must divide the {gpus} visible GPUs")
+  where = (args.processes, args.workdirs or None)
 
   def save(row, key):
     out[key].append(row)
@@ -143,13 +189,14 @@ def main():
         json.dump(out, f, indent=1)
 
   for name in filter(None, args.runs.split(",")):
-    save(timed_run(name, args.seq_len, args.steps, args.layers, gpus, args.limit), "runs")
+    save(timed_run(name, args.seq_len, args.steps, args.layers, gpus, args.limit, *where), "runs")
   if args.ladder:
     for T in sorted(map(int, args.ladder.split(","))):
-      save(dry_run(args.ladder_run, T, args.layers, gpus, args.limit), "ladder")
+      save(dry_run(args.ladder_run, T, args.layers, gpus, args.limit, *where), "ladder")
     fitting = [r["seq_len"] for r in out["ladder"] if r.get("fits")]
     if fitting and args.run_longest:
-      save(timed_run(args.ladder_run, max(fitting), args.run_longest, args.layers, gpus, args.limit), "runs")
+      save(timed_run(args.ladder_run, max(fitting), args.run_longest, args.layers, gpus, args.limit, *where),
+           "runs")
   print("\n| run | seq | layers | compile s | step s | tokens/s per GPU | MFU | peak GB |\n|---|---|---|---|---|---|---|---|")
   for r in out["runs"]:
     if "step_s" not in r:

@@ -40,3 +40,38 @@ def test_train_step_packs_equal_documents():
   assert seg.tolist() == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3] and pos.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
   seg, pos = train_step.packed_rows(6, 1)
   assert seg.tolist() == [1] * 6 and pos.tolist() == list(range(6))
+
+
+def test_multi_gpu_train_runs_the_cli_as_several_processes():
+  import multi_gpu_train as mgt
+  cli = [sys.executable, "-m", "longgen_jax.train", "--workdir=w", "--config=c.py"]
+  assert mgt.cli_command(["--config=c.py"], "w") == cli
+  assert mgt.cli_command(["--config=c.py"], "w", processes=2, gpus=4) == [
+      "bash", os.path.join(mgt.ROOT, "launch", "local_multiprocess.sh"), "2", "2", "--", *cli]
+  try:
+    mgt.cli_command([], "w", processes=3, gpus=4)
+  except ValueError as e:
+    assert "must divide" in str(e)
+  else:
+    raise AssertionError("3 processes over 4 GPUs accepted")
+
+
+def test_multi_gpu_train_stops_every_process_of_a_run_past_its_limit(tmp_path):
+  """A run past --limit is killed as a process group (a multi-process run's children too), and what it
+  logged so far stays in workdir/cli.log."""
+  import time
+  import multi_gpu_train as mgt
+  t0 = time.perf_counter()
+  log, error = mgt.run_cli(["bash", "-c", "sleep 60 & echo child $!; wait"], str(tmp_path), limit=2)
+  assert time.perf_counter() - t0 < 30 and error == "> 2 s"
+  child = int(log.splitlines()[1].split()[1])   # line 0 is the command
+  for _ in range(50):   # the orphaned child is reaped once killed
+    if not os.path.exists(f"/proc/{child}"):
+      break
+    time.sleep(0.1)
+  assert not os.path.exists(f"/proc/{child}"), "the run's child process survived its limit"
+  assert (tmp_path / "cli.log").read_text().startswith("bash -c")
+  log, error = mgt.run_cli(["bash", "-c", "echo fine"], str(tmp_path), limit=20)
+  assert error is None and "fine" in log
+  log, error = mgt.run_cli(["bash", "-c", "echo 'RuntimeError: boom'; exit 3"], str(tmp_path), limit=20)
+  assert error == "RuntimeError: boom"
