@@ -18,6 +18,11 @@ OUT/VARIANT/seedS/{train/, passkey.json, passkey.png, ppl.json, ppl.png, result.
 OUT/summary.json + OUT/summary.md (variant x length accuracy, mean over seeds with the pooled 95% Wilson
 interval, and mean loss). A job whose result.json exists is skipped, so re-running the same command
 continues an interrupted set (training itself resumes from its checkpoints).
+
+On a machine lent for a limited time: --time-limit SECONDS starts no job that the longest one so far says
+would end past the limit, and at the limit (or on SIGTERM, e.g. from `timeout`) stops the running jobs
+(SIGTERM to each job's processes: a training saves a checkpoint), writes the summary of the finished ones
+and exits 3; the same command continues.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +42,60 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPRO = os.path.join(ROOT, "configs", "repro")
 sys.path.insert(0, ROOT)  # run from a checkout
 from longgen_jax.training.config import load_config_module  # noqa: E402
+
+
+class Stopped(Exception):
+  """The set was stopped (time limit, SIGTERM) while this job ran: not a failure; it continues on a re-run."""
+
+
+class JobProcesses:
+  """Every job's command runs as its own process group, so that the set can be stopped at once: at the
+  time limit or on SIGTERM each group gets SIGTERM (a training saves a checkpoint on it), then SIGKILL
+  after `grace` seconds."""
+
+  def __init__(self):
+    self.running: set[subprocess.Popen] = set()
+    self.lock = threading.Lock()
+    self.stopped = threading.Event()
+
+  def run(self, cmd: list[str], env: dict, log) -> int:
+    """The command's exit status; raises Stopped if the set was stopped before or while it ran."""
+    with self.lock:
+      if self.stopped.is_set():
+        raise Stopped(shlex.join(cmd[:4]))
+      p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+      self.running.add(p)
+    try:
+      rc = p.wait()
+    finally:
+      with self.lock:
+        self.running.discard(p)
+    if self.stopped.is_set():
+      raise Stopped(shlex.join(cmd[:4]))
+    return rc
+
+  def stop(self, grace: float = 30.0) -> None:
+    with self.lock:
+      self.stopped.set()
+      running = list(self.running)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+      for p in running:
+        try:
+          os.killpg(p.pid, sig)
+        except ProcessLookupError:
+          pass
+      end = time.time() + grace
+      for p in running:
+        try:
+          p.wait(timeout=max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+          pass
+      running = [p for p in running if p.poll() is None]
+      if not running:
+        return
+
+
+PROCESSES = JobProcesses()
 
 
 def variant_names() -> list[str]:
@@ -173,10 +233,10 @@ def run_job(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, steps:
       log.write(f"$ {shlex.join(cmd)}\n")
       log.flush()
       t0 = time.time()
-      p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+      rc = PROCESSES.run(cmd, env, log)
       times[name] = round(time.time() - t0, 1)
-      if p.returncode:
-        raise RuntimeError(f"{variant} seed {seed}: {name} failed (exit {p.returncode}); see {jobdir}/log.txt")
+      if rc:
+        raise RuntimeError(f"{variant} seed {seed}: {name} failed (exit {rc}); see {jobdir}/log.txt")
   metrics = read_metrics(os.path.join(jobdir, "train"))
   with open(os.path.join(jobdir, "train", "config.json")) as f:
     resolved = json.load(f)
@@ -267,35 +327,46 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
   return [dict(CUDA_VISIBLE_DEVICES=g, XLA_FLAGS=flags, **shared) for g in gpus]
 
 
-def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None) -> list:
+def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None,
+                 limit: float | None = None) -> list:
   """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
   a RuntimeError is recorded in `failures` and the slot goes on with the next item. After `deadline` (a
-  time.time()) no slot starts another item; returns the items never started."""
+  time.time()) no slot starts another item, nor one that the longest item so far says would end past
+  `limit`; a Stopped item ends its slot. Returns the items never started or stopped."""
   todo = queue.Queue()
   for item in items:
     todo.put(item)
+  longest = [0.0]
+  cut = []
 
   def worker(extra: dict):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
     if "CUDA_VISIBLE_DEVICES" in extra:
       env.pop("JAX_PLATFORMS", None)
     while deadline is None or time.time() < deadline:
+      if limit is not None and time.time() + longest[0] > limit:
+        return
       try:
         item = todo.get_nowait()
       except queue.Empty:
         return
+      t0 = time.time()
       try:
         fn(item, env, extra)
       except RuntimeError as e:
         failures.append(str(e))
         print(f"[reproduce] {e}", file=sys.stderr)
+      except Stopped:
+        cut.append(item)
+        return
+      longest[0] = max(longest[0], time.time() - t0)
 
   threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
   for t in threads:
     t.start()
   for t in threads:
     t.join()
-  return list(todo.queue)
+  return cut + list(todo.queue)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,9 +395,17 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--stop-after", type=float, default=0, metavar="SECONDS",
                  help="start no job (pretraining or variant) later than SECONDS after the start, then summarize "
                       "and exit 3; re-running the same command continues (for machines lent by the call)")
+  p.add_argument("--time-limit", type=float, default=0, metavar="SECONDS",
+                 help="start no job the longest so far says would end past SECONDS after the start, and at SECONDS "
+                      "stop the running ones (a training saves a checkpoint), summarize and exit 3; the same "
+                      "command continues")
   p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
   args = p.parse_args(argv)
-  deadline = time.time() + args.stop_after if args.stop_after > 0 else None
+  global PROCESSES
+  PROCESSES = JobProcesses()   # a fresh, unstopped set per call
+  started = time.time()
+  deadline = started + args.stop_after if args.stop_after > 0 else None
+  limit = started + args.time_limit if args.time_limit > 0 else None
 
   names = variant_names()
   variants = names if args.variants == "all" else [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -388,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
       cmd = pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)
       log.write(f"$ {shlex.join(cmd)}\n")
       log.flush()
-      if subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
+      if PROCESSES.run(cmd, env, log):
         raise RuntimeError(f"pretraining of seed {s} failed; see {pretrain_dir(out, s)}/log.txt")
     print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
@@ -404,18 +483,35 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
 
   all_jobs = list(jobs)
-  if pretrain:
-    run_on_slots(seeds, pretrain_seed, slots, failures, deadline)
-    jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
-  run_on_slots(jobs, variant_job, slots, failures, deadline)
+  watchdog = threading.Timer(limit - time.time(), PROCESSES.stop) if limit else None
+  if watchdog:
+    watchdog.daemon = True
+    watchdog.start()
+  # SIGTERM (`timeout`, a scheduler) stops the set as the time limit does; the handler runs in this thread
+  # while it waits for the slots, so the stopping is handed to another thread
+  main_thread = threading.current_thread() is threading.main_thread()   # only it may set signal handlers
+  previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=PROCESSES.stop, daemon=True).start()
+                           ) if main_thread else None
+  try:
+    if pretrain:
+      run_on_slots(seeds, pretrain_seed, slots, failures, deadline, limit)
+      jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
+    run_on_slots(jobs, variant_job, slots, failures, deadline, limit)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+    if watchdog:
+      watchdog.cancel()
   print(summarize(out, variants_with_results(out, variants), seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
     return 1
   left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))]
-  if left:  # only --stop-after leaves jobs without a failure
-    print(f"[reproduce] --stop-after {args.stop_after:g} s: {len(left)} job(s) not started; run the same command "
-          "again to continue", file=sys.stderr)
+  if left:  # only --stop-after / --time-limit / SIGTERM leave jobs without a failure
+    why = ("stopped" if PROCESSES.stopped.is_set() else
+           f"--time-limit {args.time_limit:g} s" if limit else f"--stop-after {args.stop_after:g} s")
+    print(f"[reproduce] {why}: {len(left)} job(s) not done (a stopped training resumes from its checkpoint); run "
+          "the same command again to continue", file=sys.stderr)
     return 3
   return 0
 

@@ -196,7 +196,7 @@ def test_stop_after_exits_3_and_names_the_jobs_left(tmp_path):
                       "all_full", "--seeds", "0", "--steps", "1", "--stop-after", "0.001", "--out", str(tmp_path)],
                      capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
   assert p.returncode == 3, p.stderr[-2000:]
-  assert "1 job(s) not started" in p.stderr and not (tmp_path / "all_full").exists()
+  assert "--stop-after 0.001 s: 1 job(s) not done" in p.stderr and not (tmp_path / "all_full").exists()
 
 
 def test_eval_settings_fit_the_longest_prompt_and_its_answer():
@@ -211,3 +211,92 @@ def test_eval_settings_fit_the_longest_prompt_and_its_answer():
     cfg = ModelConfig(**dict(model, max_seq_len=parse_length(ev["max_seq_len"])))
     check_passkey_args(cfg, ByteTokenizer(), parse_list(ev["lengths"], parse_length),
                        parse_list(ev["depths"], float), ev["samples"], ev["batch_size"])
+
+
+def test_slots_start_no_item_the_longest_so_far_says_would_end_past_the_limit():
+  import time
+  rep = _script()
+  ran, failures = [], []
+
+  def slow(item, env, slot):
+    ran.append(item)
+    time.sleep(0.3)
+  left = rep.run_on_slots([1, 2, 3], slow, [{}], failures, limit=time.time() + 0.5)
+  assert ran == [1] and left == [2, 3] and not failures   # 0.3 s done, another 0.3 s would end past 0.5 s
+  ran.clear()
+  assert rep.run_on_slots([1, 2], slow, [{}], failures, limit=time.time() + 5) == [] and ran == [1, 2]
+
+
+def test_stopping_the_set_kills_each_job_s_process_group_and_is_not_a_failure(tmp_path):
+  """stop(): SIGTERM to every running job's process group, SIGKILL after the grace period (here the job
+  ignores SIGTERM); the job's runner raises Stopped, so does every later run; run_on_slots hands the stopped
+  item back as not done."""
+  import threading
+  import time
+  rep = _script()
+  procs = rep.JobProcesses()
+  pid_file = tmp_path / "pid"
+  outcome = []
+
+  def job(item, env, slot):
+    with open(tmp_path / "log", "w") as log:
+      procs.run(["bash", "-c", f"trap '' TERM; sleep 60 & echo $! > {pid_file}; wait"], dict(os.environ), log)
+    outcome.append("finished")
+
+  failures = []
+  t = threading.Thread(target=lambda: outcome.append(rep.run_on_slots(["a", "b"], job, [{}], failures)))
+  t.start()
+  for _ in range(100):
+    if pid_file.exists() and pid_file.read_text().strip():
+      break
+    time.sleep(0.05)
+  child = int(pid_file.read_text())
+  t0 = time.time()
+  procs.stop(grace=0.5)
+  t.join(timeout=10)
+  assert not t.is_alive() and time.time() - t0 < 5
+  assert outcome == [["a", "b"]] and not failures   # "a" stopped, "b" never started: both left
+  for _ in range(50):
+    if not os.path.exists(f"/proc/{child}"):
+      break
+    time.sleep(0.1)
+  assert not os.path.exists(f"/proc/{child}"), "the job's child outlived the stop"
+  with pytest.raises(rep.Stopped):
+    procs.run(["true"], dict(os.environ), subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("how", ["time_limit", "sigterm"])
+def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(tmp_path, how):
+  """--time-limit, or SIGTERM to the runner (`timeout`): the running training gets SIGTERM (and, once it
+  is stepping, saves a checkpoint), the summary of the finished jobs is written, the exit status is 3 and
+  the job is left for the next run."""
+  import signal
+  import time
+  out = tmp_path / "r"
+  done = out / "all_sparse_sink" / "seed0"   # a job finished by an earlier run: the summary must show it
+  done.mkdir(parents=True)
+  (done / "result.json").write_text(json.dumps({
+      "seed": 0, "pattern": ["sink_window(4,16)"] * 6, "seconds": {"train": 1.0}, "ppl": {"mean_loss": 1.0},
+      "passkey": {"lengths": [128], "depths": [0.5], "samples": 2, "accuracy_by_length": [0.5],
+                  "mean_accuracy": 0.5}}))
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny", "--variants", "all_full",
+         "--seeds", "0", "--steps", "100000", "--pretrain", "none", "--set", "log_every=1", "--out", str(out)]
+  if how == "time_limit":
+    cmd += ["--time-limit", "20"]
+  p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+  log = out / "all_full" / "seed0" / "log.txt"
+  if how == "sigterm":
+    metrics = out / "all_full" / "seed0" / "train" / "metrics.jsonl"
+    for _ in range(1800):   # until the training has logged its first steps
+      if metrics.exists() and metrics.read_text().count("\n") >= 2:
+        break
+      time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+  stdout, stderr = p.communicate(timeout=240)
+  assert p.returncode == 3, stderr[-3000:]
+  assert "stopped: 1 job(s) not done" in stderr
+  if how == "sigterm":   # stopped mid-training (a time limit may also fall before the first step)
+    assert "SIGTERM: saved step" in log.read_text()
+  assert "| all_sparse_sink | 1 | 0.50" in (out / "summary.md").read_text()
+  assert not (out / "all_full" / "seed0" / "result.json").exists()

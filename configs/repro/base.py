@@ -80,7 +80,7 @@ def make_config(full_fraction: float, sparse: str = "sink_window", placement: st
   c.loss_chunk = 2048
   c.eval_every = 500
   c.eval_batches = 2
-  c.checkpoint_every = 200   # a conversion cut by a time limit resumes (scripts/reproduce.py --stop-after)
+  c.checkpoint_every = 200   # a conversion cut by a time limit resumes (scripts/reproduce.py --time-limit)
   return c
 
 
