@@ -124,6 +124,43 @@ def test_generate_batch_equals_each_alone_and_stops():
   assert len(blocks) == 5 and np.concatenate(blocks, 1).tolist() == batch
 
 
+def test_a_fixed_capacity_gives_the_same_tokens_and_shares_the_programs_across_prompt_lengths():
+  """generate(capacity=C): a cache of C positions and prompts padded to whole chunks, so calls of different
+  lengths reuse one set of compiled programs (the pass-key grid), with the tokens of the default cache."""
+  from jax._src import monitoring
+  model = _model("gqa_mixed")
+  rng = np.random.RandomState(6)
+  batches = [[list(rng.randint(3, 512, n)) for n in lens] for lens in ((5, 14, 9), (30, 21, 27), (17, 3, 12))]
+  for prompts in batches[:2]:
+    assert generate(model, prompts, max_new_tokens=6, chunk_len=8, capacity=48) == \
+        generate(model, prompts, max_new_tokens=6, chunk_len=8)
+  with pytest.raises(ValueError, match="capacity 35 is below"):
+    generate(model, batches[1], max_new_tokens=6, chunk_len=8, capacity=35)   # 30 + 6 new tokens
+  with pytest.raises(ValueError, match="whole chunks of 16"):
+    generate(model, batches[1], max_new_tokens=1, chunk_len=16, capacity=31)  # 30 -> 32 padded
+  # Compiles: a model without full layers (on CPU the full layers' prefill is specialised to each chunk's
+  # position; on GPUs cuDNN serves them without that). The first call compiles; calls of other prompt
+  # lengths then compile nothing with a fixed capacity, and something without it.
+  sparse = Llama(preset("tiny", num_layers=2).replace(layer_specs=(SW, BS)), rngs=nnx.Rngs(0))
+  compiles = []
+
+  def listen(event, duration, **kw):
+    if "backend_compile" in event:
+      compiles.append(event)
+
+  def count(prompts, capacity):
+    before = len(compiles)
+    generate(sparse, prompts, max_new_tokens=4, chunk_len=8, capacity=capacity)
+    return len(compiles) - before
+  monitoring.register_event_duration_secs_listener(listen)
+  try:
+    count(batches[0], 40)
+    assert [count(b, 40) for b in batches[1:]] == [0, 0]
+    assert count(batches[1], None) > 0
+  finally:
+    monitoring.unregister_event_duration_listener(listen)
+
+
 def test_sampling_filters():
   rng = jax.random.key(0)
   logits = jnp.asarray(np.random.RandomState(5).randn(4, 50).astype(np.float32))

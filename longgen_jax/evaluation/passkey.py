@@ -86,6 +86,9 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
   from tqdm import tqdm
   check_passkey_args(model.config, tok, lengths, depths, samples, batch_size)
   max_new = _answer_tokens(tok)
+  # one cache length for the whole grid: every length runs the same compiled prefill and decode programs,
+  # compiled once instead of once per length
+  capacity = max(max(lengths) + max_new, -(-max(lengths) // chunk_len) * chunk_len)
   acc = np.zeros((len(lengths), len(depths)))
   correct = np.zeros((len(lengths), len(depths)), int)
   ci = np.zeros((len(lengths), len(depths), 2))  # 95% Wilson interval of each cell
@@ -101,7 +104,7 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
         batch = prompts[b:b + batch_size]
         outputs += generate(model, [p.tokens for p in batch], max_new_tokens=max_new,
                             stop_tokens=[tok.eos_id], chunk_len=chunk_len, kv_int8=kv_int8,
-                            attn_impl=attn_impl, pad_id=tok.pad_id)
+                            attn_impl=attn_impl, pad_id=tok.pad_id, capacity=capacity)
       texts = [tok.decode(o) for o in outputs]
       hits = [score_answer(t, p.key) for t, p in zip(texts, prompts)]
       acc[i, j] = float(np.mean(hits))

@@ -129,11 +129,16 @@ def run_task(model, tok, examples: Sequence[TaskExample], scorer: str, *, max_ne
                     f"{max_new_tokens} new tokens exceeds the model's max_seq_len {model.config.max_seq_len}; "
                     "raise it with --max-seq-len or leave the long examples out")
   score = SCORERS[scorer]
+  # one cache length for every batch: prompts of any length then share the compiled prefill and decode
+  # programs instead of compiling them for each new prompt length
+  longest_len = len(prompts[longest])
+  capacity = max(longest_len + max_new_tokens, -(-longest_len // chunk_len) * chunk_len)
   rows = []
   for b in tqdm(range(0, len(examples), batch_size), desc=scorer, unit="batch",
                 disable=None if progress is None else not progress):
     outs = generate(model, prompts[b:b + batch_size], max_new_tokens=max_new_tokens, stop_tokens=[tok.eos_id],
-                    chunk_len=chunk_len, kv_int8=kv_int8, attn_impl=attn_impl, pad_id=tok.pad_id)
+                    chunk_len=chunk_len, kv_int8=kv_int8, attn_impl=attn_impl, pad_id=tok.pad_id,
+                    capacity=capacity)
     for e, p, o in zip(examples[b:b + batch_size], prompts[b:b + batch_size], outs):
       text = tok.decode(o)
       rows.append({"index": e.index, "tokens": len(p), "length": e.length, "references": list(e.references),

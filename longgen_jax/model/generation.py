@@ -112,9 +112,12 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                     stop_tokens: Sequence[int] = (), seed: int = 0, chunk_len: int = 2048,
                     kv_int8: bool = False, attn_impl: str | None = None, cache_dtype=None,
-                    pad_id: int = 0, stream_every: int = 16) -> Iterator[np.ndarray]:
+                    pad_id: int = 0, stream_every: int = 16, capacity: int | None = None) -> Iterator[np.ndarray]:
   """Yields int32 [B, n] blocks of new tokens (pad_id after a sequence's stop token).
 
+  capacity: the caches' length (default: the longest prompt + max_new_tokens). Calls of different prompt
+  lengths with the same capacity, batch size and chunk_len share every compiled program (the prompts are
+  padded to whole chunks): one compile for a grid of lengths instead of one per length.
   Arguments are checked on the call; prefill starts at the first next().
   """
   for name, n in (("max_new_tokens", max_new_tokens), ("stream_every", stream_every), ("chunk_len", chunk_len)):
@@ -129,9 +132,18 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   if real.min() < 0 or real.max() >= vocab:
     bad = real.min() if real.min() < 0 else real.max()
     raise ValueError(f"prompt token id {bad} is outside the model's vocabulary [0, {vocab})")
-  capacity = tokens.shape[1] + max_new_tokens
-  if capacity > model.config.max_seq_len:
-    warnings.warn(f"prompt + new tokens ({capacity}) exceeds the model's max_seq_len "
+  needed = tokens.shape[1] + max_new_tokens
+  if capacity is None:
+    capacity = needed
+  else:
+    check_count("capacity", capacity)
+    whole_chunks = -(-tokens.shape[1] // chunk_len) * chunk_len
+    if capacity < max(needed, whole_chunks):
+      raise ValueError(f"capacity {capacity} is below the longest prompt + max_new_tokens ({needed}) or the "
+                       f"prompt rounded up to whole chunks of {chunk_len} ({whole_chunks})")
+    tokens = np.pad(tokens, ((0, 0), (0, whole_chunks - tokens.shape[1])), constant_values=pad_id)
+  if needed > model.config.max_seq_len:
+    warnings.warn(f"prompt + new tokens ({needed}) exceeds the model's max_seq_len "
                   f"({model.config.max_seq_len})", stacklevel=2)
   layouts = cache_layouts(model.config, capacity, kv_int8)
   return _blocks(model, layouts, tokens, lengths, sampling, max_new_tokens, stream_every, seed=seed,
@@ -163,16 +175,18 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 6
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              stop_tokens: Sequence[int] = (), seed: int = 0, chunk_len: int = 2048,
              kv_int8: bool = False, attn_impl: str | None = None, cache_dtype=None,
-             pad_id: int = 0) -> list[list[int]]:
+             pad_id: int = 0, capacity: int | None = None) -> list[list[int]]:
   """Generates up to max_new_tokens per prompt (token-id lists of any lengths).
 
   Returns the new tokens of each prompt, cut before its first stop token. Prefill runs in
   chunks of chunk_len; decoding is one compiled loop. kv_int8 stores full layers' KV in int8.
+  capacity: a fixed cache length shared by calls of different prompt lengths (see generate_stream).
   """
   blocks = list(generate_stream(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, seed=seed,
                                 chunk_len=chunk_len, kv_int8=kv_int8, attn_impl=attn_impl,
-                                cache_dtype=cache_dtype, pad_id=pad_id, stream_every=max_new_tokens))
+                                cache_dtype=cache_dtype, pad_id=pad_id, stream_every=max_new_tokens,
+                                capacity=capacity))
   out = np.concatenate(blocks, axis=1)
   return [cut_at_stop(row, stop_tokens) for row in out]
 

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from longgen_jax.attention import SegmentIds, attention, registry
@@ -170,7 +171,7 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
 
   Returns (caches, logits [B, V] at each sequence's last prompt token).
   """
-  tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+  tokens_BT = np.asarray(tokens_BT, np.int32)   # chunks are cut on the host: no slice program per shape
   lengths_B = jnp.asarray(lengths_B, jnp.int32)
   B, T = tokens_BT.shape
   impl = attn_impl or model.attn_impl
