@@ -86,9 +86,12 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
     try:
       rc = p.wait(timeout=limit)
     except subprocess.TimeoutExpired:
-      os.killpg(p.pid, signal.SIGKILL)
-      p.wait()
       rc = None
+    except BaseException:   # this script stopped (SIGTERM, Ctrl-C): its run, in its own session, goes too
+      kill_group(p)
+      raise
+    if rc is None:
+      kill_group(p)
   with open(log_path) as f:
     log = f.read()
   if rc is None:
@@ -96,6 +99,14 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
   if rc == 0:
     return log, None
   return log, next((line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
+
+
+def kill_group(p: subprocess.Popen) -> None:
+  try:
+    os.killpg(p.pid, signal.SIGKILL)
+  except ProcessLookupError:   # already gone
+    pass
+  p.wait()
 
 
 def new_workdir(root: str | None) -> str:
@@ -167,6 +178,10 @@ def main():
   p.add_argument("--workdirs", default="", help="keep each run's workdir under this directory (default: /tmp)")
   p.add_argument("--json", default="")
   args = p.parse_args()
+  if args.processes < 1:
+    p.error("--processes must be >= 1")
+  # SIGTERM (`timeout`, a scheduler) ends this script like Ctrl-C, so run_cli stops the run it waits for
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   EXTRA.update(kv.split("=", 1) for kv in args.set)
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the long sequences need the whole card
   # The devices, asked in a child process: a backend opened here would hold GPU memory the runs need.

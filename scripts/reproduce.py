@@ -50,16 +50,18 @@ class Stopped(Exception):
 
 class JobProcesses:
   """Every job's command runs as its own process group, so that the set can be stopped at once: at the
-  time limit or on SIGTERM each group gets SIGTERM (a training saves a checkpoint on it), then SIGKILL
-  after `grace` seconds."""
+  time limit or on SIGTERM / SIGINT / SIGHUP each group gets SIGTERM (a training saves a checkpoint on it),
+  then SIGKILL after `grace` seconds (every member of the group, whether or not its leader has exited)."""
 
   def __init__(self):
     self.running: set[subprocess.Popen] = set()
+    self.signalled: set[subprocess.Popen] = set()
     self.lock = threading.Lock()
     self.stopped = threading.Event()
 
   def run(self, cmd: list[str], env: dict, log) -> int:
-    """The command's exit status; raises Stopped if the set was stopped before or while it ran."""
+    """The command's exit status; raises Stopped if the set was stopped before it started or the stop
+    signalled it (a command that ended on its own before the stop keeps its status)."""
     with self.lock:
       if self.stopped.is_set():
         raise Stopped(shlex.join(cmd[:4]))
@@ -70,29 +72,29 @@ class JobProcesses:
     finally:
       with self.lock:
         self.running.discard(p)
-    if self.stopped.is_set():
-      raise Stopped(shlex.join(cmd[:4]))
+    with self.lock:
+      if p in self.signalled:
+        raise Stopped(shlex.join(cmd[:4]))
     return rc
 
   def stop(self, grace: float = 30.0) -> None:
     with self.lock:
       self.stopped.set()
-      running = list(self.running)
+      groups = list(self.running)
+      self.signalled.update(groups)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-      for p in running:
+      for p in groups:
         try:
           os.killpg(p.pid, sig)
-        except ProcessLookupError:
+        except ProcessLookupError:   # the whole group is gone
           pass
-      end = time.time() + grace
-      for p in running:
-        try:
-          p.wait(timeout=max(0.0, end - time.time()))
-        except subprocess.TimeoutExpired:
-          pass
-      running = [p for p in running if p.poll() is None]
-      if not running:
-        return
+      if sig == signal.SIGTERM:
+        end = time.time() + grace
+        for p in groups:
+          try:
+            p.wait(timeout=max(0.0, end - time.time()))
+          except subprocess.TimeoutExpired:
+            pass
 
 
 PROCESSES = JobProcesses()
@@ -328,15 +330,17 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
 
 
 def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None,
-                 limit: float | None = None) -> list:
+                 limit: float | None = None, durations: list[float] | None = None,
+                 stopped: threading.Event | None = None) -> list:
   """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
-  a RuntimeError is recorded in `failures` and the slot goes on with the next item. After `deadline` (a
-  time.time()) no slot starts another item, nor one that the longest item so far says would end past
-  `limit`; a Stopped item ends its slot. Returns the items never started or stopped."""
+  an exception is recorded in `failures` and the slot goes on with the next item. After `deadline` (a
+  time.time()) no slot starts another item, nor one that the longest of `durations` (items so far, this
+  call's added) says would end past `limit`, nor any once `stopped` is set; a Stopped item ends its slot.
+  Returns the items never started or stopped."""
   todo = queue.Queue()
   for item in items:
     todo.put(item)
-  longest = [0.0]
+  durations = [] if durations is None else durations
   cut = []
 
   def worker(extra: dict):
@@ -344,7 +348,8 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
     if "CUDA_VISIBLE_DEVICES" in extra:
       env.pop("JAX_PLATFORMS", None)
     while deadline is None or time.time() < deadline:
-      if limit is not None and time.time() + longest[0] > limit:
+      if (stopped is not None and stopped.is_set()) or (
+          limit is not None and time.time() + max(durations, default=0.0) > limit):
         return
       try:
         item = todo.get_nowait()
@@ -353,13 +358,13 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
       t0 = time.time()
       try:
         fn(item, env, extra)
-      except RuntimeError as e:
-        failures.append(str(e))
-        print(f"[reproduce] {e}", file=sys.stderr)
       except Stopped:
         cut.append(item)
         return
-      longest[0] = max(longest[0], time.time() - t0)
+      except Exception as e:   # noqa: BLE001 - a failed job must not end its slot silently
+        failures.append(f"{item}: {type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e))
+        print(f"[reproduce] {failures[-1]}", file=sys.stderr)
+      durations.append(time.time() - t0)
 
   threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
   for t in threads:
@@ -487,33 +492,37 @@ def main(argv: list[str] | None = None) -> int:
   if watchdog:
     watchdog.daemon = True
     watchdog.start()
-  # SIGTERM (`timeout`, a scheduler) stops the set as the time limit does; the handler runs in this thread
-  # while it waits for the slots, so the stopping is handed to another thread
-  main_thread = threading.current_thread() is threading.main_thread()   # only it may set signal handlers
-  previous = signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=PROCESSES.stop, daemon=True).start()
-                           ) if main_thread else None
+  # SIGTERM (`timeout`, a scheduler), SIGINT (Ctrl-C) and SIGHUP stop the set as the time limit does (the
+  # jobs run in their own sessions, so nothing else would reach them); the handler runs in this thread while
+  # it waits for the slots, so the stopping is handed to another thread. Only the main thread may set them.
+  stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in stop_signals:
+      previous[sig] = signal.signal(sig, lambda *_: threading.Thread(target=PROCESSES.stop, daemon=True).start())
+  durations = []   # every job's time so far, pretraining and variants: what --time-limit expects of the next
   try:
     if pretrain:
-      run_on_slots(seeds, pretrain_seed, slots, failures, deadline, limit)
+      run_on_slots(seeds, pretrain_seed, slots, failures, deadline, limit, durations, PROCESSES.stopped)
       jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
-    run_on_slots(jobs, variant_job, slots, failures, deadline, limit)
+    run_on_slots(jobs, variant_job, slots, failures, deadline, limit, durations, PROCESSES.stopped)
   finally:
-    if main_thread:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if watchdog:
       watchdog.cancel()
   print(summarize(out, variants_with_results(out, variants), seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
-    return 1
   left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))]
-  if left:  # only --stop-after / --time-limit / SIGTERM leave jobs without a failure
+  if left and (PROCESSES.stopped.is_set() or limit or deadline):   # else only failures left them
     why = ("stopped" if PROCESSES.stopped.is_set() else
            f"--time-limit {args.time_limit:g} s" if limit else f"--stop-after {args.stop_after:g} s")
     print(f"[reproduce] {why}: {len(left)} job(s) not done (a stopped training resumes from its checkpoint); run "
           "the same command again to continue", file=sys.stderr)
-    return 3
-  return 0
+  if failures:
+    return 1
+  return 3 if left else 0
 
 
 if __name__ == "__main__":

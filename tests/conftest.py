@@ -89,3 +89,21 @@ def train_cli(workdir, *overrides, devices: int = 1, processes: int = 1, steps: 
 def close(a, b, tol: float = 1e-5) -> bool:
   """Elementwise |a - b| <= tol |b| over two tuples of numbers (None only where both are None)."""
   return all((x is None) == (y is None) and (x is None or abs(x - y) <= tol * abs(y)) for x, y in zip(a, b))
+
+
+def process_gone(pid: int, timeout: float = 5.0) -> bool:
+  """Whether process `pid` has ended within `timeout` seconds; a zombie (ended, not yet reaped: the
+  container's init may never reap it) counts as ended."""
+  import time
+  end = time.time() + timeout
+  while True:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+      return True
+    if state in ("Z", "X"):
+      return True
+    if time.time() > end:
+      return False
+    time.sleep(0.05)

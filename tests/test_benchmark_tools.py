@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import profile_overlap  # noqa: E402
+from conftest import ROOT, process_gone  # noqa: E402
 
 
 def test_overlap_counts_communication_under_compute_as_hidden():
@@ -65,13 +66,30 @@ def test_multi_gpu_train_stops_every_process_of_a_run_past_its_limit(tmp_path):
   log, error = mgt.run_cli(["bash", "-c", "sleep 60 & echo child $!; wait"], str(tmp_path), limit=2)
   assert time.perf_counter() - t0 < 30 and error == "> 2 s"
   child = int(log.splitlines()[1].split()[1])   # line 0 is the command
-  for _ in range(50):   # the orphaned child is reaped once killed
-    if not os.path.exists(f"/proc/{child}"):
-      break
-    time.sleep(0.1)
-  assert not os.path.exists(f"/proc/{child}"), "the run's child process survived its limit"
+  assert process_gone(child), "the run's child process survived its limit"
   assert (tmp_path / "cli.log").read_text().startswith("bash -c")
   log, error = mgt.run_cli(["bash", "-c", "echo fine"], str(tmp_path), limit=20)
   assert error is None and "fine" in log
   log, error = mgt.run_cli(["bash", "-c", "echo 'RuntimeError: boom'; exit 3"], str(tmp_path), limit=20)
   assert error == "RuntimeError: boom"
+
+
+def test_multi_gpu_train_stopped_from_outside_stops_its_run(tmp_path):
+  """SIGTERM to the benchmark (an outer `timeout`) ends it with 143 and kills the run it waits for, which
+  runs in its own session and would otherwise keep the GPUs."""
+  import signal
+  import subprocess
+  import time
+  script = (f"import signal, sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); import multi_gpu_train as m; "
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "   # as m.main() installs it
+            f"m.run_cli(['bash', '-c', 'sleep 60 & echo child $!; wait'], {str(tmp_path)!r}, limit=120)")
+  p = subprocess.Popen([sys.executable, "-c", script])
+  log = tmp_path / "cli.log"
+  for _ in range(200):
+    if log.exists() and "child " in log.read_text().split("\n", 1)[-1]:
+      break
+    time.sleep(0.05)
+  child = int(log.read_text().splitlines()[1].split()[1])
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=30) == 143
+  assert process_gone(child), "the run outlived the benchmark"

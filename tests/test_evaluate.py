@@ -311,3 +311,18 @@ def test_cli_ruler_and_babilong_score_generations(ckpt, tmp_path, capsys):
   assert rc == 0 and "babilong:" in io.out
   rc, io = _run(capsys, "babilong", "--ckpt", ckpt, "--data", babi, "--max-new-tokens", "600")
   assert rc == 2 and "exceeds the model's max_seq_len 512" in io.err
+
+
+def test_shared_shapes_pad_little_and_keep_the_chunk_where_they_can():
+  from longgen_jax.attention.spec import AttentionSpec
+  from longgen_jax.evaluation.common import shared_shapes
+  from longgen_jax.model.config import preset
+  sw = preset("tiny", num_layers=2).replace(layer_specs=(AttentionSpec.sink_window(64, 256), AttentionSpec.full()))
+  # the GPU grid: 1K pads to one 2K chunk (no more than twice itself): the chunk stays
+  assert shared_shapes(sw, [1024, 4096, 16384], 7, 2048) == (2048, 16384 + 7)
+  # the CPU grid: 128 would pad to 2048; the chunk becomes 128 (a power of two within the shortest prompt)
+  assert shared_shapes(sw, [128, 192, 256, 384], 7, 2048) == (128, 391)
+  assert shared_shapes(sw, [100, 300], 2, 2048) == (64, 320)   # 300 -> 5 chunks of 64
+  # a chunk may not drop below a sink (a later chunk holds [sink | window | chunk]): it stays
+  assert shared_shapes(sw, [40, 300], 2, 2048) == (2048, 2048)
+  assert shared_shapes(sw, [3900, 4100], 32, 2048) == (2048, 6144)   # task prompts: 4100 -> 3 chunks

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, process_gone
 from longgen_jax.evaluation.common import wilson_interval
 from longgen_jax.training.config import build_model_config, load_config_file, validate_config
 
@@ -227,26 +227,30 @@ def test_slots_start_no_item_the_longest_so_far_says_would_end_past_the_limit():
   assert rep.run_on_slots([1, 2], slow, [{}], failures, limit=time.time() + 5) == [] and ran == [1, 2]
 
 
-def test_stopping_the_set_kills_each_job_s_process_group_and_is_not_a_failure(tmp_path):
-  """stop(): SIGTERM to every running job's process group, SIGKILL after the grace period (here the job
-  ignores SIGTERM); the job's runner raises Stopped, so does every later run; run_on_slots hands the stopped
-  item back as not done."""
+@pytest.mark.parametrize("script", [
+    "trap '' TERM; sleep 60 & echo $! > {pid}; wait",           # the whole group ignores SIGTERM
+    "(trap '' TERM; exec sleep 60) & echo $! > {pid}; wait"])   # the leader exits on it, its child does not
+def test_stopping_the_set_kills_each_job_s_process_group_and_is_not_a_failure(tmp_path, script):
+  """stop(): SIGTERM to every running job's process group, SIGKILL after the grace period to every member
+  left; the job's runner raises Stopped, so does every later run; run_on_slots hands the stopped item back
+  as not done, and a job that ended before the stop keeps its status."""
   import threading
   import time
   rep = _script()
   procs = rep.JobProcesses()
+  assert procs.run(["bash", "-c", "exit 4"], dict(os.environ), subprocess.DEVNULL) == 4
   pid_file = tmp_path / "pid"
   outcome = []
 
   def job(item, env, slot):
     with open(tmp_path / "log", "w") as log:
-      procs.run(["bash", "-c", f"trap '' TERM; sleep 60 & echo $! > {pid_file}; wait"], dict(os.environ), log)
+      procs.run(["bash", "-c", script.format(pid=pid_file)], dict(os.environ), log)
     outcome.append("finished")
 
   failures = []
   t = threading.Thread(target=lambda: outcome.append(rep.run_on_slots(["a", "b"], job, [{}], failures)))
   t.start()
-  for _ in range(100):
+  for _ in range(200):
     if pid_file.exists() and pid_file.read_text().strip():
       break
     time.sleep(0.05)
@@ -256,18 +260,26 @@ def test_stopping_the_set_kills_each_job_s_process_group_and_is_not_a_failure(tm
   t.join(timeout=10)
   assert not t.is_alive() and time.time() - t0 < 5
   assert outcome == [["a", "b"]] and not failures   # "a" stopped, "b" never started: both left
-  for _ in range(50):
-    if not os.path.exists(f"/proc/{child}"):
-      break
-    time.sleep(0.1)
-  assert not os.path.exists(f"/proc/{child}"), "the job's child outlived the stop"
+  assert process_gone(child), "the job's child outlived the stop"
   with pytest.raises(rep.Stopped):
     procs.run(["true"], dict(os.environ), subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("how", ["time_limit", "sigterm"])
+def test_a_job_that_raises_is_a_failure_and_its_slot_goes_on():
+  rep = _script()
+  failures, ran = [], []
+
+  def job(item, env, slot):
+    ran.append(item)
+    if item == 1:
+      raise FileNotFoundError("passkey.json")
+  assert rep.run_on_slots([1, 2], job, [{}], failures) == [] and ran == [1, 2]
+  assert failures == ["1: FileNotFoundError: passkey.json"]
+
+
+@pytest.mark.parametrize("how", ["time_limit", "sigterm", "sigint"])
 def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(tmp_path, how):
-  """--time-limit, or SIGTERM to the runner (`timeout`): the running training gets SIGTERM (and, once it
+  """--time-limit, or SIGTERM (`timeout`) or SIGINT (Ctrl-C) to the runner: the running training gets SIGTERM (and, once it
   is stepping, saves a checkpoint), the summary of the finished jobs is written, the exit status is 3 and
   the job is left for the next run."""
   import signal
@@ -286,17 +298,22 @@ def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(
   p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
   log = out / "all_full" / "seed0" / "log.txt"
-  if how == "sigterm":
+  if how in ("sigterm", "sigint"):
     metrics = out / "all_full" / "seed0" / "train" / "metrics.jsonl"
     for _ in range(1800):   # until the training has logged its first steps
       if metrics.exists() and metrics.read_text().count("\n") >= 2:
         break
       time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
-  stdout, stderr = p.communicate(timeout=240)
+    p.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+  try:
+    stdout, stderr = p.communicate(timeout=240)
+  finally:   # a hung runner: stop it and, through it, its job
+    if p.poll() is None:
+      p.terminate()
+      p.communicate(timeout=60)
   assert p.returncode == 3, stderr[-3000:]
   assert "stopped: 1 job(s) not done" in stderr
-  if how == "sigterm":   # stopped mid-training (a time limit may also fall before the first step)
+  if how != "time_limit":   # stopped mid-training (a time limit may also fall before the first step)
     assert "SIGTERM: saved step" in log.read_text()
   assert "| all_sparse_sink | 1 | 0.50" in (out / "summary.md").read_text()
   assert not (out / "all_full" / "seed0" / "result.json").exists()

@@ -1,4 +1,4 @@
-"""What the evaluations share: their error type and argument checks."""
+"""What the evaluations share: their error type, argument checks and generation shapes."""
 
 from __future__ import annotations
 
@@ -30,3 +30,17 @@ def wilson_interval(hits: int, n: int, z: float = 1.959963984540054) -> tuple[fl
   half = z / denom * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
   # exact at the ends (the formula's rounding could put n/n's upper bound a hair below 1, below p itself)
   return (0.0 if hits == 0 else max(0.0, center - half)), (1.0 if hits == n else min(1.0, center + half))
+
+
+def shared_shapes(config, prompt_lengths, max_new_tokens: int, chunk_len: int) -> tuple[int, int]:
+  """(chunk_len, capacity) under which prompts of all these lengths share one set of compiled programs
+  (`generate(..., chunk_len, capacity)`: a fixed cache, prompts padded to whole chunks). The chunk shrinks to
+  a power of two within the shortest prompt when whole chunks would pad that prompt to more than twice its
+  length (not below any layer's attention sink, which a later chunk must hold)."""
+  shortest, longest = min(prompt_lengths), max(prompt_lengths)
+  sink = max((s.sink for s in config.layer_specs if s.kind == "sink_window"), default=1)
+  if -(-shortest // chunk_len) * chunk_len > 2 * shortest:
+    within = 1 << (shortest.bit_length() - 1)   # the largest power of two <= shortest
+    if within >= sink:
+      chunk_len = min(chunk_len, within)
+  return chunk_len, max(longest + max_new_tokens, -(-longest // chunk_len) * chunk_len)

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from longgen_jax.data.sources import FILLER, PASSKEY_FACT, PASSKEY_QUESTION
-from longgen_jax.evaluation.common import EvalError, check_vocab, format_length, wilson_interval
+from longgen_jax.evaluation.common import EvalError, check_vocab, format_length, shared_shapes, wilson_interval
 from longgen_jax.model.generation import generate
 
 FILLER_SENTENCES = tuple(re.findall(r"[^.]*\. ", FILLER))
@@ -86,9 +86,9 @@ def passkey_grid(model, tok, lengths: Sequence[int], depths: Sequence[float], *,
   from tqdm import tqdm
   check_passkey_args(model.config, tok, lengths, depths, samples, batch_size)
   max_new = _answer_tokens(tok)
-  # one cache length for the whole grid: every length runs the same compiled prefill and decode programs,
-  # compiled once instead of once per length
-  capacity = max(max(lengths) + max_new, -(-max(lengths) // chunk_len) * chunk_len)
+  # one cache length (and chunk) for the whole grid: every length runs the same compiled prefill and decode
+  # programs, compiled once instead of once per length
+  chunk_len, capacity = shared_shapes(model.config, lengths, max_new, chunk_len)
   acc = np.zeros((len(lengths), len(depths)))
   correct = np.zeros((len(lengths), len(depths)), int)
   ci = np.zeros((len(lengths), len(depths), 2))  # 95% Wilson interval of each cell

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from longgen_jax.data.sources import expand_paths
-from longgen_jax.evaluation.common import EvalError, check_vocab, wilson_interval
+from longgen_jax.evaluation.common import EvalError, check_vocab, shared_shapes, wilson_interval
 from longgen_jax.model.generation import generate
 
 BABILONG_TEMPLATE = "<context>\n{input}\n</context>\n\nQuestion: {question}\nAnswer:"
@@ -131,8 +131,7 @@ def run_task(model, tok, examples: Sequence[TaskExample], scorer: str, *, max_ne
   score = SCORERS[scorer]
   # one cache length for every batch: prompts of any length then share the compiled prefill and decode
   # programs instead of compiling them for each new prompt length
-  longest_len = len(prompts[longest])
-  capacity = max(longest_len + max_new_tokens, -(-longest_len // chunk_len) * chunk_len)
+  chunk_len, capacity = shared_shapes(model.config, [len(p) for p in prompts], max_new_tokens, chunk_len)
   rows = []
   for b in tqdm(range(0, len(examples), batch_size), desc=scorer, unit="batch",
                 disable=None if progress is None else not progress):

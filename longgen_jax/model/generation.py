@@ -127,7 +127,10 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
   if bad_stops:
     raise ValueError(f"stop token(s) {bad_stops} are outside the model's vocabulary [0, {vocab})")
   sampling = Sampling(temperature, top_k, top_p, tuple(int(t) for t in stop_tokens), pad_id)
-  tokens, lengths = pad_prompts(prompts, pad_id)
+  # prompts are padded with token 0, whatever pad_id is (it only fills the output after a stop): padded
+  # positions are masked, but an id outside the embedding would put NaN in their keys and values, and masked
+  # NaN still reaches a real row as 0 * NaN
+  tokens, lengths = pad_prompts(prompts)
   real = tokens[np.arange(tokens.shape[1]) < lengths[:, None]]
   if real.min() < 0 or real.max() >= vocab:
     bad = real.min() if real.min() < 0 else real.max()
@@ -141,7 +144,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     if capacity < max(needed, whole_chunks):
       raise ValueError(f"capacity {capacity} is below the longest prompt + max_new_tokens ({needed}) or the "
                        f"prompt rounded up to whole chunks of {chunk_len} ({whole_chunks})")
-    tokens = np.pad(tokens, ((0, 0), (0, whole_chunks - tokens.shape[1])), constant_values=pad_id)
+    tokens = np.pad(tokens, ((0, 0), (0, whole_chunks - tokens.shape[1])))
   if needed > model.config.max_seq_len:
     warnings.warn(f"prompt + new tokens ({needed}) exceeds the model's max_seq_len "
                   f"({model.config.max_seq_len})", stacklevel=2)
