@@ -70,11 +70,12 @@ def _full_prefix_cudnn(q, cache_k, cache_v, c0, k, v):
   return (o / (w_pre + w_self)[..., None]).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout", "impl", "static_c0", "history_complete"),
                    donate_argnames=("cache",))
 def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, lengths_B, *,
-                  impl: str, static_c0: int | None):
-  """One block over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed)."""
+                  impl: str, static_c0: int | None, history_complete: bool = False):
+  """One block over one chunk at positions c0.. (static_c0: c0 as a Python int, when needed;
+  history_complete: a sink_window chunk whose sink and window history are all real positions)."""
   block = nnx.merge(graphdef, state)
   B, T, _ = x_BTE.shape
   spec = layout.spec
@@ -95,7 +96,7 @@ def prefill_layer(graphdef, state, layout: CacheLayout, cache, x_BTE, c0, length
     if spec.kind == "sink_window":
       if static_c0 == 0:  # first chunk: only itself
         return attention(q, k, v, spec, impl=impl), new_cache
-      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl), new_cache
+      return _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl, history_complete), new_cache
     K = layout.num_kv_heads
     pos_BKT = jnp.broadcast_to(pos_BT[:, None], (B, K, T))
     chunk = CachePart(k, v, slot_mask(spec, pos_BT, pos_BKT, jnp.ones((B, K, T), bool)))
@@ -115,13 +116,19 @@ def _cache_kv(layout, cache, dtype, length):
   return k, v
 
 
-def _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl):
-  """[sink | ring history | chunk] relabelled so that query-key distances are preserved."""
+def _sink_window_chunk(layout, cache, q, k, v, c0, lengths_B, impl, history_complete: bool = False):
+  """[sink | ring history | chunk] relabelled so that query-key distances are preserved.
+
+  Segment ids mask the sink and history slots that hold no real position (early chunks, short rows). Once
+  c0 >= sink + ring (history_complete, static) every slot is real for each row with a query here (its
+  length > c0), and rows without one compute unused outputs, so the plain pattern serves, without ids."""
   spec, sink, ring = layout.spec, layout.sink_len, layout.ring_len
   hist_pos = c0 - ring + jnp.arange(ring)
   slots = hist_pos % ring
   keys = [cache["sink_k"], cache["ring_k"][:, slots], k]
   vals = [cache["sink_v"], cache["ring_v"][:, slots], v]
+  if history_complete:
+    return attention(q, jnp.concatenate(keys, 1), jnp.concatenate(vals, 1), spec, impl=impl, q_offset=sink + ring)
   L = lengths_B[:, None]
   kv_seg = jnp.concatenate([
       jnp.arange(sink)[None] < L,
@@ -190,8 +197,9 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
       kind = layout.spec.kind
       static_c0 = (c0 if kind == "full" and not _uses_cudnn(impl, layout.spec) else
                    0 if kind == "sink_window" and c0 == 0 else None)
+      complete = kind == "sink_window" and c0 >= layout.spec.sink + layout.ring_len
       x, caches[i] = prefill_layer(gdef, state, layout, caches[i], x, jnp.int32(c0), lengths_B,
-                                   impl=impl, static_c0=static_c0)
+                                   impl=impl, static_c0=static_c0, history_complete=complete)
     last_BE = _take_last(x, last_BE, lengths_B, jnp.int32(c0))
   m_def, m_state = nnx.split(model)
   return caches, _final_logits(m_def, m_state, last_BE)
