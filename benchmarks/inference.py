@@ -1,21 +1,27 @@
 """LongGen vs all-full inference: KV-cache bytes, chunked prefill time, per-token decode latency.
 
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.98 python benchmarks/inference.py --out results.json
+  ... --prefill-contexts 131072 --decode "" --profile-prefill 20   # + where each prefill's GPU time goes
 
 Random bf16 weights of a Llama-2-7B-shaped model; the all-full model shares the same weights.
 Prefill: random prompt of each context length, chunked (--chunk-len); time of the second run
 (the first compiles). Decode: caches of `context` positions (their contents do not change the
 cost), the compiled decode loop timed over --decode-steps tokens at positions just below the
 context length. Every configuration runs in a try block: one that runs out of memory is
-recorded as such and the rest go on.
+recorded as such and the rest go on. --profile-prefill N traces one more prefill per context and model
+(jax.profiler) and records the N kernels with the most GPU time, the kernels' sum and the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import gc
 import json
+import os
+import sys
+import tempfile
 import time
 import traceback
 
@@ -59,6 +65,38 @@ def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 
     times.append(time.perf_counter() - t0)
   del caches
   return {"first_s": times[0], "s": min(times[1:]), "impl": impl}
+
+
+def profile_prefill(model, context: int, chunk_len: int, impl: str, top: int) -> dict:
+  """One chunked prefill traced after a warm-up: the `top` kernels by GPU time (ms, summed over the
+  kernel's launches), the sum of every kernel and the wall time. A sum well below the wall time means
+  the time is between kernels (dispatch, host work), not in them."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from profile_overlap import gpu_kernels   # benchmarks/profile_overlap.py
+  layouts = cache_layouts(model.config, context)
+  state = {"caches": init_cache(layouts, 1, jnp.bfloat16)}
+  tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, context)).astype(np.int32)
+  lengths = np.array([context], np.int32)
+
+  def once():
+    state["caches"], logits = inference.prefill(model, layouts, state["caches"], tokens, lengths,
+                                                chunk_len=chunk_len, attn_impl=impl)
+    return logits.block_until_ready()
+
+  once()
+  per_kernel: dict[str, float] = collections.defaultdict(float)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      t0 = time.perf_counter()
+      once()
+      wall_ms = (time.perf_counter() - t0) * 1e3
+    for kernels in gpu_kernels(trace_dir).values():
+      for name, start, end in kernels:
+        per_kernel[name] += (end - start) / 1e6
+  del state
+  ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])
+  return {"wall_ms": wall_ms, "kernels_ms": sum(per_kernel.values()), "kernel_count": len(per_kernel),
+          "top_ms": dict(ranked[:top])}
 
 
 def time_decode(model, context: int, batch: int, steps: int):
@@ -125,6 +163,8 @@ def main(argv=None):
   p.add_argument("--attn-impl", default="cudnn", choices=registry.USER_NAMES,
                  help="prefill impl (attention.registry): cudnn = full layers via cuDNN, the rest auto")
   p.add_argument("--decode-steps", type=int, default=32)
+  p.add_argument("--profile-prefill", type=int, default=0, metavar="N",
+                  help="also trace one prefill per context and model: its N largest kernels by GPU time")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   global OUT_PATH
@@ -158,6 +198,9 @@ def main(argv=None):
         results[f"prefill/{name}/{ctx}"] = {"skipped": f"needs {need / GiB:.1f} GiB > {limit / GiB:.1f} GiB"}
         continue
       run(lambda: time_prefill(model, ctx, args.chunk_len, impl), f"prefill/{name}/{ctx}", results)
+      if args.profile_prefill:
+        run(lambda: profile_prefill(model, ctx, args.chunk_len, impl, args.profile_prefill),
+            f"prefill_profile/{name}/{ctx}", results)
   for pair in [s for s in args.decode.split(",") if s]:
     batch, ctx = (int(x) for x in pair.split("x"))
     for name, model in models.items():
