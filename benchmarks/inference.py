@@ -15,13 +15,11 @@ recorded as such and the rest go on. --profile-prefill N traces one more prefill
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import gc
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 
@@ -68,11 +66,11 @@ def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 
 
 
 def profile_prefill(model, context: int, chunk_len: int, impl: str, top: int) -> dict:
-  """One chunked prefill traced after a warm-up: the `top` kernels by GPU time (ms, summed over the
-  kernel's launches), the sum of every kernel and the wall time. A sum well below the wall time means
-  the time is between kernels (dispatch, host work), not in them."""
+  """One chunked prefill traced after a warm-up (benchmarks/kernel_profile.kernel_times): the `top` kernels
+  by GPU time (ms, summed over the kernel's launches), the sum of every kernel and the wall time. A sum well
+  below the wall time means the time is between kernels (dispatch, host work), not in them."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from profile_overlap import gpu_kernels   # benchmarks/profile_overlap.py
+  from kernel_profile import kernel_times   # benchmarks/kernel_profile.py
   layouts = cache_layouts(model.config, context)
   state = {"caches": init_cache(layouts, 1, jnp.bfloat16)}
   tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, context)).astype(np.int32)
@@ -81,22 +79,12 @@ def profile_prefill(model, context: int, chunk_len: int, impl: str, top: int) ->
   def once():
     state["caches"], logits = inference.prefill(model, layouts, state["caches"], tokens, lengths,
                                                 chunk_len=chunk_len, attn_impl=impl)
-    return logits.block_until_ready()
+    return logits
 
-  once()
-  per_kernel: dict[str, float] = collections.defaultdict(float)
-  with tempfile.TemporaryDirectory() as trace_dir:
-    with jax.profiler.trace(trace_dir):
-      t0 = time.perf_counter()
-      once()
-      wall_ms = (time.perf_counter() - t0) * 1e3
-    for kernels in gpu_kernels(trace_dir).values():
-      for name, start, end in kernels:
-        per_kernel[name] += (end - start) / 1e6
+  per_kernel, wall_ms = kernel_times(once, (), calls=1)   # largest first
   del state
-  ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])
   return {"wall_ms": wall_ms, "kernels_ms": sum(per_kernel.values()), "kernel_count": len(per_kernel),
-          "top_ms": dict(ranked[:top])}
+          "top_ms": dict(list(per_kernel.items())[:top])}
 
 
 def time_decode(model, context: int, batch: int, steps: int):

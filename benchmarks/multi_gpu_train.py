@@ -85,13 +85,11 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
       rc = p.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
+    except BaseException as e:   # past the limit, or this script stopped (SIGTERM, Ctrl-C): the run, in its
+      kill_group(p)              # own session, goes too
+      if not isinstance(e, subprocess.TimeoutExpired):
+        raise
       rc = None
-    except BaseException:   # this script stopped (SIGTERM, Ctrl-C): its run, in its own session, goes too
-      kill_group(p)
-      raise
-    if rc is None:
-      kill_group(p)
   with open(log_path) as f:
     log = f.read()
   if rc is None:

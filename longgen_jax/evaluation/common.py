@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from longgen_jax.attention.padding import round_up
+
 
 class EvalError(ValueError):
   """A bad evaluation argument, reported as one line by the CLI."""
@@ -39,8 +41,8 @@ def shared_shapes(config, prompt_lengths, max_new_tokens: int, chunk_len: int) -
   length (not below any layer's attention sink, which a later chunk must hold)."""
   shortest, longest = min(prompt_lengths), max(prompt_lengths)
   sink = max((s.sink for s in config.layer_specs if s.kind == "sink_window"), default=1)
-  if -(-shortest // chunk_len) * chunk_len > 2 * shortest:
+  if round_up(shortest, chunk_len) > 2 * shortest:
     within = 1 << (shortest.bit_length() - 1)   # the largest power of two <= shortest
     if within >= sink:
       chunk_len = min(chunk_len, within)
-  return chunk_len, max(longest + max_new_tokens, -(-longest // chunk_len) * chunk_len)
+  return chunk_len, max(longest + max_new_tokens, round_up(longest, chunk_len))

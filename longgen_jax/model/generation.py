@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from longgen_jax.attention.padding import round_up
 from longgen_jax.model import inference
 from longgen_jax.model.config import check_count
 from longgen_jax.model.kv_cache import cache_layouts, init_cache
@@ -140,7 +141,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     capacity = needed
   else:
     check_count("capacity", capacity)
-    whole_chunks = -(-tokens.shape[1] // chunk_len) * chunk_len
+    whole_chunks = round_up(tokens.shape[1], chunk_len)
     if capacity < max(needed, whole_chunks):
       raise ValueError(f"capacity {capacity} is below the longest prompt + max_new_tokens ({needed}) or the "
                        f"prompt rounded up to whole chunks of {chunk_len} ({whole_chunks})")
