@@ -321,9 +321,18 @@ DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_l
 
 def job_slots(gpus: list[str], workers: int) -> list[dict]:
   """The environment of each parallel job slot: one per listed GPU id (an id listed k times: k jobs on that
-  GPU at once, none preallocating GPU memory then; deterministic XLA ops), else `workers` CPU slots."""
+  GPU at once, none preallocating GPU memory then; deterministic XLA ops), else `workers` CPU slots. Under
+  an outer CUDA_VISIBLE_DEVICES (scripts/gpu_jobs.sh gives each command one GPU) the ids index the GPUs it
+  lists, as JAX's device ids would; an id past them is an error, not a silent jump to another job's GPU."""
   if not gpus:
     return [{"JAX_PLATFORMS": "cpu"}] * max(1, workers)
+  visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+  if visible:
+    bad = [g for g in gpus if not (g.isdigit() and int(g) < len(visible))]
+    if bad:
+      raise ValueError(f"--gpus {','.join(bad)}: CUDA_VISIBLE_DEVICES={','.join(visible)} shows "
+                       f"{len(visible)} GPU(s), ids 0..{len(visible) - 1}")
+    gpus = [visible[int(g)] for g in gpus]
   shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if len(set(gpus)) < len(gpus) else {}
   flags = " ".join(f for f in (DETERMINISTIC_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")) if f)
   return [dict(CUDA_VISIBLE_DEVICES=g, XLA_FLAGS=flags, **shared) for g in gpus]
@@ -458,9 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
+  try:
+    slots = job_slots(gpus, args.workers)
+  except ValueError as e:
+    p.error(str(e))
   for s in seeds:
     write_init(inits[s], s, args.cpu_tiny)
-  slots = job_slots(gpus, args.workers)
   failures = []
 
   def pretrain_seed(s: int, env: dict, extra: dict):

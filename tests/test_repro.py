@@ -159,6 +159,7 @@ def test_summary_keeps_earlier_variants_of_the_directory(tmp_path):
 def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
   rep = _script()
   monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   assert rep.job_slots([], 2) == [{"JAX_PLATFORMS": "cpu"}] * 2
   det = rep.DETERMINISTIC_XLA_FLAGS
   assert "--xla_gpu_deterministic_ops=true" in det
@@ -169,6 +170,18 @@ def test_job_slots_share_a_gpu_without_preallocating(monkeypatch):
   shared = rep.job_slots(["0", "0", "1"], 1)
   assert [s["CUDA_VISIBLE_DEVICES"] for s in shared] == ["0", "0", "1"]
   assert all(s["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" for s in shared)
+
+
+def test_job_slots_index_an_outer_cuda_visible_devices(monkeypatch):
+  """Inside scripts/gpu_jobs.sh (CUDA_VISIBLE_DEVICES=3 for its fourth command) --gpus 0,0 means that GPU
+  twice, not physical GPU 0 (another command's)."""
+  rep = _script()
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in rep.job_slots(["0", "0"], 1)] == ["3", "3"]
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+  assert [s["CUDA_VISIBLE_DEVICES"] for s in rep.job_slots(["1", "0"], 1)] == ["5", "2"]
+  with pytest.raises(ValueError, match="ids 0..1"):
+    rep.job_slots(["2"], 1)
 
 
 def test_slots_start_nothing_after_the_deadline_and_return_what_was_left():
