@@ -83,9 +83,14 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
     log_file.write(" ".join(cmd) + "\n")
     log_file.flush()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"[multi_gpu_train] {time.strftime('%H:%M:%S')} started (limit {limit} s): {workdir}/cli.log",
+          file=sys.stderr, flush=True)
     try:
       rc = p.wait(timeout=limit)
     except BaseException as e:   # past the limit, or this script stopped (SIGTERM, Ctrl-C): the run, in its
+      print(f"[multi_gpu_train] {time.strftime('%H:%M:%S')} killing the run's process group "
+            f"({'past the limit' if isinstance(e, subprocess.TimeoutExpired) else type(e).__name__})",
+            file=sys.stderr, flush=True)
       kill_group(p)              # own session, goes too
       if not isinstance(e, subprocess.TimeoutExpired):
         raise
@@ -99,12 +104,20 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
   return log, next((line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
 
 
-def kill_group(p: subprocess.Popen) -> None:
+def kill_group(p: subprocess.Popen, grace: float = 30.0) -> None:
+  """SIGKILL to the run's process group, then at most `grace` seconds for it to exit, so this script still
+  reports before an outer time limit: a 1M-token run on 4 H200s (remat="offload", ~450 GiB of pinned host
+  memory allowed) outlived its --limit by more than 60 s (2026-11-28; why is not known: unkillable while the
+  driver pins or frees host memory is the suspect)."""
   try:
     os.killpg(p.pid, signal.SIGKILL)
   except ProcessLookupError:   # already gone
     pass
-  p.wait()
+  try:
+    p.wait(timeout=grace)
+  except subprocess.TimeoutExpired:
+    print(f"[multi_gpu_train] the run (pid {p.pid}) had not exited {grace:.0f} s after SIGKILL; going on",
+          file=sys.stderr, flush=True)
 
 
 def new_workdir(root: str | None) -> str:

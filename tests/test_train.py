@@ -315,3 +315,22 @@ def test_every_config_file_validates_and_its_mesh_divides_the_batch():
     train_lib.validate_config(cfg)
     fixed = [n for n in (cfg.mesh.data, cfg.mesh.fsdp) if n > 0]
     assert (cfg.batch_size // cfg.grad_accum) % int(np.prod(fixed)) == 0, path
+
+
+def test_several_processes_need_a_divisible_batch_only_when_each_packs_its_own(monkeypatch):
+  """data.host_split='rows' (the default): every process packs the whole batch, so one 1M-token sequence
+  split over the context axis of 4 processes (batch 1) is valid; 'documents' splits the batch's rows between
+  the processes, and batch 1 over 4 cannot be split."""
+  import jax
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  cfg = train_lib.default_config()
+  cfg.batch_size, cfg.mesh.context = 1, 4
+  train_lib.validate_config(cfg)
+  cfg.data.host_split = "documents"
+  with pytest.raises(ValueError, match="divisible by grad_accum \\* hosts = 1 \\* 4"):
+    train_lib.validate_config(cfg)
+  cfg.batch_size = 4
+  train_lib.validate_config(cfg)
+  cfg.data.host_split, cfg.batch_size, cfg.grad_accum = "rows", 3, 2
+  with pytest.raises(ValueError, match="divisible by grad_accum = 2"):
+    train_lib.validate_config(cfg)

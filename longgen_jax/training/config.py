@@ -133,8 +133,11 @@ def validate_config(cfg) -> None:
   need(cfg.seq_len >= 2, "seq_len", "must be >= 2")
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.grad_accum >= 1, "grad_accum", "must be >= 1")
-  need(cfg.batch_size % (cfg.grad_accum * jax.process_count()) == 0, "batch_size",
-       f"must be divisible by grad_accum * hosts = {cfg.grad_accum} * {jax.process_count()}")
+  need(cfg.batch_size % cfg.grad_accum == 0, "batch_size", f"must be divisible by grad_accum = {cfg.grad_accum}")
+  if cfg.data.host_split == "documents":   # each process packs its own share of every batch ("rows": all of it)
+    need(cfg.batch_size % (cfg.grad_accum * jax.process_count()) == 0, "batch_size",
+         f"with data.host_split='documents' must be divisible by grad_accum * hosts = {cfg.grad_accum} * "
+         f"{jax.process_count()}")
   need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
   need(cfg.log_every >= 1, "log_every", "must be >= 1")
   need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
