@@ -89,6 +89,16 @@ def test_two_processes_train_like_one_save_and_resume(tmp_path):
   assert _train(tmp_path / "resumed", *mesh, processes=2) == two
 
 
+def test_one_sequence_over_processes_trains_like_one_process(tmp_path):
+  """Batch 1 (one long sequence per step, the 1M-token recipe) split over a context axis spanning 2
+  processes: every process packs the same row (data.host_split='rows') and the losses are one process's."""
+  cp = ["--config.batch_size=1", "--config.mesh.data=1", "--config.mesh.context=4"]
+  one = _train(tmp_path / "one", *cp, steps=3)
+  two = _train(tmp_path / "two", *cp, processes=2, steps=3)
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  assert all(close(two[step], one[step]) for step in one), (one, two)
+
+
 def test_documents_split_feeds_each_process_its_own_rows(tmp_path):
   """data.host_split='documents': each process reads its own documents (different batches than one process,
   so only a sane run is asserted) and a mesh whose context axis spans processes is refused in one line."""
