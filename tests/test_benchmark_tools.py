@@ -102,3 +102,18 @@ def test_inference_prefill_profile_runs_and_reads_its_trace():
   models = inference.build_models("tiny", 2, "auto")
   r = inference.profile_prefill(models["longgen"], 64, 32, "auto", top=5)
   assert r["wall_ms"] > 0 and r["kernels_ms"] == 0 and r["top_ms"] == {} and r["kernel_count"] == 0
+
+
+def test_host_offload_probe_copies_into_pinned_host_memory(capsys):
+  """benchmarks/host_offload.py on the CPU's pinned_host memory kind: every repeat timed, the first call's
+  excess derived from the later ones, and a bad --repeats refused."""
+  import pytest
+  import host_offload
+  r = host_offload.probe(0.001, jax.devices()[:1], repeats=3)
+  assert len(r["seconds"]) == 3 and all(s > 0 for s in r["seconds"]) and r["devices"] == 1
+  later = sum(r["seconds"][1:]) / 2   # the median of the two later calls
+  assert abs(r["first_call_excess_s"] - (r["seconds"][0] - later)) < 1e-12
+  assert abs(r["gib_per_device"] - 0.001) < 1e-5
+  with pytest.raises(SystemExit):
+    host_offload.main(["--repeats", "1"])
+  assert "--repeats must be >= 2" in capsys.readouterr().err
