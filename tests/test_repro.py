@@ -330,3 +330,32 @@ def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(
     assert "SIGTERM: saved step" in log.read_text()
   assert "| all_sparse_sink | 1 | 0.50" in (out / "summary.md").read_text()
   assert not (out / "all_full" / "seed0" / "result.json").exists()
+
+
+def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp_path):
+  """scripts/reproduce_call.sh: a recorded VARIANT/seedS/ (with result.json) lands in the results directory,
+  where reproduce.py skips its job; an unfinished one (no result.json) does not; the archive holds the small
+  files and no model; the script exits with reproduce.py's status."""
+  import tarfile
+  recorded = tmp_path / "recorded"
+  (recorded / "all_full" / "seed0" / "train" / "model").mkdir(parents=True)
+  (recorded / "all_full" / "seed0" / "result.json").write_text("{}")
+  (recorded / "all_full" / "seed0" / "train" / "model" / "config.json").write_text("{}")
+  (recorded / "all_sparse_sink" / "seed0").mkdir(parents=True)
+  (recorded / "all_sparse_sink" / "seed0" / "log.txt").write_text("cut off")
+  out = tmp_path / "res" / "repro"
+  env = dict(os.environ, REPRODUCE_OUT=str(out), REPRODUCE_ARGS="--cpu-tiny --dry-run",
+             PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_call.sh"), "0", "", "60",
+                      str(tmp_path / "call" / "a.tgz"), str(recorded)], capture_output=True, text=True, env=env,
+                     timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert (out / "all_full" / "seed0" / "result.json").exists()
+  assert not (out / "all_sparse_sink").exists()
+  with tarfile.open(tmp_path / "call" / "a.tgz") as tar:
+    names = tar.getnames()
+  assert "repro/all_full/seed0/result.json" in names and not any("/train/" in n for n in names)
+  p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_call.sh"), "0", "", "60",
+                      str(tmp_path / "b.tgz")], capture_output=True, text=True,
+                     env=dict(env, REPRODUCE_ARGS="--cpu-tiny --variants nonesuch"), timeout=300)
+  assert p.returncode == 2 and "unknown variant" in p.stderr
