@@ -15,9 +15,11 @@ The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per
 allocated) and, with --run-longest N, times N steps at the longest length that fits.
 
 --processes P runs each CLI as P processes of G/P GPUs (launch/local_multiprocess.sh), as a multi-host job
-would: each process allocates and registers its own pinned host memory (`remat="offload"`) and loads its
-own kernels, where one process does both for all GPUs (suspected, not profiled, of the ~170 s first step
-of 512K on 4 H100s: BENCHMARKS.md). --workdirs DIR keeps each run's workdir
+would: each process allocates and registers its own pinned host memory (`remat="offload"`), where one
+process does it for all GPUs (suspected, not profiled, of the ~170 s first step of 512K on 4 H100s:
+BENCHMARKS.md; benchmarks/host_offload.py measures that cost alone). Not the Mosaic GPU kernels: jaxlib
+compiles each once per process during XLA's compile and loads it per GPU before the first launch (read
+from jaxlib/mosaic/gpu/custom_call.cc, 0.11.1). --workdirs DIR keeps each run's workdir
 (cli.log written as it runs, metrics.jsonl per step) under DIR, so a run cut off from outside leaves them.
 
   python benchmarks/multi_gpu_train.py --runs longgen_fsdp,full_cudnn_fsdp --seq-len 131072 --steps 3 --json r.json
