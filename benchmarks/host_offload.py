@@ -9,10 +9,13 @@ offloaded activation is written), on 1 GPU and on all the visible GPUs of one pr
   call 1 allocates the pinned pool (XLA's host allocator grows), calls 2.. reuse it (the output is freed
   between calls). Reported per size and device count: each call's seconds, the copy bandwidth of the later
   calls, and the first call's excess over them, per GiB: the one-time cost the 1M step would pay
-  ~88 GiB x 4 GPUs of, serialised or not within one process.
+  ~88 GiB x 4 GPUs of, serialised or not within one process. Each (size, device count) runs in a fresh
+  process: the pool lives as long as the process and never shrinks, so in one process only the first probe
+  would see it cold.
 
-  python benchmarks/host_offload.py --gib 8,32,88 --json r.json        # a GPU machine; minutes at 88 GiB
-  python benchmarks/host_offload.py --gib 0.01 --repeats 2             # a CPU smoke run
+  python benchmarks/host_offload.py --gib 8,44,88 --json r.json   # an H200 machine (the source array of
+                                                                   # 88 GiB does not fit an 80 GB H100)
+  python benchmarks/host_offload.py --gib 0.01 --repeats 2        # a CPU smoke run
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +63,19 @@ def probe(gib: float, devices: list, repeats: int) -> dict:
           "excess_s_per_gib": (seconds[0] - later) / (per_device_gib * len(devices)) if later is not None else None}
 
 
+def probe_in_fresh_process(gib: float, devices: int, repeats: int) -> dict:
+  """`probe` in a child process (a cold pinned pool), its row from the child's last stdout line."""
+  code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import host_offload, jax; "
+          "print(json.dumps(host_offload.probe(float(sys.argv[2]), jax.devices()[:int(sys.argv[3])], "
+          "int(sys.argv[4]))))")
+  p = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)), str(gib), str(devices),
+                      str(repeats)], capture_output=True, text=True)
+  if p.returncode:
+    lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
+    return {"devices": devices, "error": (lines[-1] if lines else f"exit {p.returncode}")[:300]}
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--gib", default="1,8,32", help="comma-separated GiB per device")
@@ -68,23 +85,25 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   if args.repeats < 2:
     p.error("--repeats must be >= 2: the first call is compared with the later ones")
-  from longgen_jax.parallel.runtime import allow_offload_host_memory
-  cap = allow_offload_host_memory("offload")   # the training CLI's cap for remat="offload", before the backend
-  import jax
-  devices = jax.devices()
-  counts = sorted({len(devices) if c.strip() == "all" else int(c) for c in args.devices.split(",")})
-  if counts[-1] > len(devices):
-    p.error(f"--devices {counts[-1]}: only {len(devices)} visible")
-  meta = {"device": devices[0].device_kind, "visible": len(devices), "jax": jax.__version__,
-          "date": str(datetime.date.today()), "host_memory_cap_gib": cap}
+  from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, allow_offload_host_memory
+  allow_offload_host_memory("offload")   # the training CLI's cap for remat="offload"; the children inherit it
+  # The devices, asked in a child process: a backend opened here would hold memory the probes need.
+  ask = "import jax, json; print(json.dumps([jax.device_count(), jax.devices()[0].device_kind, jax.__version__]))"
+  visible, kind, version = json.loads(subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
+                                                     check=True).stdout.strip().splitlines()[-1])
+  try:
+    counts = sorted({visible if c.strip() == "all" else int(c) for c in args.devices.split(",")})
+  except ValueError:
+    p.error(f"--devices takes counts or 'all', got {args.devices!r}")
+  if counts[0] < 1 or counts[-1] > visible:
+    p.error(f"--devices {args.devices}: each count must be 1..{visible} (the visible devices)")
+  meta = {"device": kind, "visible": visible, "jax": version, "date": str(datetime.date.today()),
+          "host_memory_cap_gib": os.environ.get(HOST_MEMORY_ENV)}
   print("# " + json.dumps(meta), flush=True)
   rows = []
   for gib in (float(g) for g in args.gib.split(",")):
     for n in counts:
-      try:
-        row = {"requested_gib": gib, **probe(gib, devices[:n], args.repeats)}
-      except Exception as e:   # noqa: BLE001 - a size past the pool or the host: say so, go on
-        row = {"requested_gib": gib, "devices": n, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+      row = {"requested_gib": gib, **probe_in_fresh_process(gib, n, args.repeats)}
       rows.append(row)
       print(json.dumps(row), flush=True)
       if args.json:

@@ -81,45 +81,56 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
   """(log, error line or None) of one CLI run; its output goes to workdir/cli.log as it runs. Past `limit`
   seconds the run's whole process group is killed (every process of a multi-process run)."""
   log_path = os.path.join(workdir, "cli.log")
+  gone = True
   with open(log_path, "w") as log_file:
     log_file.write(" ".join(cmd) + "\n")
     log_file.flush()
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    print(f"[multi_gpu_train] {time.strftime('%H:%M:%S')} started (limit {limit} s): {workdir}/cli.log",
-          file=sys.stderr, flush=True)
     try:
+      say(f"started (limit {limit} s): {workdir}/cli.log")
       rc = p.wait(timeout=limit)
-    except BaseException as e:   # past the limit, or this script stopped (SIGTERM, Ctrl-C): the run, in its
-      print(f"[multi_gpu_train] {time.strftime('%H:%M:%S')} killing the run's process group "
-            f"({'past the limit' if isinstance(e, subprocess.TimeoutExpired) else type(e).__name__})",
-            file=sys.stderr, flush=True)
-      kill_group(p)              # own session, goes too
+    except BaseException as e:   # past the limit, or this script stopped (SIGTERM, Ctrl-C, a broken stderr):
+      gone = kill_group(p)       # the run, in its own session, goes too; only then a word about it
+      say(f"killed the run's process group ({'past the limit' if isinstance(e, subprocess.TimeoutExpired) else type(e).__name__})"
+          + ("" if gone else f"; pid {p.pid} had not exited {KILL_GRACE_S:.0f} s after SIGKILL"))
       if not isinstance(e, subprocess.TimeoutExpired):
         raise
       rc = None
   with open(log_path) as f:
     log = f.read()
   if rc is None:
-    return log, f"> {limit} s"
+    return log, f"> {limit} s" + ("" if gone else f" (killed; still exiting after {KILL_GRACE_S:.0f} s: GPUs and "
+                                                 "host memory may be held for the next run)")
   if rc == 0:
     return log, None
   return log, next((line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
 
 
-def kill_group(p: subprocess.Popen, grace: float = 30.0) -> None:
+KILL_GRACE_S = 30.0
+
+
+def say(message: str) -> None:
+  """A progress line on stderr; a closed stderr (a pipe whose reader died) must not stop the script's cleanup."""
+  try:
+    print(f"[multi_gpu_train] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+  except OSError:
+    pass
+
+
+def kill_group(p: subprocess.Popen, grace: float = KILL_GRACE_S) -> bool:
   """SIGKILL to the run's process group, then at most `grace` seconds for it to exit, so this script still
   reports before an outer time limit: a 1M-token run on 4 H200s (remat="offload", ~450 GiB of pinned host
   memory allowed) outlived its --limit by more than 60 s (2026-11-28; why is not known: unkillable while the
-  driver pins or frees host memory is the suspect)."""
+  driver pins or frees host memory is the suspect). Returns whether it exited."""
   try:
     os.killpg(p.pid, signal.SIGKILL)
   except ProcessLookupError:   # already gone
     pass
   try:
     p.wait(timeout=grace)
+    return True
   except subprocess.TimeoutExpired:
-    print(f"[multi_gpu_train] the run (pid {p.pid}) had not exited {grace:.0f} s after SIGKILL; going on",
-          file=sys.stderr, flush=True)
+    return False
 
 
 def new_workdir(root: str | None) -> str:

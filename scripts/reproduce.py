@@ -326,12 +326,13 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
   lists, as JAX's device ids would; an id past them is an error, not a silent jump to another job's GPU."""
   if not gpus:
     return [{"JAX_PLATFORMS": "cpu"}] * max(1, workers)
-  visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
-  if visible:
+  outer = os.environ.get("CUDA_VISIBLE_DEVICES")
+  if outer is not None:   # set, even to "" (no GPU at all)
+    visible = [g.strip() for g in outer.split(",") if g.strip()]
     bad = [g for g in gpus if not (g.isdigit() and int(g) < len(visible))]
     if bad:
-      raise ValueError(f"--gpus {','.join(bad)}: CUDA_VISIBLE_DEVICES={','.join(visible)} shows "
-                       f"{len(visible)} GPU(s), ids 0..{len(visible) - 1}")
+      raise ValueError(f"--gpus {','.join(bad)}: CUDA_VISIBLE_DEVICES={outer!r} shows {len(visible)} GPU(s)"
+                       + (f", ids 0..{len(visible) - 1}" if visible else ""))
     gpus = [visible[int(g)] for g in gpus]
   shared = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if len(set(gpus)) < len(gpus) else {}
   flags = " ".join(f for f in (DETERMINISTIC_XLA_FLAGS, os.environ.get("XLA_FLAGS", "")) if f)
@@ -458,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
     pretrain = (base.PRETRAIN[0], tuple(f"{k}={v}" for k, v in base.PRETRAIN[1].items()))
   starts = {s: os.path.join(pretrain_dir(out, s), "model") for s in seeds} if pretrain else inits
 
+  try:
+    slots = job_slots(gpus, args.workers)
+  except ValueError as e:
+    p.error(str(e))
   if args.dry_run:
     for s in seeds if pretrain else ():
       print(shlex.join(pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)))
@@ -467,10 +472,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
-  try:
-    slots = job_slots(gpus, args.workers)
-  except ValueError as e:
-    p.error(str(e))
   for s in seeds:
     write_init(inits[s], s, args.cpu_tiny)
   failures = []

@@ -74,6 +74,31 @@ def test_multi_gpu_train_stops_every_process_of_a_run_past_its_limit(tmp_path):
   assert error == "RuntimeError: boom"
 
 
+def test_multi_gpu_train_kills_its_run_whatever_interrupts_the_wait(tmp_path, monkeypatch):
+  """An exception while the run starts (Ctrl-C there) still kills its process group before it propagates,
+  and a progress line on a dead stderr (a `| tee` killed with the shell) raises nothing."""
+  import io
+  import time
+  import pytest
+  import multi_gpu_train as mgt
+
+  def say(message):
+    if message.startswith("started"):
+      time.sleep(1.5)   # the run is up and has written its child's pid
+      raise KeyboardInterrupt
+  monkeypatch.setattr(mgt, "say", say)
+  with pytest.raises(KeyboardInterrupt):
+    mgt.run_cli(["bash", "-c", f"sleep 60 & echo $! > {tmp_path}/child.txt; wait"], str(tmp_path), limit=60)
+  monkeypatch.undo()
+  assert process_gone(int((tmp_path / "child.txt").read_text())), "the run's child survived the interrupt"
+
+  class Broken(io.StringIO):
+    def write(self, text):
+      raise BrokenPipeError
+  monkeypatch.setattr(sys, "stderr", Broken())
+  mgt.say("still here")
+
+
 def test_multi_gpu_train_stopped_from_outside_stops_its_run(tmp_path):
   """SIGTERM to the benchmark (an outer `timeout`) ends it with 143 and kills the run it waits for, which
   runs in its own session and would otherwise keep the GPUs."""
@@ -117,3 +142,20 @@ def test_host_offload_probe_copies_into_pinned_host_memory(capsys):
   with pytest.raises(SystemExit):
     host_offload.main(["--repeats", "1"])
   assert "--repeats must be >= 2" in capsys.readouterr().err
+
+
+def test_host_offload_runs_each_probe_in_a_fresh_process(tmp_path, capsys):
+  """main: one child process per (size, device count) writes its row to the JSON (a cold pinned pool each);
+  a device count outside 1..visible is refused before anything runs."""
+  import json
+  import pytest
+  import host_offload
+  out = tmp_path / "r.json"
+  assert host_offload.main(["--gib", "0.001,0.002", "--devices", "1", "--repeats", "2", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["requested_gib"] for r in rows] == [0.001, 0.002] and all(len(r["seconds"]) == 2 for r in rows)
+  assert "| GiB per device |" in capsys.readouterr().out
+  for bad in ("0", "99"):
+    with pytest.raises(SystemExit):
+      host_offload.main(["--devices", bad])
+    assert "each count must be 1.." in capsys.readouterr().err

@@ -182,6 +182,10 @@ def test_job_slots_index_an_outer_cuda_visible_devices(monkeypatch):
   assert [s["CUDA_VISIBLE_DEVICES"] for s in rep.job_slots(["1", "0"], 1)] == ["5", "2"]
   with pytest.raises(ValueError, match="ids 0..1"):
     rep.job_slots(["2"], 1)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")   # set to nothing: no GPU, not "every GPU"
+  with pytest.raises(ValueError, match="shows 0 GPU"):
+    rep.job_slots(["0"], 1)
+  assert rep.job_slots([], 2) == [{"JAX_PLATFORMS": "cpu"}] * 2
 
 
 def test_slots_start_nothing_after_the_deadline_and_return_what_was_left():
@@ -333,29 +337,32 @@ def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(
 
 
 def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp_path):
-  """scripts/reproduce_call.sh: a recorded VARIANT/seedS/ (with result.json) lands in the results directory,
-  where reproduce.py skips its job; an unfinished one (no result.json) does not; the archive holds the small
-  files and no model; the script exits with reproduce.py's status."""
+  """scripts/reproduce_call.sh: a recorded VARIANT/seedS/ (with result.json) lands in the results directory
+  and reproduce.py skips its job; an unfinished one (no result.json) is not copied; the archive holds the
+  summary and the small files, no model; bad arguments exit 2 before anything runs."""
+  import shutil
   import tarfile
   recorded = tmp_path / "recorded"
   (recorded / "all_full" / "seed0" / "train" / "model").mkdir(parents=True)
-  (recorded / "all_full" / "seed0" / "result.json").write_text("{}")
+  shutil.copy(os.path.join(ROOT, "docs", "reproduction", "gpu_8k_set", "all_full", "seed0", "result.json"),
+              recorded / "all_full" / "seed0" / "result.json")
   (recorded / "all_full" / "seed0" / "train" / "model" / "config.json").write_text("{}")
   (recorded / "all_sparse_sink" / "seed0").mkdir(parents=True)
   (recorded / "all_sparse_sink" / "seed0" / "log.txt").write_text("cut off")
   out = tmp_path / "res" / "repro"
-  env = dict(os.environ, REPRODUCE_OUT=str(out), REPRODUCE_ARGS="--cpu-tiny --dry-run",
+  env = dict(os.environ, REPRODUCE_OUT=str(out), REPRODUCE_ARGS="--cpu-tiny --variants all_full",
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_call.sh"), "0", "", "60",
-                      str(tmp_path / "call" / "a.tgz"), str(recorded)], capture_output=True, text=True, env=env,
-                     timeout=300)
+  script = os.path.join(ROOT, "scripts", "reproduce_call.sh")
+  p = subprocess.run(["bash", script, "0", "", "300", str(tmp_path / "call" / "a.tgz"), str(recorded)],
+                     capture_output=True, text=True, env=env, timeout=600)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert (out / "all_full" / "seed0" / "result.json").exists()
+  assert "all_full seed 0: done before, skipped" in p.stderr
   assert not (out / "all_sparse_sink").exists()
   with tarfile.open(tmp_path / "call" / "a.tgz") as tar:
     names = tar.getnames()
-  assert "repro/all_full/seed0/result.json" in names and not any("/train/" in n for n in names)
-  p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_call.sh"), "0", "", "60",
-                      str(tmp_path / "b.tgz")], capture_output=True, text=True,
-                     env=dict(env, REPRODUCE_ARGS="--cpu-tiny --variants nonesuch"), timeout=300)
-  assert p.returncode == 2 and "unknown variant" in p.stderr
+  assert {"repro/all_full/seed0/result.json", "repro/summary.md"} <= set(names)
+  assert not any("/train/" in n or "/init/" in n for n in names)
+  for args in (["0", "", "60", str(tmp_path / "b.tgz"), str(tmp_path / "nonesuch")],   # a mistyped directory
+               ["0", ""]):                                                             # too few arguments
+    p = subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 2 and not (tmp_path / "b.tgz").exists(), p.stderr
