@@ -19,10 +19,7 @@ cd "$(dirname "$0")/.."
 limit=$1 out=$2
 shift 2
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/use_wheels.sh
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total --format=csv; git log --oneline -1; } > "$out/machine.txt" 2>&1
 i=0

@@ -11,9 +11,9 @@
 # GPUS "" runs on the CPU. REPRODUCE_OUT (default results/repro) is the results directory; REPRODUCE_ARGS
 # (e.g. "--cpu-tiny --steps 2") is appended to reproduce.py's arguments. Relative paths (ARCHIVE,
 # RECORDED_DIR, REPRODUCE_OUT) are taken from the repository root. Wheels in ./.whl (the packages a lent
-# machine lacks: ../shared/tools/gpu-wheels.sh; carry .whl) are installed first into /tmp/site, as
-# scripts/gpu_jobs.sh does. Exits with reproduce.py's status (3: time limit reached, jobs left: call again),
-# or 2 on bad arguments before anything runs.
+# machine lacks: ../shared/tools/gpu-wheels.sh; carry .whl) are installed first into /tmp/site
+# (scripts/use_wheels.sh, as scripts/gpu_jobs.sh does). Exits with reproduce.py's status (3: time limit
+# reached, jobs left: call again), or 2 on bad arguments before anything runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 4 ]] || { echo "usage: $0 SEEDS GPUS TIME_LIMIT_S ARCHIVE [RECORDED_DIR ...]" >&2; exit 2; }
@@ -24,11 +24,7 @@ shift 4
 for recorded in "$@"; do
   [[ -d "$recorded" ]] || { echo "$0: no recorded results directory $recorded" >&2; exit 2; }
 done
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "$0: installing .whl/ failed" >&2; exit 2; }
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/use_wheels.sh || { echo "$0: installing .whl/ failed" >&2; exit 2; }
 for recorded in "$@"; do
   for run in "$recorded"/*/seed*/; do          # VARIANT/seedS/ holding a finished job's result.json
     [[ -f "$run/result.json" ]] || continue
