@@ -197,7 +197,7 @@ def prefill(model, layouts, caches, tokens_BT, lengths_B, *, chunk_len: int = 20
       kind = layout.spec.kind
       static_c0 = (c0 if kind == "full" and not _uses_cudnn(impl, layout.spec) else
                    0 if kind == "sink_window" and c0 == 0 else None)
-      complete = kind == "sink_window" and c0 >= layout.spec.sink + layout.ring_len
+      complete = kind == "sink_window" and c0 >= layout.sink_len + layout.ring_len
       x, caches[i] = prefill_layer(gdef, state, layout, caches[i], x, jnp.int32(c0), lengths_B,
                                    impl=impl, static_c0=static_c0, history_complete=complete)
     last_BE = _take_last(x, last_BE, lengths_B, jnp.int32(c0))
