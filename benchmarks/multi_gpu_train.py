@@ -77,6 +77,9 @@ def cli_command(args: list[str], workdir: str, processes: int = 1, gpus: int = 1
           "--", *cmd]
 
 
+KILL_GRACE_S = 30.0   # how long a killed run may take to exit before the sweep goes on without it
+
+
 def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
   """(log, error line or None) of one CLI run; its output goes to workdir/cli.log as it runs. Past `limit`
   seconds the run's whole process group is killed (every process of a multi-process run)."""
@@ -91,7 +94,8 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
       rc = p.wait(timeout=limit)
     except BaseException as e:   # past the limit, or this script stopped (SIGTERM, Ctrl-C, a broken stderr):
       gone = kill_group(p)       # the run, in its own session, goes too; only then a word about it
-      say(f"killed the run's process group ({'past the limit' if isinstance(e, subprocess.TimeoutExpired) else type(e).__name__})"
+      why = "past the limit" if isinstance(e, subprocess.TimeoutExpired) else type(e).__name__
+      say(f"killed the run's process group ({why})"
           + ("" if gone else f"; pid {p.pid} had not exited {KILL_GRACE_S:.0f} s after SIGKILL"))
       if not isinstance(e, subprocess.TimeoutExpired):
         raise
@@ -104,9 +108,6 @@ def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
   if rc == 0:
     return log, None
   return log, next((line for line in reversed(log.splitlines()) if "error" in line.lower()), log[-300:])
-
-
-KILL_GRACE_S = 30.0
 
 
 def say(message: str) -> None:
@@ -139,6 +140,14 @@ def new_workdir(root: str | None) -> str:
   return tempfile.mkdtemp(prefix="mgt_", dir=root)
 
 
+def run_in_new_workdir(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int, processes: int,
+                       root: str | None, dry_run: bool) -> tuple[str, str, str | None]:
+  """(workdir, log, error line or None) of one CLI run of `name` in a fresh workdir under `root`."""
+  workdir = new_workdir(root)
+  cmd = cli_command(overrides(name, seq_len, steps, layers, gpus, dry_run=dry_run), workdir, processes, gpus)
+  return (workdir, *run_cli(cmd, workdir, limit))
+
+
 def compile_seconds(log: str) -> float | None:
   for line in log.splitlines():
     if "compiled train step in" in line:
@@ -150,9 +159,7 @@ def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit
               root: str | None = None) -> dict:
   row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps, "processes": processes}
   t0 = time.perf_counter()
-  workdir = new_workdir(root)
-  log, error = run_cli(cli_command(overrides(name, seq_len, steps, layers, gpus, dry_run=False), workdir,
-                                   processes, gpus), workdir, limit)
+  workdir, log, error = run_in_new_workdir(name, seq_len, steps, layers, gpus, limit, processes, root, dry_run=False)
   row.update(wall_s=time.perf_counter() - t0, compile_s=compile_seconds(log), workdir=workdir)
   path = os.path.join(workdir, "metrics.jsonl")
   records = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
@@ -173,9 +180,7 @@ def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit
 def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int, processes: int = 1,
             root: str | None = None) -> dict:
   row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "processes": processes}
-  workdir = new_workdir(root)
-  log, error = run_cli(cli_command(overrides(name, seq_len, 1, layers, gpus, dry_run=True), workdir, processes,
-                                   gpus), workdir, limit)
+  workdir, log, error = run_in_new_workdir(name, seq_len, 1, layers, gpus, limit, processes, root, dry_run=True)
   path = os.path.join(workdir, "dry_run.json")
   if os.path.exists(path):
     report = json.load(open(path))
