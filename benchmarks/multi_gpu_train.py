@@ -12,21 +12,20 @@ Runs (G = the visible GPUs):
   full_context      all-full, one sequence over context G (ring with our kernel: cuDNN has no offset/LSE)
 
 The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per-device memory, nothing
-allocated) and, with --run-longest N, times N steps at the longest length that fits.
+allocated) and, with --run-longest N, times N steps at the longest length that fits, with the pinned host
+cap its dry run names (`remat="offload"`: XLA's pinned pool grows toward its cap before the first step, at
+~2 GiB/s on 4 H200s, so a loose cap costs minutes and the host's memory). `--set compile_cache_dir=DIR`
+lets that run load the dry run's compile.
 
 --processes P runs each CLI as P processes of G/P GPUs (launch/local_multiprocess.sh), as a multi-host job
-would: each process allocates and registers its own pinned host memory (`remat="offload"`), where one
-process does it for all GPUs (suspected, not profiled, of the ~170 s first step of 512K on 4 H100s:
-BENCHMARKS.md; benchmarks/host_offload.py measures that cost alone). Not the Mosaic GPU kernels: jaxlib
-compiles each once per process during XLA's compile and loads it per GPU before the first launch (read
-from jaxlib/mosaic/gpu/custom_call.cc, 0.11.1). --workdirs DIR keeps each run's workdir
-(cli.log written as it runs, metrics.jsonl per step) under DIR, so a run cut off from outside leaves them.
+would. --workdirs DIR keeps each run's workdir (cli.log written as it runs, metrics.jsonl per step) under
+DIR, so a run cut off from outside leaves them.
 
   python benchmarks/multi_gpu_train.py --runs longgen_fsdp,full_cudnn_fsdp --seq-len 131072 --steps 3 --json r.json
   python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --ladder-run longgen_context --run-longest 1
-  python benchmarks/multi_gpu_train.py --ladder 524288,1048576 --set model.remat=offload --run-longest 2
-  python benchmarks/multi_gpu_train.py --runs longgen_context --seq-len 1048576 --steps 1 --processes 4 \
-      --set model.remat=offload --workdirs $OUT/runs
+  python benchmarks/multi_gpu_train.py --ladder 1048576 --set model.remat=offload --set compile_cache_dir=/tmp/cc \
+      --run-longest 2 --workdirs $OUT/runs
+  python benchmarks/multi_gpu_train.py --runs full_context --layers 2 --seq-len 524288 --steps 2   # a slice
 """
 
 from __future__ import annotations
@@ -43,6 +42,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from longgen_jax.parallel.runtime import HOST_MEMORY_ENV  # noqa: E402  (importing jax starts no backend)
 LONGGEN, FULL = "configs/llama2_7b_longgen_128k.py", "configs/llama2_7b_full_128k.py"
 RUNS = {  # name -> (config file, overrides); "G" = the number of visible GPUs
     "longgen_fsdp": (LONGGEN, {"mesh.fsdp": -1, "mesh.context": 1, "batch_size": "G"}),
@@ -80,15 +81,17 @@ def cli_command(args: list[str], workdir: str, processes: int = 1, gpus: int = 1
 KILL_GRACE_S = 30.0   # how long a killed run may take to exit before the sweep goes on without it
 
 
-def run_cli(cmd: list[str], workdir: str, limit: int) -> tuple[str, str | None]:
-  """(log, error line or None) of one CLI run; its output goes to workdir/cli.log as it runs. Past `limit`
-  seconds the run's whole process group is killed (every process of a multi-process run)."""
+def run_cli(cmd: list[str], workdir: str, limit: int, env: dict | None = None) -> tuple[str, str | None]:
+  """(log, error line or None) of one CLI run (this process's environment + `env`); its output goes to
+  workdir/cli.log as it runs. Past `limit` seconds the run's whole process group is killed (every process of
+  a multi-process run)."""
   log_path = os.path.join(workdir, "cli.log")
   gone = True
   with open(log_path, "w") as log_file:
     log_file.write(" ".join(cmd) + "\n")
     log_file.flush()
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                         env={**os.environ, **(env or {})})
     try:
       say(f"started (limit {limit} s): {workdir}/cli.log")
       rc = p.wait(timeout=limit)
@@ -141,11 +144,11 @@ def new_workdir(root: str | None) -> str:
 
 
 def run_in_new_workdir(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int, processes: int,
-                       root: str | None, dry_run: bool) -> tuple[str, str, str | None]:
+                       root: str | None, dry_run: bool, env: dict | None = None) -> tuple[str, str, str | None]:
   """(workdir, log, error line or None) of one CLI run of `name` in a fresh workdir under `root`."""
   workdir = new_workdir(root)
   cmd = cli_command(overrides(name, seq_len, steps, layers, gpus, dry_run=dry_run), workdir, processes, gpus)
-  return (workdir, *run_cli(cmd, workdir, limit))
+  return (workdir, *run_cli(cmd, workdir, limit, env))
 
 
 def compile_seconds(log: str) -> float | None:
@@ -156,10 +159,12 @@ def compile_seconds(log: str) -> float | None:
 
 
 def timed_run(name: str, seq_len: int, steps: int, layers: int, gpus: int, limit: int, processes: int = 1,
-              root: str | None = None) -> dict:
-  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps, "processes": processes}
+              root: str | None = None, env: dict | None = None) -> dict:
+  row = {"run": name, "seq_len": seq_len, "layers": layers or 32, "steps": steps, "processes": processes,
+         **({"env": env} if env else {})}
   t0 = time.perf_counter()
-  workdir, log, error = run_in_new_workdir(name, seq_len, steps, layers, gpus, limit, processes, root, dry_run=False)
+  workdir, log, error = run_in_new_workdir(name, seq_len, steps, layers, gpus, limit, processes, root, dry_run=False,
+                                           env=env)
   row.update(wall_s=time.perf_counter() - t0, compile_s=compile_seconds(log), workdir=workdir)
   path = os.path.join(workdir, "metrics.jsonl")
   records = [json.loads(x) for x in open(path)] if os.path.exists(path) else []
@@ -185,10 +190,24 @@ def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int, process
   if os.path.exists(path):
     report = json.load(open(path))
     row.update(total_gib=report["per_device_bytes"]["total"] / 2**30, compile_s=report["compile_s"],
+               host_gib=report["per_device_bytes"].get("host_temporaries", 0) / 2**30,
+               pinned_host_cap_gib=report.get("pinned_host_cap_gib"),
                limit_gib=(report["device_bytes_limit"] or 0) / 2**30, fits=report["fits"], mesh=report["mesh"])
   else:
     row.update(fits=False, error=(error or "no dry_run.json").strip()[:300])
   return row
+
+
+def longest_fitting(ladder: list[dict], environ) -> tuple[int | None, dict]:
+  """The longest length of a ladder whose dry run fits, and the environment to run it in: the pinned host
+  cap its dry run named (XLA's pool grows toward the cap before the first step, ~2 GiB/s: a cap far above
+  the need cost minutes and the whole host's memory), unless the caller's environment sets one."""
+  fitting = [r for r in ladder if r.get("fits")]
+  if not fitting:
+    return None, {}
+  row = max(fitting, key=lambda r: r["seq_len"])
+  cap = row.get("pinned_host_cap_gib")
+  return row["seq_len"], ({HOST_MEMORY_ENV: str(cap)} if cap and HOST_MEMORY_ENV not in environ else {})
 
 
 def main():
@@ -237,9 +256,9 @@ def main():
   if args.ladder:
     for T in sorted(map(int, args.ladder.split(","))):
       save(dry_run(args.ladder_run, T, args.layers, gpus, args.limit, *where), "ladder")
-    fitting = [r["seq_len"] for r in out["ladder"] if r.get("fits")]
-    if fitting and args.run_longest:
-      save(timed_run(args.ladder_run, max(fitting), args.run_longest, args.layers, gpus, args.limit, *where),
+    longest, env = longest_fitting(out["ladder"], os.environ)
+    if longest and args.run_longest:
+      save(timed_run(args.ladder_run, longest, args.run_longest, args.layers, gpus, args.limit, *where, env=env),
            "runs")
   print("\n| run | seq | layers | compile s | step s | tokens/s per GPU | MFU | peak GB |\n|---|---|---|---|---|---|---|---|")
   for r in out["runs"]:
@@ -250,10 +269,12 @@ def main():
     print(f"| {r['run']} | {r['seq_len']} | {r['layers']} | {r['compile_s'] or 0:.0f} | {r['step_s']:.2f} | "
           f"{r['tokens_per_s_per_gpu']:,.0f} | {mfu} | {r['peak_gb']:.1f} |")
   if out["ladder"]:
-    print("\n| run | seq | per-device GiB (XLA) | limit GiB | fits | compile s |\n|---|---|---|---|---|---|")
+    print("\n| run | seq | per-device GiB (XLA) | + host GiB | limit GiB | fits | compile s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in out["ladder"]:
-      print(f"| {r['run']} | {r['seq_len']} | {r.get('total_gib', 0):.1f} | {r.get('limit_gib', 0):.1f} | "
-            f"{r['fits']} | {r.get('compile_s', 0) or 0:.0f} |" + (f" {r['error'][:80]}" if "error" in r else ""))
+      print(f"| {r['run']} | {r['seq_len']} | {r.get('total_gib', 0):.1f} | {r.get('host_gib', 0):.1f} | "
+            f"{r.get('limit_gib', 0):.1f} | {r['fits']} | {r.get('compile_s', 0) or 0:.0f} |"
+            + (f" {r['error'][:80]}" if "error" in r else ""))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,23 @@ def test_multi_gpu_train_stops_every_process_of_a_run_past_its_limit(tmp_path):
   assert error is None and "fine" in log
   log, error = mgt.run_cli(["bash", "-c", "echo 'RuntimeError: boom'; exit 3"], str(tmp_path), limit=20)
   assert error == "RuntimeError: boom"
+  log, error = mgt.run_cli(["bash", "-c", "echo cap=$XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB home=${HOME:+set}"],
+                           str(tmp_path), limit=20, env={"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "94"})
+  assert error is None and "cap=94 home=set" in log   # the run's own variables on top of this environment
+
+
+def test_multi_gpu_train_runs_the_longest_fitting_length_with_its_pinned_cap():
+  """--run-longest takes the longest length whose dry run fits, with the host cap that dry run named,
+  unless the caller's environment sets one."""
+  import multi_gpu_train as mgt
+  ladder = [{"seq_len": 524288, "fits": True, "pinned_host_cap_gib": 48},
+            {"seq_len": 1048576, "fits": True, "pinned_host_cap_gib": 94},
+            {"seq_len": 2097152, "fits": False, "pinned_host_cap_gib": 190},
+            {"seq_len": 4194304, "fits": False, "error": "> 900 s"}]
+  assert mgt.longest_fitting(ladder, {}) == (1048576, {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "94"})
+  assert mgt.longest_fitting(ladder, {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "100"}) == (1048576, {})
+  assert mgt.longest_fitting([{"seq_len": 8, "fits": True, "pinned_host_cap_gib": None}], {}) == (8, {})
+  assert mgt.longest_fitting(ladder[2:], {}) == (None, {})
 
 
 def test_multi_gpu_train_kills_its_run_whatever_interrupts_the_wait(tmp_path, monkeypatch):

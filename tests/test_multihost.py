@@ -44,12 +44,23 @@ def test_initialize_calls_jax_distributed_as_the_launch_says(monkeypatch):
   monkeypatch.setattr(runtime.jax.config, "update", lambda *a: None)
   assert runtime.initialize(env={}).kind == "single" and calls == []
   runtime.initialize(env=SLURM)
-  assert calls[-1] == ((), {})  # JAX's own SLURM detection (coordinator from the node list, GPU from SLURM_LOCALID)
+  # JAX's own SLURM detection (coordinator from the node list, GPU from SLURM_LOCALID), JAX's heartbeat timeout
+  assert calls[-1] == ((), {"heartbeat_timeout_seconds": 100})
   runtime.initialize(env=SLURM, cluster=False)
   assert len(calls) == 1
-  runtime.initialize(env={"LONGGEN_JAX_COORDINATOR": "h:9", "LONGGEN_JAX_NUM_PROCESSES": "2",
-                          "LONGGEN_JAX_PROCESS_ID": "1", "LONGGEN_JAX_LOCAL_DEVICES": "2,3"})
-  assert calls[-1] == (("h:9", 2, 1), {"local_device_ids": [2, 3]})
+  explicit = {"LONGGEN_JAX_COORDINATOR": "h:9", "LONGGEN_JAX_NUM_PROCESSES": "2", "LONGGEN_JAX_PROCESS_ID": "1",
+              "LONGGEN_JAX_LOCAL_DEVICES": "2,3"}
+  runtime.initialize(env=explicit, heartbeat_default_s=900)   # the training CLI's choice for remat="offload"
+  assert calls[-1] == (("h:9", 2, 1), {"local_device_ids": [2, 3], "heartbeat_timeout_seconds": 900})
+  runtime.initialize(env={**explicit, runtime.HEARTBEAT_ENV: "1200"}, heartbeat_default_s=900)  # the user's wins
+  assert calls[-1][1]["heartbeat_timeout_seconds"] == 1200
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "ten", "1.5"])
+def test_heartbeat_timeout_must_be_whole_positive_seconds(text):
+  assert runtime.heartbeat_timeout_s({}) == 100 and runtime.heartbeat_timeout_s({runtime.HEARTBEAT_ENV: "30"}) == 30
+  with pytest.raises(ValueError, match="LONGGEN_JAX_HEARTBEAT_TIMEOUT_S"):
+    runtime.heartbeat_timeout_s({runtime.HEARTBEAT_ENV: text})
 
 
 def _train(workdir, *overrides, processes=1, devices=4, steps=4):
@@ -59,8 +70,8 @@ def _train(workdir, *overrides, processes=1, devices=4, steps=4):
 def test_offload_host_memory_cap_shares_the_host_between_gpus(monkeypatch):
   gib = 2**30
   f = runtime.offload_host_memory_gib
-  assert f({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, host_bytes=512 * gib) == 115     # 0.9 x 512 / 4
-  assert f({"CUDA_VISIBLE_DEVICES": "2"}, host_bytes=512 * gib) == 460
+  assert f({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, host_bytes=512 * gib) == 96      # 0.75 x 512 / 4
+  assert f({"CUDA_VISIBLE_DEVICES": "2"}, host_bytes=512 * gib) == 384
   assert f({"CUDA_VISIBLE_DEVICES": "0", runtime.HOST_MEMORY_ENV: "80"}, host_bytes=512 * gib) is None  # user's
   assert f({}, host_bytes=512 * gib, gpus=0) is None                               # no GPU: XLA's default
   monkeypatch.delenv(runtime.HOST_MEMORY_ENV, raising=False)
@@ -71,6 +82,13 @@ def test_offload_host_memory_cap_shares_the_host_between_gpus(monkeypatch):
   assert int(os.environ[runtime.HOST_MEMORY_ENV]) == runtime.offload_host_memory_gib(
       {"CUDA_VISIBLE_DEVICES": "0,1"})
   monkeypatch.delenv(runtime.HOST_MEMORY_ENV)
+
+
+def test_pinned_host_cap_is_the_compiled_need_with_headroom():
+  gib = 2**30
+  # Llama-2-7B at 1M over 4 H200s: the compiled plan keeps 88.4 GiB per GPU in host memory
+  assert runtime.pinned_host_cap_gib(int(88.4 * gib)) == 94          # ceil(92.82) + 1
+  assert runtime.pinned_host_cap_gib(gib) == 3 and runtime.pinned_host_cap_gib(1) == 2
 
 
 def test_two_processes_train_like_one_save_and_resume(tmp_path):

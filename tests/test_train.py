@@ -278,6 +278,7 @@ def test_dry_run_profile_and_peak_memory(tmp_path, capfd):
   memory = report["per_device_bytes"]
   assert memory["arguments"] > 0 and memory["total"] == memory["arguments"] + memory["temporaries"] + memory["new_outputs"]
   assert report["seq_len"] == tiny_config().seq_len and report["model_flops_per_step"] > 0
+  assert report["pinned_host_cap_gib"] is None   # nothing offloaded (remat="full"; CPU counts no host memory)
   # checkpoint_every=0: a benchmark run writes no checkpoint, not even the final one
   records = train_lib.train(tiny_config(total_steps=3, profile_steps="2,3", eval_every=0, checkpoint_every=0),
                             str(tmp_path / "prof"))
@@ -286,6 +287,19 @@ def test_dry_run_profile_and_peak_memory(tmp_path, capfd):
   assert not saved.exists() or not os.listdir(saved), os.listdir(saved)
   traces = [f for _, _, fs in os.walk(tmp_path / "prof" / "profile") for f in fs if f.endswith(".xplane.pb")]
   assert traces
+
+
+def test_dry_run_of_an_offloading_step_names_the_pinned_host_cap(tmp_path, capfd, monkeypatch):
+  """Where the compiled plan keeps memory on the host (remat="offload" on a GPU), the dry run says which
+  XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB to run with: XLA's pinned pool grows toward its cap, not to the need."""
+  from longgen_jax.training import loop
+  real = loop.compiled_memory
+  monkeypatch.setattr(loop, "compiled_memory", lambda c: {**real(c), "host_temporaries": int(88.4 * 2**30)})
+  train_lib.train(tiny_config(dry_run=True), str(tmp_path / "dry"))
+  err = capfd.readouterr().err
+  assert "(+ 88.40 GiB in host memory)" in err and "for the real run set XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB=94" in err
+  report = json.loads((tmp_path / "dry" / "dry_run.json").read_text())
+  assert report["pinned_host_cap_gib"] == 94
 
 
 def test_out_of_memory_becomes_one_line_naming_the_knobs():

@@ -4,6 +4,7 @@ the persistent compilation cache."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Mapping
 
@@ -12,6 +13,8 @@ import jax
 # Explicit launch (launch/local_multiprocess.sh sets these; any launcher can): wins over detection.
 COORDINATOR, NUM_PROCESSES, PROCESS_ID, LOCAL_DEVICES = (
     "LONGGEN_JAX_COORDINATOR", "LONGGEN_JAX_NUM_PROCESSES", "LONGGEN_JAX_PROCESS_ID", "LONGGEN_JAX_LOCAL_DEVICES")
+HEARTBEAT_ENV = "LONGGEN_JAX_HEARTBEAT_TIMEOUT_S"
+JAX_HEARTBEAT_TIMEOUT_S = 100   # jax.distributed.initialize's default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +72,25 @@ def detect_launch(env: Mapping[str, str] | None = None, *, cluster: bool = True)
   return Launch("single")
 
 
-def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None) -> Launch:
+def heartbeat_timeout_s(env: Mapping[str, str] | None = None, default: int = JAX_HEARTBEAT_TIMEOUT_S) -> int:
+  """Seconds a process may go without a heartbeat before the others give up on it: LONGGEN_JAX_HEARTBEAT_TIMEOUT_S,
+  else `default`. Why a knob: a process pinning tens of GiB of host memory (remat="offload") can miss heartbeats
+  for minutes; JAX's 100 s ended a 4-process 1M-token run in its first step (2026-11-28, BENCHMARKS.md)."""
+  env = os.environ if env is None else env
+  text = env.get(HEARTBEAT_ENV)
+  if text is None:
+    return default
+  try:
+    seconds = int(text)
+  except ValueError:
+    seconds = 0
+  if seconds < 1:
+    raise ValueError(f"environment variable {HEARTBEAT_ENV}={text!r} must be a positive whole number of seconds")
+  return seconds
+
+
+def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None,
+               heartbeat_default_s: int = JAX_HEARTBEAT_TIMEOUT_S) -> Launch:
   """Joins this process to a multi-process run, before anything touches a device; a no-op for a
   single process. `cluster=False` ignores SLURM / TPU / MPI variables (only an explicit launch counts).
   `env` (default os.environ) is what the launch is detected from; for cluster launches JAX itself then
@@ -77,29 +98,38 @@ def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None) ->
 
   Every process then sees every device (jax.devices()); meshes span them all, each process feeds
   its own rows of the batch (training.loop) and writes its part of each checkpoint (Orbax).
+  `heartbeat_default_s`: the heartbeat timeout where LONGGEN_JAX_HEARTBEAT_TIMEOUT_S does not set one.
   """
   launch = detect_launch(env, cluster=cluster)
   if launch.kind == "single":
     return launch
   if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
+  heartbeat = heartbeat_timeout_s(env, heartbeat_default_s)
   if launch.kind == "explicit":
     jax.distributed.initialize(launch.coordinator, launch.num_processes, launch.process_id,
-                               local_device_ids=list(launch.local_device_ids) if launch.local_device_ids else None)
-  else:
-    jax.distributed.initialize()  # JAX's detection for SLURM, Cloud TPU and Open MPI
+                               local_device_ids=list(launch.local_device_ids) if launch.local_device_ids else None,
+                               heartbeat_timeout_seconds=heartbeat)
+  else:  # JAX's detection for SLURM, Cloud TPU and Open MPI
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
   return launch
 
 HOST_MEMORY_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
+
+
+HOST_SHARE = 0.75   # of the machine's memory, split between its GPUs, for XLA's pinned pools together
 
 
 def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: int | None = None,
                             gpus: int | None = None) -> int | None:
   """The pinned host memory each GPU may use (GiB) when activations are offloaded, or None to leave
   XLA's own cap: a value the environment already sets wins. Why: XLA caps each GPU's pinned host pool
-  at 64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, read when the backend starts; the pool grows on
-  demand), and Llama-2-7B at 1M tokens on 4 GPUs offloads 88 GiB per GPU. The default shares 90% of
-  this machine's memory between its visible GPUs (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN)."""
+  at 64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, read when the backend starts), and Llama-2-7B at 1M
+  tokens on 4 GPUs offloads 88 GiB per GPU. The pool grows on demand but overshoots the need up to the
+  cap (measured, 4x H200: a 113 GiB cap with 88.4 GiB needed filled the host's 503 GiB, pinned at
+  ~2 GiB/s before the first step could start), so the default shares only HOST_SHARE of this machine's
+  memory between its visible GPUs (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN); `pinned_host_cap_gib` of a
+  dry run's figure is the tighter cap."""
   env = os.environ if env is None else env
   if HOST_MEMORY_ENV in env:
     return None
@@ -112,7 +142,13 @@ def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: in
                  and d.startswith("nvidia")]))
   if gpus < 1:
     return None
-  return max(1, int(0.9 * host_bytes / gpus / 2**30))
+  return max(1, int(HOST_SHARE * host_bytes / gpus / 2**30))
+
+
+def pinned_host_cap_gib(host_bytes_needed: int) -> int:
+  """The XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB for a step whose compiled plan keeps `host_bytes_needed` per GPU
+  in pinned host memory: the need + 5% + 1 GiB of headroom for the pool's fragmentation, whole GiB."""
+  return math.ceil(host_bytes_needed * 1.05 / 2**30) + 1
 
 
 def allow_offload_host_memory(remat: str) -> int | None:

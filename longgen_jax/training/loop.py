@@ -22,7 +22,7 @@ import numpy as np
 
 from longgen_jax.model.config import ModelConfig
 from longgen_jax.parallel import mesh as sharding
-from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, enable_compile_cache
+from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, enable_compile_cache, pinned_host_cap_gib
 from longgen_jax.parallel.layout import padded_length, to_context_layout
 from longgen_jax.training.config import build_model_config, changed_settings, context_strategy, validate_config
 from longgen_jax.training.flops import peak_tflops, train_flops_per_token
@@ -207,13 +207,17 @@ def _report_dry_run(cfg, workdir: str, compiled, flops_per_step: float, mesh, co
   lengths or meshes: benchmarks/multi_gpu_train.py), with the device's limit and whether the step fits."""
   memory = compiled_memory(compiled)
   _log(describe_compiled(memory, flops_per_step, mesh))
+  host_cap = pinned_host_cap_gib(memory["host_temporaries"]) if memory.get("host_temporaries") else None
+  if host_cap:
+    _log(f"for the real run set {HOST_MEMORY_ENV}={host_cap} (GiB per GPU: the host memory above + 5%): XLA's "
+         f"pinned pool grows toward its cap (now {os.environ.get(HOST_MEMORY_ENV, '64')}) before the first step")
   limit = _device_memory_limit()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "dry_run.json"), "w") as f:
       json.dump({"mesh": dict(mesh.shape), "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
                  "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
                  "per_device_bytes": memory, "device_bytes_limit": limit,
-                 "fits": None if limit is None else memory["total"] <= limit,
+                 "fits": None if limit is None else memory["total"] <= limit, "pinned_host_cap_gib": host_cap,
                  "model_flops_per_step": flops_per_step}, f, indent=1)
 
 
