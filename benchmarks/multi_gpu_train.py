@@ -14,7 +14,7 @@ Runs (G = the visible GPUs):
 The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per-device memory, nothing
 allocated) and, with --run-longest N, times N steps at the longest length that fits, with the pinned host
 cap its dry run names (`remat="offload"`: XLA's pinned pool grows toward its cap before the first step, at
-~2 GiB/s on 4 H200s, so a loose cap costs minutes and the host's memory). `--set compile_cache_dir=DIR`
+~1.9 GiB/s on 4 H200s, so a loose cap costs time, ~40 s for 113 GiB against 94 at 1M, and the host's memory). `--set compile_cache_dir=DIR`
 lets that run load the dry run's compile.
 
 --processes P runs each CLI as P processes of G/P GPUs (launch/local_multiprocess.sh), as a multi-host job
@@ -42,8 +42,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from longgen_jax.parallel.runtime import HOST_MEMORY_ENV  # noqa: E402  (importing jax starts no backend)
 LONGGEN, FULL = "configs/llama2_7b_longgen_128k.py", "configs/llama2_7b_full_128k.py"
 RUNS = {  # name -> (config file, overrides); "G" = the number of visible GPUs
     "longgen_fsdp": (LONGGEN, {"mesh.fsdp": -1, "mesh.context": 1, "batch_size": "G"}),
@@ -202,6 +200,8 @@ def longest_fitting(ladder: list[dict], environ) -> tuple[int | None, dict]:
   """The longest length of a ladder whose dry run fits, and the environment to run it in: the pinned host
   cap its dry run named (XLA's pool grows toward the cap before the first step, ~2 GiB/s: a cap far above
   the need cost minutes and the whole host's memory), unless the caller's environment sets one."""
+  sys.path.insert(0, ROOT)
+  from longgen_jax.parallel.runtime import HOST_MEMORY_ENV   # here: --help and the sweep need no jax import
   fitting = [r for r in ladder if r.get("fits")]
   if not fitting:
     return None, {}

@@ -9,27 +9,24 @@ from __future__ import annotations
 
 import sys
 
-OFFLOAD_HEARTBEAT_S = 900   # the heartbeat timeout of multi-process remat="offload" runs (runtime.heartbeat_timeout_s)
-
 
 def main(argv):
   import jax
   from absl import flags, logging
 
-  from longgen_jax.parallel.runtime import (HOST_MEMORY_ENV, JAX_HEARTBEAT_TIMEOUT_S, allow_offload_host_memory,
+  from longgen_jax.parallel.runtime import (HOST_MEMORY_ENV, allow_offload_host_memory, heartbeat_default_for,
                                            initialize)
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  offload = flags.FLAGS.config.model.remat == "offload"
-  host_gib = allow_offload_host_memory(flags.FLAGS.config.model.remat)  # read when the GPU backend starts
+  remat = flags.FLAGS.config.model.remat
+  host_gib = allow_offload_host_memory(remat)  # read when the GPU backend starts
   if host_gib is not None:
     print(f"[train] remat='offload': pinned host memory up to {host_gib} GiB per GPU ({HOST_MEMORY_ENV}; "
           "XLA's pool grows toward it, so set it to the need `--config.dry_run=True` prints)", file=sys.stderr)
   # before anything touches a device; pinning the offload pool can keep a process from heartbeats for minutes
-  launch = initialize(cluster=flags.FLAGS.distributed, heartbeat_default_s=OFFLOAD_HEARTBEAT_S if offload else
-                      JAX_HEARTBEAT_TIMEOUT_S)
+  launch = initialize(cluster=flags.FLAGS.distributed, heartbeat_default_s=heartbeat_default_for(remat))
   if launch.kind != "single" and jax.process_index() == 0:
     print(f"[train] {launch.kind} launch: {jax.process_count()} processes, {jax.device_count()} devices",
           file=sys.stderr)

@@ -72,9 +72,13 @@ def test_multi_gpu_train_stops_every_process_of_a_run_past_its_limit(tmp_path):
   assert error is None and "fine" in log
   log, error = mgt.run_cli(["bash", "-c", "echo 'RuntimeError: boom'; exit 3"], str(tmp_path), limit=20)
   assert error == "RuntimeError: boom"
-  log, error = mgt.run_cli(["bash", "-c", "echo cap=$XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB home=${HOME:+set}"],
-                           str(tmp_path), limit=20, env={"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "94"})
-  assert error is None and "cap=94 home=set" in log   # the run's own variables on top of this environment
+  os.environ["MGT_TEST_OUTER"] = "kept"
+  try:
+    log, error = mgt.run_cli(["bash", "-c", "echo cap=$XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB outer=$MGT_TEST_OUTER"],
+                             str(tmp_path), limit=20, env={"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "94"})
+  finally:
+    del os.environ["MGT_TEST_OUTER"]
+  assert error is None and "cap=94 outer=kept" in log   # the run's own variables on top of this environment
 
 
 def test_multi_gpu_train_runs_the_longest_fitting_length_with_its_pinned_cap():
@@ -89,6 +93,27 @@ def test_multi_gpu_train_runs_the_longest_fitting_length_with_its_pinned_cap():
   assert mgt.longest_fitting(ladder, {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "100"}) == (1048576, {})
   assert mgt.longest_fitting([{"seq_len": 8, "fits": True, "pinned_host_cap_gib": None}], {}) == (8, {})
   assert mgt.longest_fitting(ladder[2:], {}) == (None, {})
+
+
+def test_multi_gpu_train_ladder_hands_its_cap_to_the_timed_run(monkeypatch, tmp_path):
+  """main(): --ladder with --run-longest times the longest fitting length in the environment its dry run named."""
+  import signal
+  import multi_gpu_train as mgt
+  ladder = {524288: {"fits": True, "pinned_host_cap_gib": 48}, 1048576: {"fits": True, "pinned_host_cap_gib": 94}}
+  timed = []
+  monkeypatch.setattr(mgt, "dry_run", lambda name, T, *a, **k: {"run": name, "seq_len": T, **ladder[T]})
+  monkeypatch.setattr(mgt, "timed_run", lambda name, T, steps, *a, env=None, **k: timed.append((T, steps, env))
+                      or {"run": name, "seq_len": T, "layers": 32, "error": "stub"})
+  monkeypatch.delenv("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", raising=False)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  monkeypatch.setattr(sys, "argv", ["multi_gpu_train.py", "--ladder", "524288,1048576", "--run-longest", "2",
+                                    "--json", str(tmp_path / "r.json")])
+  handler = signal.getsignal(signal.SIGTERM)
+  try:
+    mgt.main()
+  finally:
+    signal.signal(signal.SIGTERM, handler)
+  assert timed == [(1048576, 2, {"XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB": "94"})]
 
 
 def test_multi_gpu_train_kills_its_run_whatever_interrupts_the_wait(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import close, train_cli
+from conftest import ROOT, close, train_cli
 from longgen_jax.parallel import runtime
 from longgen_jax.parallel.runtime import Launch, detect_launch
 
@@ -56,11 +56,29 @@ def test_initialize_calls_jax_distributed_as_the_launch_says(monkeypatch):
   assert calls[-1][1]["heartbeat_timeout_seconds"] == 1200
 
 
-@pytest.mark.parametrize("text", ["0", "-5", "ten", "1.5"])
-def test_heartbeat_timeout_must_be_whole_positive_seconds(text):
+def test_heartbeat_timeout_must_be_whole_positive_seconds():
   assert runtime.heartbeat_timeout_s({}) == 100 and runtime.heartbeat_timeout_s({runtime.HEARTBEAT_ENV: "30"}) == 30
-  with pytest.raises(ValueError, match="LONGGEN_JAX_HEARTBEAT_TIMEOUT_S"):
-    runtime.heartbeat_timeout_s({runtime.HEARTBEAT_ENV: text})
+  for text in ("0", "-5", "ten", "1.5"):
+    with pytest.raises(ValueError, match="LONGGEN_JAX_HEARTBEAT_TIMEOUT_S"):
+      runtime.heartbeat_timeout_s({runtime.HEARTBEAT_ENV: text})
+
+
+@pytest.mark.parametrize("remat, seconds", [("offload", 900), ("full", 100)])
+def test_training_cli_starts_offload_runs_with_the_long_heartbeat(tmp_path, remat, seconds):
+  """The CLI hands initialize() 900 s for remat="offload" (its first step pins host memory for minutes), JAX's
+  100 s otherwise: the CLI run in a child process whose initialize() reports what it was given and stops."""
+  import subprocess
+  import sys
+  script = ("import sys; from longgen_jax.parallel import runtime\n"
+            "def fake(**kw):\n  print('heartbeat', kw['heartbeat_default_s']); raise SystemExit(0)\n"
+            "runtime.initialize = fake\n"
+            "from longgen_jax import train; train.run()")
+  env = {k: v for k, v in os.environ.items() if k != runtime.HOST_MEMORY_ENV}
+  p = subprocess.run([sys.executable, "-c", script, f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+                      f"--workdir={tmp_path}", f"--config.model.remat={remat}"], capture_output=True, text=True,
+                     cwd=ROOT, env=env, timeout=120)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert f"heartbeat {seconds}" in p.stdout
 
 
 def _train(workdir, *overrides, processes=1, devices=4, steps=4):

@@ -89,6 +89,15 @@ def heartbeat_timeout_s(env: Mapping[str, str] | None = None, default: int = JAX
   return seconds
 
 
+OFFLOAD_HEARTBEAT_TIMEOUT_S = 900
+
+
+def heartbeat_default_for(remat: str) -> int:
+  """The heartbeat timeout a training run starts with (before LONGGEN_JAX_HEARTBEAT_TIMEOUT_S): JAX's 100 s,
+  or 900 s with remat="offload", whose first step pins tens of GiB of host memory per GPU."""
+  return OFFLOAD_HEARTBEAT_TIMEOUT_S if remat == "offload" else JAX_HEARTBEAT_TIMEOUT_S
+
+
 def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None,
                heartbeat_default_s: int = JAX_HEARTBEAT_TIMEOUT_S) -> Launch:
   """Joins this process to a multi-process run, before anything touches a device; a no-op for a
@@ -114,9 +123,8 @@ def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None,
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
   return launch
 
+
 HOST_MEMORY_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
-
-
 HOST_SHARE = 0.75   # of the machine's memory, split between its GPUs, for XLA's pinned pools together
 
 

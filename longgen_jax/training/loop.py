@@ -209,8 +209,9 @@ def _report_dry_run(cfg, workdir: str, compiled, flops_per_step: float, mesh, co
   _log(describe_compiled(memory, flops_per_step, mesh))
   host_cap = pinned_host_cap_gib(memory["host_temporaries"]) if memory.get("host_temporaries") else None
   if host_cap:
-    _log(f"for the real run set {HOST_MEMORY_ENV}={host_cap} (GiB per GPU: the host memory above + 5%): XLA's "
-         f"pinned pool grows toward its cap (now {os.environ.get(HOST_MEMORY_ENV, '64')}) before the first step")
+    _log(f"for the real run set {HOST_MEMORY_ENV}={host_cap} (GiB per GPU: the host memory above + 5% + 1 GiB): "
+         f"XLA's pinned pool grows toward its cap (now {os.environ.get(HOST_MEMORY_ENV, '64')} GiB) before the "
+         "first step")
   limit = _device_memory_limit()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "dry_run.json"), "w") as f:
