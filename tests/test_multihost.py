@@ -88,10 +88,17 @@ def _train(workdir, *overrides, processes=1, devices=4, steps=4):
 def test_offload_host_memory_cap_shares_the_host_between_gpus(monkeypatch):
   gib = 2**30
   f = runtime.offload_host_memory_gib
+  listdir = os.listdir   # a host without /dev/nvidiaN (as on CI), also where these tests run on GPUs
+  monkeypatch.setattr(runtime.os, "listdir", lambda path: [] if path == "/dev" else listdir(path))
   assert f({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, host_bytes=512 * gib) == 96      # 0.75 x 512 / 4
   assert f({"CUDA_VISIBLE_DEVICES": "2"}, host_bytes=512 * gib) == 384
   assert f({"CUDA_VISIBLE_DEVICES": "0", runtime.HOST_MEMORY_ENV: "80"}, host_bytes=512 * gib) is None  # user's
   assert f({}, host_bytes=512 * gib, gpus=0) is None                               # no GPU: XLA's default
+  # one process per GPU sees one GPU, but shares the host with the machine's other three
+  four = ["nvidia0", "nvidia1", "nvidia2", "nvidia3", "nvidiactl", "nvidia-uvm", "null"]
+  assert runtime.gpus_sharing_the_host({"CUDA_VISIBLE_DEVICES": "2"}, four) == 4
+  assert runtime.gpus_sharing_the_host({"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5"}, four[:2]) == 6  # /dev lists fewer
+  assert runtime.gpus_sharing_the_host({}, ["null", "nvidiactl"]) == 0                          # no GPU
   monkeypatch.delenv(runtime.HOST_MEMORY_ENV, raising=False)
   monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
   runtime.allow_offload_host_memory("full")                                        # only for offload

@@ -128,6 +128,17 @@ HOST_MEMORY_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 HOST_SHARE = 0.75   # of the machine's memory, split between its GPUs, for XLA's pinned pools together
 
 
+def gpus_sharing_the_host(env: Mapping[str, str], dev_entries: list[str] | None = None) -> int:
+  """How many GPUs may pin this host's memory at once: the machine's GPUs (/dev/nvidiaN), or the visible
+  ones (CUDA_VISIBLE_DEVICES) where more are visible than listed. Not the visible ones alone: with one
+  process per GPU each process sees one, and four would each take the whole share."""
+  if dev_entries is None:
+    dev_entries = os.listdir("/dev") if os.path.isdir("/dev") else []
+  on_host = len([d for d in dev_entries if d.startswith("nvidia") and d[6:].isdigit()])
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  return max(on_host, len([d for d in visible.split(",") if d.strip()]) if visible is not None else 0)
+
+
 def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: int | None = None,
                             gpus: int | None = None) -> int | None:
   """The pinned host memory each GPU may use (GiB) when activations are offloaded, or None to leave
@@ -136,18 +147,15 @@ def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: in
   tokens on 4 GPUs offloads 88 GiB per GPU. The pool grows on demand but overshoots the need up to the
   cap (measured, 4x H200: a 113 GiB cap with 88.4 GiB needed filled the host's 503 GiB, pinned at
   ~2 GiB/s before the first step could start), so the default shares only HOST_SHARE of this machine's
-  memory between its visible GPUs (CUDA_VISIBLE_DEVICES, else /dev/nvidiaN); `pinned_host_cap_gib` of a
-  dry run's figure is the tighter cap."""
+  memory between its GPUs (`gpus_sharing_the_host`); `pinned_host_cap_gib` of a dry run's figure is the
+  tighter cap."""
   env = os.environ if env is None else env
   if HOST_MEMORY_ENV in env:
     return None
   if host_bytes is None:
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   if gpus is None:
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    gpus = (len([d for d in visible.split(",") if d.strip()]) if visible is not None else
-            len([d for d in (os.listdir("/dev") if os.path.isdir("/dev") else []) if d[6:].isdigit()
-                 and d.startswith("nvidia")]))
+    gpus = gpus_sharing_the_host(env)
   if gpus < 1:
     return None
   return max(1, int(HOST_SHARE * host_bytes / gpus / 2**30))
