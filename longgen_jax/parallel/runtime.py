@@ -145,7 +145,8 @@ def offload_host_memory_gib(env: Mapping[str, str] | None = None, host_bytes: in
   XLA's own cap: a value the environment already sets wins. Why: XLA caps each GPU's pinned host pool
   at 64 GiB (`XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`, read when the backend starts), and Llama-2-7B at 1M
   tokens on 4 GPUs offloads 88 GiB per GPU. The pool grows on demand but overshoots the need up to the
-  cap (measured, 4x H200: a 113 GiB cap with 88.4 GiB needed filled the host's 503 GiB, pinned at
+  cap (XLA's GetGpuHostAllocator is a BFC allocator with allow_growth, whose new regions double in size;
+  measured, 4x H200: a 113 GiB cap with 88.4 GiB needed filled the host's 503 GiB, pinned at
   ~2 GiB/s before the first step could start), so the default shares only HOST_SHARE of this machine's
   memory between its GPUs (`gpus_sharing_the_host`); `pinned_host_cap_gib` of a dry run's figure is the
   tighter cap."""
