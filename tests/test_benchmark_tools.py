@@ -171,6 +171,24 @@ def test_inference_prefill_profile_runs_and_reads_its_trace():
   assert r["wall_ms"] > 0 and r["kernels_ms"] == 0 and r["top_ms"] == {} and r["kernel_count"] == 0
 
 
+def test_monitor_samples_until_killed(tmp_path):
+  """benchmarks/monitor.sh writes a timestamped line per interval (host memory; 'gpu none' without
+  nvidia-smi) and stops when killed."""
+  import subprocess
+  import time
+  out = tmp_path / "mon.txt"
+  p = subprocess.Popen(["bash", os.path.join(ROOT, "benchmarks", "monitor.sh"), str(out), "0.2"])
+  time.sleep(1.5)
+  p.kill()
+  p.wait(timeout=10)
+  lines = out.read_text().splitlines()
+  assert len(lines) >= 3, lines
+  for line in lines:
+    stamp, rest = line.split(" ", 1)
+    assert len(stamp.split(":")) == 3 and rest.startswith("gpu ") and " host_used_gib " in rest
+    assert int(rest.rsplit(" ", 1)[1]) >= 0
+
+
 def test_host_offload_probe_copies_into_pinned_host_memory(capsys):
   """benchmarks/host_offload.py on the CPU's pinned_host memory kind: every repeat timed, the first call's
   excess derived from the later ones, and a bad --repeats refused."""
