@@ -87,10 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     p.error("--repeats must be >= 2: the first call is compared with the later ones")
   from longgen_jax.parallel.runtime import HOST_MEMORY_ENV, allow_offload_host_memory
   allow_offload_host_memory("offload")   # the training CLI's cap for remat="offload"; the children inherit it
-  # The devices, asked in a child process: a backend opened here would hold memory the probes need.
-  ask = "import jax, json; print(json.dumps([jax.device_count(), jax.devices()[0].device_kind, jax.__version__]))"
-  visible, kind, version = json.loads(subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
-                                                     check=True).stdout.strip().splitlines()[-1])
+  from multi_gpu_train import visible_devices   # benchmarks/, this script's directory
+  visible, kind, version = visible_devices()
   try:
     counts = sorted({visible if c.strip() == "all" else int(c) for c in args.devices.split(",")})
   except ValueError:

@@ -14,8 +14,8 @@ Runs (G = the visible GPUs):
 The ladder compiles a run with `--config.dry_run=True` at each length (XLA's per-device memory, nothing
 allocated) and, with --run-longest N, times N steps at the longest length that fits, with the pinned host
 cap its dry run names (`remat="offload"`: XLA's pinned pool grows toward its cap before the first step, at
-~1.9 GiB/s on 4 H200s, so a loose cap costs time, ~40 s for 113 GiB against 94 at 1M, and the host's memory). `--set compile_cache_dir=DIR`
-lets that run load the dry run's compile.
+~1.9 GiB/s on 4 H200s, so a loose cap costs time, ~40 s for 113 GiB against 94 at 1M, and the host's
+memory). `--set compile_cache_dir=DIR` lets that run load the dry run's compile.
 
 --processes P runs each CLI as P processes of G/P GPUs (launch/local_multiprocess.sh), as a multi-host job
 would. --workdirs DIR keeps each run's workdir (cli.log written as it runs, metrics.jsonl per step) under
@@ -198,8 +198,8 @@ def dry_run(name: str, seq_len: int, layers: int, gpus: int, limit: int, process
 
 def longest_fitting(ladder: list[dict], environ) -> tuple[int | None, dict]:
   """The longest length of a ladder whose dry run fits, and the environment to run it in: the pinned host
-  cap its dry run named (XLA's pool grows toward the cap before the first step, ~2 GiB/s: a cap far above
-  the need cost minutes and the whole host's memory), unless the caller's environment sets one."""
+  cap its dry run named (XLA's pool grows toward the cap before the first step, see the module docstring),
+  unless the caller's environment sets one."""
   sys.path.insert(0, ROOT)
   from longgen_jax.parallel.runtime import HOST_MEMORY_ENV   # here: --help and the sweep need no jax import
   fitting = [r for r in ladder if r.get("fits")]
@@ -208,6 +208,15 @@ def longest_fitting(ladder: list[dict], environ) -> tuple[int | None, dict]:
   row = max(fitting, key=lambda r: r["seq_len"])
   cap = row.get("pinned_host_cap_gib")
   return row["seq_len"], ({HOST_MEMORY_ENV: str(cap)} if cap and HOST_MEMORY_ENV not in environ else {})
+
+
+def visible_devices() -> tuple[int, str, str]:
+  """(device count, device kind, JAX version), asked in a child process: a backend opened in this one would
+  hold GPU memory the runs (or benchmarks/host_offload.py's probes) need."""
+  ask = "import jax, json; print(json.dumps([jax.device_count(), jax.devices()[0].device_kind, jax.__version__]))"
+  out = subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True, check=True).stdout
+  count, kind, version = json.loads(out.strip().splitlines()[-1])
+  return count, kind, version
 
 
 def main():
@@ -232,10 +241,7 @@ def main():
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   EXTRA.update(kv.split("=", 1) for kv in args.set)
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the long sequences need the whole card
-  # The devices, asked in a child process: a backend opened here would hold GPU memory the runs need.
-  probe = "import jax, json; print(json.dumps([jax.device_count(), jax.devices()[0].device_kind, jax.__version__]))"
-  gpus, kind, version = json.loads(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                                  check=True).stdout.strip().splitlines()[-1])
+  gpus, kind, version = visible_devices()
   meta = {"device": kind, "gpus": gpus, "jax": version, "date": str(datetime.date.today()),
           "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
   print("# " + json.dumps(meta), flush=True)
