@@ -219,3 +219,47 @@ def test_host_offload_runs_each_probe_in_a_fresh_process(tmp_path, capsys):
     with pytest.raises(SystemExit):
       host_offload.main(["--devices", bad])
     assert "each count must be 1.." in capsys.readouterr().err
+
+
+def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path, monkeypatch):
+  """A gpu:N case runs in a child told to mock N GPUs on the first visible one, with sharded autotuning off
+  (it waits forever for the mocked processes); the child's rows are the parent's."""
+  import json
+  import subprocess
+  import types
+
+  import scaling
+  gpu = [k for k, c in scaling.CASES.items() if c.topology.startswith("gpu:")]
+  assert gpu and scaling.case_names("gpu,7b_128k_v5p16") == gpu + ["7b_128k_v5p16"]
+  seen = {}
+
+  def child(cmd, env, timeout):
+    seen.update(env=env, cmd=cmd)
+    out = cmd[cmd.index("--out") + 1]
+    with open(out, "w") as f:
+      json.dump({"results": [{"name": cmd[cmd.index("--cases") + 1], "per_chip_gib": {"total": 1.0}}]}, f)
+    return types.SimpleNamespace(returncode=0)
+
+  monkeypatch.setattr(subprocess, "run", child)
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  rows = scaling.in_mocked_child("70b_128k_gpu64", types.SimpleNamespace(scan="on", remat="full", case_timeout=0))
+  assert rows == [{"name": "70b_128k_gpu64", "per_chip_gib": {"total": 1.0}}]
+  env = seen["env"]
+  assert env[scaling.MOCK_ENV] == "64" and env["CUDA_VISIBLE_DEVICES"] == "3"
+  assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_gpu_shard_autotuning=false"]
+
+
+def test_scaling_gpu_case_without_a_gpu_is_an_error_row(tmp_path):
+  """On this CPU the child refuses (its client shows no mocked GPUs) and the parent keeps going with a row
+  that says so, instead of a compile for the wrong devices."""
+  import json
+  import subprocess
+  out = tmp_path / "r.json"
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "scaling.py"), "--cases", "7b_128k_gpu8",
+                      "--out", str(out)], capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "needs a GPU client mocking 8 processes" in p.stderr
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["name"] == "7b_128k_gpu8" and row["error"].startswith("the child exited 1")
