@@ -15,7 +15,7 @@ def main(argv):
   from absl import flags, logging
 
   from longgen_jax.parallel.runtime import (HOST_MEMORY_ENV, allow_offload_host_memory, heartbeat_default_for,
-                                           initialize)
+                                           detect_launch, initialize, plan_for_devices)
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
@@ -25,6 +25,11 @@ def main(argv):
   if host_gib is not None:
     print(f"[train] remat='offload': pinned host memory up to {host_gib} GiB per GPU ({HOST_MEMORY_ENV}; "
           "XLA's pool grows toward it, so set it to the need `--config.dry_run=True` prints)", file=sys.stderr)
+  planned = flags.FLAGS.config.dry_run_devices if flags.FLAGS.config.dry_run else 0
+  if planned > 0:  # a mesh this machine does not have, compiled from this one process
+    if flags.FLAGS.distributed or detect_launch(cluster=False).kind != "single":
+      raise ValueError("config.dry_run_devices plans a mesh from one process: run it without a multi-process launch")
+    plan_for_devices(planned)
   # before anything touches a device; pinning the offload pool can keep a process from heartbeats for minutes
   launch = initialize(cluster=flags.FLAGS.distributed, heartbeat_default_s=heartbeat_default_for(remat))
   if launch.kind != "single" and jax.process_index() == 0:

@@ -302,6 +302,36 @@ def test_dry_run_of_an_offloading_step_names_the_pinned_host_cap(tmp_path, capfd
   assert report["pinned_host_cap_gib"] == 94
 
 
+def test_dry_run_plans_a_mesh_this_machine_does_not_have(tmp_path):
+  """--config.dry_run_devices=N compiles the step for N devices from one process (here N host devices;
+  on a GPU machine JAX mocks N GPUs on one) and says the plan is for devices that are not there."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  p = subprocess.run([sys.executable, "-m", "longgen_jax.train", f"--config={TINY}", f"--workdir={tmp_path}",
+                      "--config.dry_run=True", "--config.dry_run_devices=4", "--config.mesh.fsdp=2",
+                      "--config.mesh.context=2", "--config.batch_size=2", "--config.grad_accum=1",
+                      "--config.data.host_split=documents", "--config.compile_cache_dir="],
+                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "on 4 cpu device(s)" in p.stderr and "planned for 4 devices on this machine's cpu" in p.stderr
+  report = json.loads((tmp_path / "dry_run.json").read_text())
+  assert report["mesh"] == {"data": 1, "fsdp": 2, "context": 2, "tensor": 1} and report["planned_devices"] == 4
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_dry_run_devices_errors(tmp_path):
+  """Planned devices need a dry run, a count >= 0, and a process that has them (this one has 1 CPU device
+  unless the suite forces more: either way not 3)."""
+  for change, match in [({"dry_run_devices": 4}, "set dry_run=True too"),
+                        ({"dry_run": True, "dry_run_devices": -1}, "must be >= 0")]:
+    with pytest.raises(ValueError, match=match):
+      train_lib.validate_config(tiny_config(**change))
+  with pytest.raises(ValueError, match=r"dry_run_devices=3, but this process has \d+ devices.*plan_for_devices\(3\)"):
+    train_lib.train(tiny_config(dry_run=True, dry_run_devices=3), str(tmp_path / "dry"))
+  from longgen_jax.parallel.runtime import plan_for_devices
+  with pytest.raises(RuntimeError, match="before JAX starts its backends"):
+    plan_for_devices(3)
+
+
 def test_out_of_memory_becomes_one_line_naming_the_knobs():
   from longgen_jax.training.loop import OutOfDeviceMemory, out_of_memory_hint
   cfg = tiny_config()

@@ -124,6 +124,30 @@ def initialize(*, cluster: bool = True, env: Mapping[str, str] | None = None,
   return launch
 
 
+# Sharded autotuning splits the autotuning among the processes and waits for their results: with mocked
+# processes it waits forever (the compile hangs; seen on an H200, 2026-11-28).
+NO_SHARDED_AUTOTUNING = "--xla_gpu_shard_autotuning=false"
+
+
+def plan_for_devices(n: int) -> None:
+  """Makes this process's JAX show `n` devices, for a dry run of a mesh this machine does not have: on a GPU
+  machine JAX mocks n processes of one GPU each (XLA's mock NCCL: the step compiles for n GPUs with the
+  real GPU's compiler and kernels, and nothing can run); on CPU, n host devices. Call it before JAX starts
+  its backends (the first device query or computation); the CLI does for `config.dry_run_devices`."""
+  from jax._src import xla_bridge
+  if n < 1:
+    raise ValueError(f"plan_for_devices needs n >= 1, got {n}")
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError(f"planning for {n} devices must come before JAX starts its backends: run it in a fresh "
+                       "process (the training CLI does) or restart the notebook's kernel and call it first")
+  jax.config.update("jax_num_cpu_devices", n)
+  jax.config.update("mock_num_gpu_processes", n)
+  jax.config.update("jax_cuda_visible_devices", "0")  # one GPU per mocked process (the first visible one)
+  flags = os.environ.get("XLA_FLAGS", "")
+  if NO_SHARDED_AUTOTUNING not in flags.split():
+    os.environ["XLA_FLAGS"] = f"{flags} {NO_SHARDED_AUTOTUNING}".strip()  # XLA reads them when a backend starts
+
+
 HOST_MEMORY_ENV = "XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB"
 HOST_SHARE = 0.75   # of the machine's memory, split between its GPUs, for XLA's pinned pools together
 

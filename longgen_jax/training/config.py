@@ -99,6 +99,8 @@ def default_config() -> "ml_collections.ConfigDict":
   c.progress_bar = True
   c.peak_tflops = 0.0           # per device, for MFU; 0 = look up the device kind
   c.dry_run = False             # compile the step, print per-device memory and FLOPs, load nothing, stop
+  c.dry_run_devices = 0         # with dry_run: plan the mesh for this many devices from one machine (GPU: JAX
+                                # mocks them on one GPU, compile only; CPU: host devices); 0 = the real ones
   c.profile_steps = ""          # "FIRST,LAST": jax.profiler trace of those steps in WORKDIR/profile
   c.compile_cache_dir = "auto"  # JAX persistent compilation cache: auto = ~/.cache/longgen_jax/jax_compile, "" = off
   return c
@@ -134,8 +136,10 @@ def validate_config(cfg) -> None:
   need(cfg.batch_size >= 1, "batch_size", "must be >= 1")
   need(cfg.grad_accum >= 1, "grad_accum", "must be >= 1")
   need(cfg.batch_size % cfg.grad_accum == 0, "batch_size", f"must be divisible by grad_accum = {cfg.grad_accum}")
-  if cfg.data.host_split == "documents":   # each process packs its own share of every batch ("rows": all of it)
-    need(cfg.batch_size % (cfg.grad_accum * jax.process_count()) == 0, "batch_size",
+  need(cfg.dry_run_devices >= 0, "dry_run_devices", "must be >= 0 (0 = this machine's devices)")
+  need(cfg.dry_run or not cfg.dry_run_devices, "dry_run_devices", "plans a mesh for a dry run: set dry_run=True too")
+  if cfg.data.host_split == "documents" and not cfg.dry_run_devices:  # each process packs its own share
+    need(cfg.batch_size % (cfg.grad_accum * jax.process_count()) == 0, "batch_size",  # ("rows": all of it)
          f"with data.host_split='documents' must be divisible by grad_accum * hosts = {cfg.grad_accum} * "
          f"{jax.process_count()}")
   need(cfg.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0 = never)")
@@ -226,7 +230,7 @@ def build_model_config(cfg, tokenizer_vocab: int) -> ModelConfig:
   return mc
 
 
-_RESUME_SAFE = {"compile_cache_dir", "dry_run", "profile_steps", "total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
+_RESUME_SAFE = {"compile_cache_dir", "dry_run", "dry_run_devices", "profile_steps", "total_steps", "checkpoint_every", "log_every", "eval_every", "eval_batches",
                 "keep_checkpoints", "async_checkpoint", "progress_bar", "peak_tflops", "export_model"}
 
 

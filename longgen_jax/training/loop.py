@@ -126,13 +126,18 @@ def prepare(cfg, workdir: str) -> Run | None:
   os.makedirs(workdir, exist_ok=True)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   mc = build_model_config(cfg, tokenizer.vocab_size)
+  planned = cfg.dry_run_devices  # devices this machine does not have (runtime.plan_for_devices): one process
+  if planned and jax.device_count() != planned:
+    raise ValueError(f"config.dry_run_devices={planned}, but this process has {jax.device_count()} devices: the "
+                     "training CLI sets them up before JAX starts; in a notebook restart the kernel and call "
+                     f"longgen_jax.parallel.runtime.plan_for_devices({planned}) first")
   mesh = sharding.make_mesh(**cfg.mesh)
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if (cfg.batch_size // cfg.grad_accum) % batch_ways:
     raise ValueError(f"config.batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} sequences per "
                      f"micro-batch cannot be split over mesh data x fsdp = {batch_ways} devices")
   context = mesh.shape["context"]
-  rows = cfg.data.host_split == "rows"  # every process packs the global batch, feeds its devices' rows
+  rows = cfg.data.host_split == "rows" or bool(planned)  # every process packs the global batch, feeds its rows
   host_batch = cfg.batch_size if rows else cfg.batch_size // jax.process_count()
   train_ds, eval_ds = make_datasets(cfg.data, tokenizer, seq_len=cfg.seq_len, batch_size=host_batch,
                                     seed=cfg.seed, **(dict(shard_index=0, shard_count=1) if rows else {}))
@@ -207,6 +212,10 @@ def _report_dry_run(cfg, workdir: str, compiled, flops_per_step: float, mesh, co
   lengths or meshes: benchmarks/multi_gpu_train.py), with the device's limit and whether the step fits."""
   memory = compiled_memory(compiled)
   _log(describe_compiled(memory, flops_per_step, mesh))
+  if cfg.dry_run_devices:
+    _log(f"planned for {cfg.dry_run_devices} devices on this machine's {jax.devices()[0].device_kind}"
+         + (" (mocked GPUs: XLA's plan for the real GPUs, nothing ran)" if jax.default_backend() == "gpu" else
+            " (host devices: the CPU compiler's plan, not a GPU's)"))
   host_cap = pinned_host_cap_gib(memory["host_temporaries"]) if memory.get("host_temporaries") else None
   if host_cap:
     _log(f"for the real run set {HOST_MEMORY_ENV}={host_cap} (GiB per GPU: the host memory above + 5% + 1 GiB): "
@@ -219,6 +228,7 @@ def _report_dry_run(cfg, workdir: str, compiled, flops_per_step: float, mesh, co
                  "device_kind": jax.devices()[0].device_kind, "compile_s": compile_s,
                  "per_device_bytes": memory, "device_bytes_limit": limit,
                  "fits": None if limit is None else memory["total"] <= limit, "pinned_host_cap_gib": host_cap,
+                 "planned_devices": cfg.dry_run_devices or None,
                  "model_flops_per_step": flops_per_step}, f, indent=1)
 
 
