@@ -41,13 +41,14 @@ from longgen_jax.attention.registry import compiling_for
 from longgen_jax.attention.sharding import MESH_AXES
 from longgen_jax.model.config import preset
 from longgen_jax.parallel.layout import padded_length
+from longgen_jax.parallel.runtime import plan_for_devices
 from longgen_jax.training.flops import train_flops_per_token
 from longgen_jax.training.optimizer import make_optimizer
 from longgen_jax.training.step import compiled_memory, sharded_step
 
 V5P_HBM_GIB, V5P_TFLOPS = 95.0, 459.0
 H100_TFLOPS = 989.0  # dense bf16, H100 and H200 SXM alike
-MOCK_ENV = "SCALING_MOCK_GPUS"  # set in a gpu case's child: N for jax's mock_num_gpu_processes (N x its GPUs)
+MOCK_ENV = "SCALING_MOCK_GPUS"  # set in a gpu case's child: the N GPUs it plans for (runtime.plan_for_devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +146,9 @@ def case_names(arg: str) -> list[str]:
 
 
 def in_mocked_child(name: str, args) -> list[dict]:
-  """Runs one gpu case in a child whose client mocks its GPUs (the mock is fixed when a client starts),
-  on the first visible GPU; the child's rows, or one error row when it left none."""
-  env = dict(os.environ, **{MOCK_ENV: str(mocked_gpus(CASES[name])),
-                            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0],
-                            # autotuning sharded across the processes waits for mocked ones forever
-                            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_gpu_shard_autotuning=false"})
+  """Runs one gpu case in a child whose client mocks its GPUs on the first visible one (the mock is fixed
+  when a client starts); the child's rows, or one error row when it left none."""
+  env = dict(os.environ, **{MOCK_ENV: str(mocked_gpus(CASES[name]))})
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "rows.json"
     cmd = [sys.executable, __file__, "--cases", name, "--scan", args.scan, "--remat", args.remat, "--out", str(out)]
@@ -174,7 +172,7 @@ def main():
   p.add_argument("--out", default="")
   args = p.parse_args()
   if os.environ.get(MOCK_ENV):  # before the GPU client starts: the mock is fixed then
-    jax.config.update("mock_num_gpu_processes", int(os.environ[MOCK_ENV]))
+    plan_for_devices(int(os.environ[MOCK_ENV]))
   results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "hbm_per_chip_gib": V5P_HBM_GIB,
              "results": []}
 

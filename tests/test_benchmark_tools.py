@@ -222,8 +222,8 @@ def test_host_offload_runs_each_probe_in_a_fresh_process(tmp_path, capsys):
 
 
 def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path, monkeypatch):
-  """A gpu:N case runs in a child told to mock N GPUs on the first visible one, with sharded autotuning off
-  (it waits forever for the mocked processes); the child's rows are the parent's."""
+  """A gpu:N case runs in a child told to plan for N GPUs (runtime.plan_for_devices: the mock is fixed when
+  JAX's client starts); the child's rows are the parent's."""
   import json
   import subprocess
   import types
@@ -241,13 +241,22 @@ def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path,
     return types.SimpleNamespace(returncode=0)
 
   monkeypatch.setattr(subprocess, "run", child)
-  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,1")
-  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
   rows = scaling.in_mocked_child("70b_128k_gpu64", types.SimpleNamespace(scan="on", remat="full", case_timeout=0))
   assert rows == [{"name": "70b_128k_gpu64", "per_chip_gib": {"total": 1.0}}]
-  env = seen["env"]
-  assert env[scaling.MOCK_ENV] == "64" and env["CUDA_VISIBLE_DEVICES"] == "3"
-  assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_gpu_shard_autotuning=false"]
+  assert seen["env"][scaling.MOCK_ENV] == "64" and "--remat" in seen["cmd"]
+
+
+def test_plan_for_devices_sets_up_a_fresh_process():
+  """The settings a planned (mocked) client needs, read in a fresh process: N devices, the first GPU only,
+  and sharded autotuning off (it waits forever for mocked processes), kept alongside flags already set."""
+  import subprocess
+  code = ("import os, jax; from longgen_jax.parallel.runtime import plan_for_devices; plan_for_devices(4); "
+          "from jax._src import xla_bridge as xb; print(xb.MOCK_NUM_GPU_PROCESSES.value, xb.CUDA_VISIBLE_DEVICES.value, os.environ['XLA_FLAGS'], "
+          "jax.device_count())")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_dump_to=/tmp/x"))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split() == ["4", "0", "--xla_dump_to=/tmp/x", "--xla_gpu_shard_autotuning=false", "4"]
 
 
 def test_scaling_gpu_case_without_a_gpu_is_an_error_row(tmp_path):
