@@ -15,11 +15,12 @@ def main(argv):
   from absl import flags, logging
 
   from longgen_jax.parallel.runtime import (HOST_MEMORY_ENV, allow_offload_host_memory, heartbeat_default_for,
-                                           detect_launch, initialize, plan_for_devices)
+                                           claim_device_memory, detect_launch, initialize, plan_for_devices)
   from longgen_jax.training import TrainingDiverged, train
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
+  claim_device_memory()  # before the GPU backend starts
   remat = flags.FLAGS.config.model.remat
   host_gib = allow_offload_host_memory(remat)  # read when the GPU backend starts
   if host_gib is not None:

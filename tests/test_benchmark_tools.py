@@ -241,9 +241,27 @@ def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path,
     return types.SimpleNamespace(returncode=0)
 
   monkeypatch.setattr(subprocess, "run", child)
-  rows = scaling.in_mocked_child("70b_128k_gpu64", types.SimpleNamespace(scan="on", remat="full", case_timeout=0))
+  args = types.SimpleNamespace(scan="on", remat="full", case_timeout=0)
+  rows = scaling.in_mocked_child("70b_128k_gpu64", args)
   assert rows == [{"name": "70b_128k_gpu64", "per_chip_gib": {"total": 1.0}}]
   assert seen["env"][scaling.MOCK_ENV] == "64" and "--remat" in seen["cmd"]
+
+  def timed_out(cmd, env, timeout):   # --scan both: the first compile wrote its row, the second ran out of time
+    child(cmd, env, timeout)
+    raise subprocess.TimeoutExpired(cmd, timeout)
+
+  monkeypatch.setattr(subprocess, "run", timed_out)
+  first, failure = scaling.in_mocked_child("70b_128k_gpu64", types.SimpleNamespace(**{**vars(args), "case_timeout": 9}))
+  assert first["per_chip_gib"] == {"total": 1.0}
+  assert failure["error"] == "the child was still compiling after --case-timeout 9 s after the rows above"
+
+
+def test_the_training_cli_claims_the_gpu_memory_unless_told_otherwise():
+  from longgen_jax.parallel.runtime import claim_device_memory
+  env = {}
+  assert claim_device_memory(env) == "0.95" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+  assert claim_device_memory(env) == "0.5" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
 
 
 def test_plan_for_devices_sets_up_a_fresh_process():
@@ -260,8 +278,8 @@ def test_plan_for_devices_sets_up_a_fresh_process():
 
 
 def test_scaling_gpu_case_without_a_gpu_is_an_error_row(tmp_path):
-  """On this CPU the child refuses (its client shows no mocked GPUs) and the parent keeps going with a row
-  that says so, instead of a compile for the wrong devices."""
+  """On this CPU the child refuses (its devices are host devices, not mocked GPUs) with a row that says so,
+  instead of a compile for the wrong devices."""
   import json
   import subprocess
   out = tmp_path / "r.json"
@@ -269,6 +287,6 @@ def test_scaling_gpu_case_without_a_gpu_is_an_error_row(tmp_path):
                       "--out", str(out)], capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT))
   assert p.returncode == 0, p.stderr[-2000:]
-  assert "needs a GPU client mocking 8 processes" in p.stderr
   (row,) = json.loads(out.read_text())["results"]
-  assert row["name"] == "7b_128k_gpu8" and row["error"].startswith("the child exited 1")
+  assert row["name"] == "7b_128k_gpu8" and "needs a GPU client mocking 8 processes" in row["error"]
+  assert "this one has 8 cpu devices" in row["error"]   # planned for 8, but on the CPU backend

@@ -332,6 +332,28 @@ def test_dry_run_devices_errors(tmp_path):
     plan_for_devices(3)
 
 
+def test_a_planned_dry_run_is_one_process_whatever_jax_counts(tmp_path, monkeypatch):
+  """Mocking N GPUs makes jax.process_count() N; a planned dry run still packs whole batches as the one
+  process it is (no per-process shares of a data.host_split='documents' batch, no batch-divides-hosts check)."""
+  from longgen_jax.data import pipeline
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  planned = dict(dry_run=True, dry_run_devices=jax.device_count(), batch_size=2, grad_accum=1,
+                 **{"data.host_split": "documents"})
+  with pytest.raises(ValueError, match="grad_accum \\* hosts"):   # a real 4-process run could not split 2 rows
+    train_lib.validate_config(tiny_config(**{**planned, "dry_run": False, "dry_run_devices": 0}))
+  seen = {}
+  real = pipeline.make_datasets
+
+  def recording(*args, **kwargs):
+    seen.update(kwargs)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "make_datasets", recording)
+  assert train_lib.train(tiny_config(**planned), str(tmp_path / "dry")) == []
+  assert seen["batch_size"] == 2 and (seen["shard_index"], seen["shard_count"]) == (0, 1)
+  assert json.loads((tmp_path / "dry" / "dry_run.json").read_text())["planned_devices"] == jax.device_count()
+
+
 def test_out_of_memory_becomes_one_line_naming_the_knobs():
   from longgen_jax.training.loop import OutOfDeviceMemory, out_of_memory_hint
   cfg = tiny_config()

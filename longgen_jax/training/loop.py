@@ -122,7 +122,7 @@ def prepare(cfg, workdir: str) -> Run | None:
   from longgen_jax.training.metrics import MetricsWriter
 
   validate_config(cfg)
-  enable_compile_cache(cfg.compile_cache_dir)
+  enable_compile_cache("" if cfg.dry_run_devices else cfg.compile_cache_dir)  # a mocked mesh's program runs nowhere
   os.makedirs(workdir, exist_ok=True)
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   mc = build_model_config(cfg, tokenizer.vocab_size)
