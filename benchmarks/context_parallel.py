@@ -7,7 +7,8 @@ Per pattern and total length T (B=1, 32 query and kv heads, head_dim 128, bf16, 
 with a random output cotangent):
   one GPU       ours (impl auto: the Pallas kernel) and, for full layers, cuDNN causal, whole T on GPU 0
   n GPUs        context parallel over every visible GPU (context = n, the load-balanced layout):
-                full layers ring and all_gather, sparse layers halo and all_gather
+                full layers ring, ring_loop (its middle steps as one loop) and all_gather, sparse
+                layers halo and all_gather
   *_no_comm     ring / halo with every ppermute replaced by the identity: the same kernel calls
                 and branches without communication, so ring - ring_no_comm is the communication
                 the ring did not hide behind compute
@@ -126,7 +127,8 @@ def time_local_kernels(spec, T: int, cp: int, reps: int) -> float:
 
 def strategies(spec) -> dict[str, ContextStrategy]:
   if spec.is_full:
-    return {"ring": ContextStrategy(full="ring"), "all_gather": ContextStrategy(full="all_gather")}
+    return {"ring": ContextStrategy(full="ring"), "ring_loop": ContextStrategy(full="ring_loop"),
+            "all_gather": ContextStrategy(full="all_gather")}
   return {"halo": ContextStrategy(sparse="halo"), "all_gather": ContextStrategy(sparse="all_gather")}
 
 

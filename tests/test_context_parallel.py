@@ -113,6 +113,7 @@ ATTENTION = textwrap.dedent(r'''
     case("full ring cp4 no segments", 4, full, segments=False)
     case("full ring cp8 MHA", 8, full, T=64, K=4)
     case("full all_gather cp4", 4, full, full="all_gather")
+    case("full ring_loop cp8 MHA", 8, full, T=64, K=4, full="ring_loop")
     case("full ring cp2 data2 tensor2", 2, full, data=2, tensor=2)
     case("sink_window halo, window < tokens per device, cp2", 2, sw(0, 5))
     case("sink_window halo, sinks, window > tokens per device, cp4", 4, sw(3, 20))
@@ -132,6 +133,18 @@ ATTENTION = textwrap.dedent(r'''
     register_impl("pallas_interpret", functools.partial(pallas_attention, **tiny_tiles),
                   backward=functools.partial(pallas_attention_backward, **tiny_tiles))
     case("full ring with the kernel's own backward, cp4", 4, full, T=64, impl="pallas_interpret")
+    case("full ring_loop with the kernel's own backward, cp4", 4, full, T=64, impl="pallas_interpret",
+         full="ring_loop")
+
+    # ring_loop's program stops growing with the context axis; the unrolled ring's doubles with it.
+    program_size = {}
+    for name in ("ring", "ring_loop"):
+      for cp in (4, 8):
+        x = jnp.ones((1, 64, 2, 8))
+        g = jax.grad(lambda x: jnp.sum(context_attention(x, x, x, full, impl="xla_blockwise",
+                                                         strategy=ContextStrategy(full=name))))
+        with jax.set_mesh(make_mesh(data=1, context=cp, devices=jax.devices()[:cp])):
+          program_size[f"{name} cp{cp}"] = len(jax.jit(g).lower(x).as_text())
 
     # remat="full" keeps the ring's output and LSE: the backward does not run the ring again.
     from longgen_jax.model.config import REMAT_POLICIES
@@ -163,23 +176,26 @@ ATTENTION = textwrap.dedent(r'''
     sequence_gathers = [line[:160] for line in gathers if any(
         str(T) in dims.split(",") for dims in re.findall(r"\[([\d,]*)\]", line.split("all-gather")[0]))]
     print("RESULT " + json.dumps({"cases": results, "remat_permutes": permutes, "weight_gathers": len(gathers),
+                                  "program_size": program_size,
                                   "sequence_gathers": sequence_gathers}))
 ''')
 
 
 def test_context_attention_equals_unsharded_outputs_and_gradients():
-  """Ring, halo and all-gather over context 2/4/8 (with data and tensor axes, GQA, packed segments,
-  sinks, windows shorter and longer than a device's tokens, block_sparse head-dependent and homo)
-  against the unsharded reference: out, lse, dq, dk, dv; and what each compiles to."""
-  r = run_result_script(ATTENTION, devices=8)
-  results, permutes = r["cases"], r["remat_permutes"]
-  assert r["weight_gathers"] > 0 and r["sequence_gathers"] == [], r["sequence_gathers"]
+  """Ring (unrolled and looped), halo and all-gather over context 2/4/8 (with data and tensor axes, GQA,
+  packed segments, sinks, windows shorter and longer than a device's tokens, block_sparse head-dependent
+  and homo) against the unsharded reference: out, lse, dq, dk, dv; and what each compiles to."""
+  report = run_result_script(ATTENTION, devices=8)
+  results, permutes = report["cases"], report["remat_permutes"]
+  assert report["weight_gathers"] > 0 and report["sequence_gathers"] == [], report["sequence_gathers"]
   assert permutes["full"] == permutes["offload"] == permutes["none"] < permutes["nothing_saveable"], permutes
-  assert len(results) == 16
+  assert len(results) == 18
+  size = report["program_size"]
+  assert size["ring cp8"] > 1.5 * size["ring cp4"] and size["ring_loop cp8"] < 1.05 * size["ring_loop cp4"], size
   for r in results:
     assert max(r["errors"]) <= 1e-5, r
     assert r["strategy"] in r["name"], r
-    if r["strategy"] == "ring" or "sink_window halo" in r["name"]:  # K/V travel by collective-permute only
+    if r["strategy"].startswith("ring") or "sink_window halo" in r["name"]:  # K/V travel by collective-permute only
       assert r["permutes"] > 0 and r["gathered"] == 0, r
     elif r["strategy"] == "halo":  # block_sparse: near blocks by permute, 1/vert_stride of the keys gathered
       assert r["permutes"] > 0 and 0 < r["gathered"] <= 1 / r["vert_stride"], r

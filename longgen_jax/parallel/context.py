@@ -27,6 +27,10 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
               and brings those home, so attention memory per device stays O(T / cp). Each backward
               step uses the implementation's backward given the final out and LSE where it has one
               (registry), else the step's vjp (which recomputes the step's forward).
+  ring_loop   the same ring with its middle steps (1 .. cp-2) as one `lax.fori_loop` instead of
+              unrolled: the program (and its compile time) stops growing with the context axis.
+              Same arithmetic; whether XLA overlaps each rotation with compute as well inside a
+              loop is a GPU measurement (benchmarks/context_parallel.py), hence not the default.
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
   halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
               ppermute from the devices holding them (more hops only when a chunk is shorter
@@ -56,7 +60,7 @@ from longgen_jax.attention import SegmentIds, attention, registry
 from longgen_jax.attention.sharding import CONTEXT_AXIS, active_axes, axes_size, split_axes
 from longgen_jax.attention.spec import AttentionSpec
 
-FULL_STRATEGIES = ("ring", "all_gather")
+FULL_STRATEGIES = ("ring", "ring_loop", "all_gather")
 # Names of the ring's results for remat policies: saving them spares the backward a second ring.
 RING_OUT, RING_LSE = "context_ring_out", "context_ring_lse"
 SPARSE_STRATEGIES = ("halo", "all_gather")
@@ -127,7 +131,7 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
   kind = strategy.for_spec(spec, T, cp)
-  local = functools.partial(_LOCAL[kind], (fn, backward) if kind == "ring" else fn, spec, CONTEXT_AXIS, cp)
+  local = functools.partial(_LOCAL[kind], (fn, backward) if kind.startswith("ring") else fn, spec, CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
   def per_device(q, k, v, *seg):
@@ -183,9 +187,10 @@ def _per_device_chunks(r, cp, q, qs, for_chunk):
 _OWN, _EARLIER, _LATER = (None, None, 0), (None, 0, 1), (1, None, 2)
 
 
-def _ring_case(cp: int, s: int, r, step):
-  """step(query half, key half, q_offset in chunks) for ring step s's static case on device r."""
-  if s == 0:
+def _ring_case(cp: int, s, r, step):
+  """step(query half, key half, q_offset in chunks) for ring step s's static case on device r (s an int,
+  or traced inside ring_loop's loop, where it is never 0)."""
+  if isinstance(s, int) and s == 0:
     return step(*_OWN)
   return jax.lax.cond((r - s) % cp < r, lambda: step(*_EARLIER), lambda: step(*_LATER))
 
@@ -220,24 +225,39 @@ def _next_device(cp: int):
 # ----------------------------------------------------------------------------- ring
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _ring(fns, spec, axis, cp, q, k, v, qs, ks):
-  return _ring_forward(fns[0], spec, axis, cp, q, k, v, qs, ks)
+def _steps(cp: int, looped: bool, one_step, carry):
+  """Runs one_step(s, carry, rotate) for ring steps s = 0 .. cp-1 (rotate: whether the K/V move on for a
+  next step), unrolled, or with the middle steps as one fori_loop (the first and last are special)."""
+  if not looped:
+    for s in range(cp):
+      carry = one_step(s, carry, s + 1 < cp)
+    return carry
+  carry = one_step(0, carry, cp > 1)
+  if cp > 2:
+    carry = jax.lax.fori_loop(1, cp - 1, lambda s, c: one_step(s, c, True), carry)
+  return one_step(cp - 1, carry, False) if cp > 1 else carry
 
 
-def _ring_forward(fn, spec, axis, cp, q, k, v, qs, ks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _ring(looped, fns, spec, axis, cp, q, k, v, qs, ks):
+  return _ring_forward(looped, fns[0], spec, axis, cp, q, k, v, qs, ks)
+
+
+def _ring_forward(looped, fn, spec, axis, cp, q, k, v, qs, ks):
   r = jax.lax.axis_index(axis)
-  out = jnp.zeros(q.shape, jnp.float32)
-  lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
-  held = (k, v, ks)
-  for s in range(cp):
-    if s + 1 < cp:  # the next step's K/V travel while this step computes
+
+  def one_step(s, carry, rotate):
+    held, out, lse = carry
+    if rotate:  # the next step's K/V travel while this step computes
       arriving = jax.lax.ppermute(held, axis, _next_device(cp))
     k_s, v_s, ks_s = held
     out_s, lse_s = _ring_step(fn, spec, cp, s, r, q, k_s, v_s, qs, ks_s)
     out, lse = _merge(out, lse, out_s, lse_s)
-    if s + 1 < cp:
-      held, out, lse = _after(arriving, out, lse)
+    return _after(arriving, out, lse) if rotate else (held, out, lse)
+
+  start = ((k, v, ks), jnp.zeros(q.shape, jnp.float32),
+           jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32))
+  _, out, lse = _steps(cp, looped, one_step, start)
   return out.astype(q.dtype), lse
 
 
@@ -248,34 +268,35 @@ def _after(arriving, *computed):
   return jax.lax.optimization_barrier((arriving, *computed))
 
 
-def _ring_fwd(fns, spec, axis, cp, q, k, v, qs, ks):
-  out, lse = _ring_forward(fns[0], spec, axis, cp, q, k, v, qs, ks)
+def _ring_fwd(looped, fns, spec, axis, cp, q, k, v, qs, ks):
+  out, lse = _ring_forward(looped, fns[0], spec, axis, cp, q, k, v, qs, ks)
   out, lse = checkpoint_name(out, RING_OUT), checkpoint_name(lse, RING_LSE)
   return (out, lse), (q, k, v, qs, ks, out, lse)
 
 
-def _ring_bwd(fns, spec, axis, cp, res, cotangents):
+def _ring_bwd(looped, fns, spec, axis, cp, res, cotangents):
   """Rotates K/V again, each with its dK/dV accumulator; the last hop brings those home."""
   q, k, v, qs, ks, out, lse = res
   dout, dlse = cotangents
   r = jax.lax.axis_index(axis)
-  dq = jnp.zeros(q.shape, jnp.float32)
-  # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
-  # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
-  held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
-  sending = None  # dK/dV of the block held last step: they travel during this step's compute
-  for s in range(cp):
-    if s + 1 < cp:
+
+  def one_step(s, carry, rotate):
+    held, dq, sending = carry  # sending: dK/dV of the block held last step, travelling during this step
+    if rotate:
       arriving = jax.lax.ppermute(held, axis, _next_device(cp))
     if sending is not None:
       received = jax.lax.ppermute(sending, axis, _next_device(cp))
     dq_s, dk_s, dv_s = _ring_step_grads(fns, spec, cp, s, r, q, *held[:2], qs, held[2], out, lse, dout, dlse)
     dq = dq + dq_s.astype(jnp.float32)
-    sending = (dk_s.astype(jnp.float32), dv_s.astype(jnp.float32))
-    if s > 0:  # the block held now is the one whose dK/dV just arrived
-      sending = jax.tree.map(jnp.add, sending, received)
-    if s + 1 < cp:
-      held, dq, sending = _after(arriving, dq, sending)
+    grads = (dk_s.astype(jnp.float32), dv_s.astype(jnp.float32))
+    if sending is not None:  # the block held now is the one whose dK/dV just arrived
+      grads = jax.tree.map(jnp.add, grads, received)
+    return _after(arriving, dq, grads) if rotate else (held, dq, grads)
+
+  # Tied to the cotangent so XLA cannot merge these rotations with the forward's (CSE would keep
+  # every rotated K/V copy alive from the forward to the backward: O(T) memory per device).
+  held, _ = jax.lax.optimization_barrier(((k, v, ks), dout))
+  _, dq, sending = _steps(cp, looped, one_step, (held, jnp.zeros(q.shape, jnp.float32), None))
   dk, dv = jax.lax.ppermute(sending, axis, _next_device(cp))  # the last hop: home
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), _float0_like(qs), _float0_like(ks)
 
@@ -517,4 +538,5 @@ def _strided_before_halo(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
   return _per_device_chunks(r, cp, q, qs, for_chunk)
 
 
-_LOCAL = {"ring": _ring, "all_gather": _gathered, "halo": _halo}
+_LOCAL = {"ring": functools.partial(_ring, False), "ring_loop": functools.partial(_ring, True),
+          "all_gather": _gathered, "halo": _halo}
