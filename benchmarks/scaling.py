@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from longgen_jax.attention.registry import compiling_for
 from longgen_jax.attention.sharding import MESH_AXES
 from longgen_jax.model.config import preset
+from longgen_jax.parallel.context import FULL_STRATEGIES, ContextStrategy
 from longgen_jax.parallel.layout import padded_length
 from longgen_jax.parallel.runtime import plan_for_devices
 from longgen_jax.training.flops import train_flops_per_token
@@ -96,7 +97,8 @@ def target_devices(case: Case) -> tuple[np.ndarray, str]:
   return np.array(devices[:: jax.local_device_count()]), "gpu"  # one per mocked process
 
 
-def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True, remat: str = "full") -> dict:
+def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True, remat: str = "full",
+                 full_strategy: str = "ring") -> dict:
   devices, backend = target_devices(case)
   if devices.size != int(np.prod(case.mesh)):
     raise ValueError(f"{case}: mesh {case.mesh} needs {int(np.prod(case.mesh))} chips, topology has {devices.size}")
@@ -111,7 +113,7 @@ def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True, remat: s
   T = padded_length(case.seq_len, context)
   with compiling_for(backend):
     steps = sharded_step(mc, mcfg, optimizer, schedule, mesh, batch_shape=(1, case.batch, T),
-                         loss_chunk=loss_chunk, segment_attention=True)
+                         loss_chunk=loss_chunk, segment_attention=True, context=ContextStrategy(full=full_strategy))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       lowered = steps.train.lower(steps.state, steps.batch)
@@ -125,6 +127,7 @@ def compile_case(case: Case, loss_chunk: int = 4096, scan: bool = True, remat: s
   kernels = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', compiled.as_text()))
   return {"case": dataclasses.asdict(case), "pattern": [str(s) for s in mc.layer_specs[:1]] + ["..."],
           "num_full": mc.num_full_layers, "chips": chips, "scan_layers": scan, "remat": remat,
+          "full_strategy": full_strategy,
           "lower_s": round(lower_s, 1), "compile_s": round(seconds - lower_s, 1),
           "per_chip_gib": {k: round(n / 2**30, 2) for k, n in memory.items()},
           "model_tflop_per_step": round(flops / 1e12, 1),
@@ -151,7 +154,8 @@ def in_mocked_child(name: str, args) -> list[dict]:
   env = dict(os.environ, **{MOCK_ENV: str(mocked_gpus(CASES[name]))})
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "rows.json"
-    cmd = [sys.executable, __file__, "--cases", name, "--scan", args.scan, "--remat", args.remat, "--out", str(out)]
+    cmd = [sys.executable, __file__, "--cases", name, "--scan", args.scan, "--remat", args.remat,
+           "--full-strategy", args.full_strategy, "--out", str(out)]
     try:
       rc = subprocess.run(cmd, env=env, timeout=args.case_timeout or None).returncode
       why = f"exited {rc}"
@@ -170,6 +174,8 @@ def main():
   p.add_argument("--scan", default="on", choices=["on", "off", "both"], help="layer runs as scans, unrolled, or both")
   p.add_argument("--remat", default="full", choices=["full", "offload"],
                  help="offload: the saved layer inputs and ring outputs in host memory (model.remat)")
+  p.add_argument("--full-strategy", default="ring", choices=FULL_STRATEGIES,
+                 help="full layers under a context axis (parallel.full_strategy): ring_loop keeps the program flat")
   p.add_argument("--case-timeout", type=float, default=0, help="seconds per gpu case's child (0: no limit)")
   p.add_argument("--out", default="")
   args = p.parse_args()
@@ -189,7 +195,7 @@ def main():
     for scan in {"on": [True], "off": [False], "both": [True, False]}[args.scan]:
       t0 = time.perf_counter()
       try:
-        r = {"name": name, **compile_case(CASES[name], scan=scan, remat=args.remat)}
+        r = {"name": name, **compile_case(CASES[name], scan=scan, remat=args.remat, full_strategy=args.full_strategy)}
       except RuntimeError as e:  # e.g. XLA refuses a plan over the chip's HBM (that is the answer), no mocked GPUs
         r = {"name": name, "case": dataclasses.asdict(CASES[name]), "scan_layers": scan, "remat": args.remat,
              "error": str(e).splitlines()[0][:300], "seconds_until_error": round(time.perf_counter() - t0, 1)}

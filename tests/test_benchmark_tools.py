@@ -241,10 +241,10 @@ def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path,
     return types.SimpleNamespace(returncode=0)
 
   monkeypatch.setattr(subprocess, "run", child)
-  args = types.SimpleNamespace(scan="on", remat="full", case_timeout=0)
+  args = types.SimpleNamespace(scan="on", remat="full", full_strategy="ring_loop", case_timeout=0)
   rows = scaling.in_mocked_child("70b_128k_gpu64", args)
   assert rows == [{"name": "70b_128k_gpu64", "per_chip_gib": {"total": 1.0}}]
-  assert seen["env"][scaling.MOCK_ENV] == "64" and "--remat" in seen["cmd"]
+  assert seen["env"][scaling.MOCK_ENV] == "64" and seen["cmd"][seen["cmd"].index("--full-strategy") + 1] == "ring_loop"
 
   def timed_out(cmd, env, timeout):   # --scan both: the first compile wrote its row, the second ran out of time
     child(cmd, env, timeout)
