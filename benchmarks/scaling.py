@@ -164,6 +164,7 @@ def in_mocked_child(name: str, args) -> list[dict]:
     rows = json.loads(out.read_text())["results"] if out.exists() else []
   if rc != 0:  # also after some rows (--scan both): the failure is a row too
     rows.append({"name": name, "case": dataclasses.asdict(CASES[name]), "remat": args.remat,
+                 "full_strategy": args.full_strategy,
                  "error": f"the child {why}" + (" after the rows above" if rows else ", without a result")})
   return rows
 
@@ -198,6 +199,7 @@ def main():
         r = {"name": name, **compile_case(CASES[name], scan=scan, remat=args.remat, full_strategy=args.full_strategy)}
       except RuntimeError as e:  # e.g. XLA refuses a plan over the chip's HBM (that is the answer), no mocked GPUs
         r = {"name": name, "case": dataclasses.asdict(CASES[name]), "scan_layers": scan, "remat": args.remat,
+             "full_strategy": args.full_strategy,
              "error": str(e).splitlines()[0][:300], "seconds_until_error": round(time.perf_counter() - t0, 1)}
       print(json.dumps(r), flush=True)
       record([r])

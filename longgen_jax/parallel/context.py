@@ -28,9 +28,10 @@ Strategies (`ContextStrategy`, a train-config setting, not part of the model's w
               step uses the implementation's backward given the final out and LSE where it has one
               (registry), else the step's vjp (which recomputes the step's forward).
   ring_loop   the same ring with its middle steps (1 .. cp-2) as one `lax.fori_loop` instead of
-              unrolled: the program (and its compile time) stops growing with the context axis.
-              Same arithmetic; whether XLA overlaps each rotation with compute as well inside a
-              loop is a GPU measurement (benchmarks/context_parallel.py), hence not the default.
+              unrolled: the program stops growing with the context axis (from cp = 3; smaller
+              than the ring's from cp = 4). Same arithmetic; whether XLA overlaps each rotation
+              with compute as well inside a loop is a GPU measurement (benchmarks/
+              context_parallel.py), hence not the default.
   all_gather  any pattern: every device gathers the whole K/V (O(T) memory, one collective).
   halo        sink_window layers: each chunk receives only the window - 1 keys before it, by
               ppermute from the devices holding them (more hops only when a chunk is shorter
@@ -131,7 +132,8 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
   kind = strategy.for_spec(spec, T, cp)
-  local = functools.partial(_LOCAL[kind], (fn, backward) if kind.startswith("ring") else fn, spec, CONTEXT_AXIS, cp)
+  local = functools.partial(_LOCAL[kind], (fn, backward) if kind in ("ring", "ring_loop") else fn, spec,
+                            CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
   def per_device(q, k, v, *seg):
@@ -189,13 +191,14 @@ _OWN, _EARLIER, _LATER = (None, None, 0), (None, 0, 1), (1, None, 2)
 
 def _ring_case(cp: int, s, r, step):
   """step(query half, key half, q_offset in chunks) for ring step s's static case on device r (s an int,
-  or traced inside ring_loop's loop, where it is never 0)."""
-  if isinstance(s, int) and s == 0:
+  or traced inside ring_loop's loop, where it is never 0: step 0 must be static, its case is not the
+  cond's)."""
+  if isinstance(s, (int, np.integer)) and s == 0:
     return step(*_OWN)
   return jax.lax.cond((r - s) % cp < r, lambda: step(*_EARLIER), lambda: step(*_LATER))
 
 
-def _ring_step(fn, spec, cp: int, s: int, r, q, k, v, qs, ks):
+def _ring_step(fn, spec, cp: int, s, r, q, k, v, qs, ks):
   """(out [B, 2c, H, D], lse [B, H, 2c]) of the local queries over the K/V held at ring step s."""
   c = q.shape[1] // 2
 

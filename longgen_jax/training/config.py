@@ -84,7 +84,7 @@ def default_config() -> "ml_collections.ConfigDict":
   # sequence over devices (the load-balanced layout of parallel.layout; attention per parallel.context).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
   c.parallel = ml_collections.ConfigDict(dict(
-      full_strategy="ring",       # full layers under context > 1: ring (K/V rotate) or all_gather
+      full_strategy="ring",       # full layers under context > 1: ring (K/V rotate), ring_loop or all_gather
       sparse_strategy="halo",     # sink_window / block_sparse layers under context > 1: halo (only the
                                   # window's keys move) or all_gather
   ))
