@@ -36,7 +36,10 @@ def chunked_xent(model: Llama, hidden_BTE, targets_BT, mask_BT, chunk: int, part
   def one(h_BCE, t_BC, m_BC):
     logits = model.logits(h_BCE)
     lse = jax.nn.logsumexp(logits, axis=-1)
-    tgt = jnp.take_along_axis(logits, t_BC[..., None], axis=-1)[..., 0]
+    # The target's logit by a one-hot contraction, not take_along_axis: the logits' vocab axis is split over
+    # the mesh like the output embedding, and the gather's backward (a scatter) cannot be partitioned that
+    # way (XLA's SPMD partitioner replicated each chunk's logits for it). The same value (one nonzero term).
+    tgt = jnp.sum(logits * jax.nn.one_hot(t_BC, logits.shape[-1], dtype=logits.dtype), axis=-1)
     return jnp.sum((lse - tgt) * m_BC)
 
   total, _ = jax.lax.scan(lambda acc, xs: (acc + one(*xs), None), jnp.float32(0),
