@@ -240,10 +240,12 @@ def main():
   # SIGTERM (`timeout`, a scheduler) ends this script like Ctrl-C, so run_cli stops the run it waits for
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   EXTRA.update(kv.split("=", 1) for kv in args.set)
-  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # the long sequences need the whole card
+  sys.path.insert(0, ROOT)
+  from longgen_jax.parallel.runtime import claim_device_memory   # here: --help needs no jax import
+  mem_fraction = claim_device_memory()   # the training CLI's own default, set here to record it (the runs inherit it)
   gpus, kind, version = visible_devices()
   meta = {"device": kind, "gpus": gpus, "jax": version, "date": str(datetime.date.today()),
-          "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"]}
+          "mem_fraction": mem_fraction}
   print("# " + json.dumps(meta), flush=True)
   out = {"meta": meta, "runs": [], "ladder": []}
   if gpus % args.processes:
