@@ -180,8 +180,9 @@ def main():
   p.add_argument("--case-timeout", type=float, default=0, help="seconds per gpu case's child (0: no limit)")
   p.add_argument("--out", default="")
   args = p.parse_args()
-  if os.environ.get(MOCK_ENV):  # before the GPU client starts: the mock is fixed then
-    plan_for_devices(int(os.environ[MOCK_ENV]))
+  planned = int(os.environ.get(MOCK_ENV) or 0)   # set: this is a gpu case's child
+  if planned:  # before the GPU client starts: the mock is fixed then
+    plan_for_devices(planned)
   results = {"jax": jax.__version__, "date": datetime.date.today().isoformat(), "results": []}
 
   def record(rows):
@@ -190,7 +191,7 @@ def main():
       Path(args.out).write_text(json.dumps(results, indent=2))
 
   for name in case_names(args.cases):
-    if mocked_gpus(CASES[name]) and not os.environ.get(MOCK_ENV):
+    if mocked_gpus(CASES[name]) and not planned:
       record(in_mocked_child(name, args))  # the child prints its rows
       continue
     for scan in {"on": [True], "off": [False], "both": [True, False]}[args.scan]:

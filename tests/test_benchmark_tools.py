@@ -256,27 +256,6 @@ def test_scaling_compiles_each_gpu_case_in_a_child_that_mocks_its_gpus(tmp_path,
   assert failure["error"] == "the child was still compiling after --case-timeout 9 s after the rows above"
 
 
-def test_the_training_cli_claims_the_gpu_memory_unless_told_otherwise():
-  from longgen_jax.parallel.runtime import claim_device_memory
-  env = {}
-  assert claim_device_memory(env) == "0.95" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
-  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
-  assert claim_device_memory(env) == "0.5" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
-
-
-def test_plan_for_devices_sets_up_a_fresh_process():
-  """The settings a planned (mocked) client needs, read in a fresh process: N devices, the first GPU only,
-  and sharded autotuning off (it waits forever for mocked processes), kept alongside flags already set."""
-  import subprocess
-  code = ("import os, jax; from longgen_jax.parallel.runtime import plan_for_devices; plan_for_devices(4); "
-          "from jax._src import xla_bridge as xb; print(xb.MOCK_NUM_GPU_PROCESSES.value, xb.CUDA_VISIBLE_DEVICES.value, os.environ['XLA_FLAGS'], "
-          "jax.device_count())")
-  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_dump_to=/tmp/x"))
-  assert p.returncode == 0, p.stderr[-2000:]
-  assert p.stdout.split() == ["4", "0", "--xla_dump_to=/tmp/x", "--xla_gpu_shard_autotuning=false", "4"]
-
-
 def test_scaling_gpu_case_without_a_gpu_is_an_error_row(tmp_path):
   """On this CPU the child refuses (its devices are host devices, not mocked GPUs) with a row that says so,
   instead of a compile for the wrong devices."""

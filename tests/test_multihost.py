@@ -116,6 +116,28 @@ def test_pinned_host_cap_is_the_compiled_need_with_headroom():
   assert runtime.pinned_host_cap_gib(gib) == 3 and runtime.pinned_host_cap_gib(1) == 2
 
 
+def test_the_training_cli_claims_the_gpu_memory_unless_told_otherwise():
+  env = {}
+  assert runtime.claim_device_memory(env) == "0.95" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+  assert runtime.claim_device_memory(env) == "0.5" and env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+
+
+def test_plan_for_devices_sets_up_a_fresh_process():
+  """The settings a planned (mocked) client needs, read in a fresh process: N devices, the first GPU only,
+  and sharded autotuning off (it waits forever for mocked processes), kept alongside flags already set."""
+  import subprocess
+  import sys
+  code = ("import os, jax; from jax._src import xla_bridge as xb\n"
+          "from longgen_jax.parallel.runtime import plan_for_devices; plan_for_devices(4)\n"
+          "print(xb.MOCK_NUM_GPU_PROCESSES.value, xb.CUDA_VISIBLE_DEVICES.value, os.environ['XLA_FLAGS'], "
+          "jax.device_count())")
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, XLA_FLAGS="--xla_dump_to=/tmp/x"))
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split() == ["4", "0", "--xla_dump_to=/tmp/x", "--xla_gpu_shard_autotuning=false", "4"]
+
+
 def test_two_processes_train_like_one_save_and_resume(tmp_path):
   """2 processes x 2 CPU devices (gloo collectives) log the losses of one process with 4 devices, also when
   the context axis splits each sequence across the two processes; their multi-process checkpoints (Orbax
