@@ -16,8 +16,9 @@ variant continues from it, as LongGen turns layers of a pretrained full-attentio
 Writes OUT/init/seedS/ (the shared initial weights: base.MODEL, random with seed S), per job
 OUT/VARIANT/seedS/{train/, passkey.json, passkey.png, ppl.json, ppl.png, result.json, log.txt}, and
 OUT/summary.json + OUT/summary.md (variant x length accuracy, mean over seeds with the pooled 95% Wilson
-interval, and mean loss). A job whose result.json exists is skipped, so re-running the same command
-continues an interrupted set (training itself resumes from its checkpoints).
+interval, and mean loss). Jobs run in the order of --variants, each variant over all its seeds. A job whose
+result.json exists is skipped, so re-running the same command continues an interrupted set (training itself
+resumes from its checkpoints).
 
 On a machine lent for a limited time: --time-limit SECONDS starts no job that the longest one so far says
 would end past the limit, and at the limit (or on SIGTERM, e.g. from `timeout`) stops the running jobs
@@ -436,7 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     p.error("give at least one seed")
   out = os.path.abspath(args.out)
   inits = {s: os.path.join(out, "init", f"seed{s}") for s in seeds}
-  jobs = [(v, s) for s in seeds for v in variants]
+  # variant by variant, each over all its seeds: a set cut short (a device budget) leaves whole variants with
+  # every seed (contrasts that can be asserted) rather than every variant with one seed; list first the
+  # variants that matter most
+  jobs = [(v, s) for v in variants for s in seeds]
   ev = {k: getattr(args, k) for k in ("lengths", "depths", "samples") if getattr(args, k)}
   bad = [kv for kv in args.set if "=" not in kv]
   if bad:

@@ -60,9 +60,12 @@ def test_cpu_tiny_dry_run_prints_the_documented_commands(tmp_path):
   lines = p.stdout.splitlines()
   assert len(lines) == 2 * 2 * 3 and not out.exists()  # train, passkey, ppl per job; nothing written
   train = [line for line in lines if "longgen_jax.train" in line]
+  # variant by variant, each over its seeds (a cut set keeps whole variants)
+  assert [("num_full_layers=1 " in t, f"--config.seed={s}" in t) for t, s in zip(train, (0, 1, 0, 1))] == \
+      [(False, True), (False, True), (True, True), (True, True)]
   assert f"--config.init_from={out}/init/seed1" in train[-1] and "--config.seed=1" in train[-1]
-  assert "--config.model.num_full_layers=1 " in train[1]  # 1/6 of the tiny model's 6 layers
-  assert "'--config.model.sparse_spec=sink_window(4,16)'" in train[1] and "--config.seq_len=256" in train[1]
+  assert "--config.model.num_full_layers=1 " in train[2]  # 1/6 of the tiny model's 6 layers
+  assert "'--config.model.sparse_spec=sink_window(4,16)'" in train[2] and "--config.seq_len=256" in train[2]
   for line in train:  # every override is a real key of the variant's config
     cfg = load_config_file(os.path.join(REPRO, "all_full.py"))
     for flag in line.split(" --config.")[1:]:
