@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shlex
 import signal
 import subprocess
@@ -274,9 +273,26 @@ def variants_with_results(out: str, variants: list[str]) -> list[str]:
   return list(variants) + [v for v in found if v not in variants]
 
 
+def beyond_window_accuracy(result: dict) -> float | None:
+  """Pass-key accuracy over the cells that need retrieval beyond a sparse layer's reach, within the training
+  length: needles strictly inside the filler (0 < depth < 1: neither in the attention sink after BOS nor in
+  the last window before the question) of prompts no longer than the training rows (beyond them every model
+  meets its RoPE distance limit, full layers too). The claims' measure, free of both confounds. None when
+  the grid has no such cell (or the result lacks the grid)."""
+  pk = result["passkey"]
+  if "accuracy" not in pk or "train_seq_len" not in result:   # a result.json written by hand
+    return None
+  cells = [acc for n, row in zip(pk["lengths"], pk["accuracy"]) if n <= result["train_seq_len"]
+           for d, acc in zip(pk["depths"], row) if 0 < d < 1]
+  if not cells:
+    return None
+  return sum(cells) / len(cells)   # every cell has pk["samples"] prompts
+
+
 def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   """summary.json + summary.md from the result.json files present: per variant and length, the mean
-  accuracy over seeds and the 95% Wilson interval of all its samples pooled."""
+  accuracy over seeds and the 95% Wilson interval of all its samples pooled (sampling noise only: it says
+  nothing of how seeds differ, hence each seed's beyond-window accuracy beside it)."""
   from longgen_jax.evaluation.common import format_length, wilson_interval
   rows, lengths = [], None
   for v in variants:
@@ -292,6 +308,7 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
     rows.append({"variant": v, "seeds": [r["seed"] for r in res], "pattern": res[0]["pattern"],
                  "accuracy_by_length": acc, "ci95_by_length": ci,
                  "per_seed_mean_accuracy": [r["passkey"]["mean_accuracy"] for r in res],
+                 "per_seed_beyond_window": [beyond_window_accuracy(r) for r in res],
                  "per_seed_pretrain_eval_loss": [(r.get("pretrain") or {}).get("final_eval_loss") for r in res],
                  "mean_loss": sum(r["ppl"]["mean_loss"] for r in res) / len(res),
                  "train_seconds": sum(r["seconds"]["train"] for r in res) / len(res)})
@@ -299,16 +316,20 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
     json.dump({"lengths": lengths, "variants": rows}, f, indent=1)
   if not rows:
     return "no results yet"
-  head = "| variant | seeds | " + " | ".join(format_length(n) for n in lengths) + " | loss | train s |"
-  lines = [head, "|" + " --- |" * (len(lengths) + 4)]
+  head = ("| variant | seeds | " + " | ".join(format_length(n) for n in lengths)
+          + " | beyond window, per seed | loss | train s |")
+  lines = [head, "|" + " --- |" * (len(lengths) + 5)]
   for r in rows:
     cells = [f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, (lo, hi) in zip(r["accuracy_by_length"], r["ci95_by_length"])]
+    beyond = " / ".join("-" if a is None else f"{a:.2f}" for a in r["per_seed_beyond_window"])
     lines.append(f"| {r['variant']} | {len(r['seeds'])} | " + " | ".join(cells)
-                 + f" | {r['mean_loss']:.3f} | {r['train_seconds']:.0f} |")
+                 + f" | {beyond} | {r['mean_loss']:.3f} | {r['train_seconds']:.0f} |")
   text = "\n".join(lines)
   with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval]); loss: mean "
-            "token loss by position over the ppl documents.\n\n" + text + "\n")
+    f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval: sampling noise "
+            "only]); beyond window: each seed's accuracy on the needles outside the sink and the last window "
+            "(0 < depth < 1) of prompts within the training length; loss: mean token loss by position over the "
+            "ppl documents.\n\n" + text + "\n")
   return text
 
 
@@ -342,30 +363,47 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
 
 def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None,
                  limit: float | None = None, durations: list[float] | None = None,
-                 stopped: threading.Event | None = None) -> list:
+                 stopped: threading.Event | None = None, ready=None) -> list:
   """fn(item, env, slot) for every item, one at a time per slot (a GPU, or a CPU worker), slots in parallel;
-  an exception is recorded in `failures` and the slot goes on with the next item. After `deadline` (a
-  time.time()) no slot starts another item, nor one that the longest of `durations` (items so far, this
-  call's added) says would end past `limit`, nor any once `stopped` is set; a Stopped item ends its slot.
+  an exception is recorded in `failures` and the slot goes on with the next item. Each slot takes the first
+  item in order that `ready(item)` allows: True starts it, False waits for a running item (one it depends
+  on), None never (what it depends on failed); default: all ready. After `deadline` (a time.time()) no slot
+  starts another item, nor one that the longest of `durations` (items so far, this call's added) says would
+  end past `limit`, nor any once `stopped` is set; a Stopped item ends its slot.
   Returns the items never started or stopped."""
-  todo = queue.Queue()
-  for item in items:
-    todo.put(item)
+  pending = list(items)
   durations = [] if durations is None else durations
-  cut = []
+  ready = ready or (lambda item: True)
+  cut, never = [], []
+  running = 0
+  changed = threading.Condition()   # guards pending, running; notified when an item ends
+
+  def take():
+    nonlocal running
+    with changed:
+      while True:
+        if ((deadline is not None and time.time() >= deadline) or (stopped is not None and stopped.is_set())
+            or (limit is not None and time.time() + max(durations, default=0.0) > limit)):
+          return None
+        for item in list(pending):
+          verdict = ready(item)
+          if verdict is None:
+            pending.remove(item)
+            never.append(item)
+          elif verdict:
+            pending.remove(item)
+            running += 1
+            return item
+        if not pending or not running:   # nothing left, or only items that nothing running can unblock
+          return None
+        changed.wait(timeout=1.0)         # a running item may unblock one; re-check the limits meanwhile
 
   def worker(extra: dict):
+    nonlocal running
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
     if "CUDA_VISIBLE_DEVICES" in extra:
       env.pop("JAX_PLATFORMS", None)
-    while deadline is None or time.time() < deadline:
-      if (stopped is not None and stopped.is_set()) or (
-          limit is not None and time.time() + max(durations, default=0.0) > limit):
-        return
-      try:
-        item = todo.get_nowait()
-      except queue.Empty:
-        return
+    while (item := take()) is not None:
       t0 = time.time()
       try:
         fn(item, env, extra)
@@ -375,6 +413,10 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
       except Exception as e:   # noqa: BLE001 - a failed job must not end its slot silently
         failures.append(f"{item}: {type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e))
         print(f"[reproduce] {failures[-1]}", file=sys.stderr)
+      finally:
+        with changed:
+          running -= 1
+          changed.notify_all()
       durations.append(time.time() - t0)
 
   threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
@@ -382,7 +424,7 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
     t.start()
   for t in threads:
     t.join()
-  return cut + list(todo.queue)
+  return cut + pending + never
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,11 +560,32 @@ def main(argv: list[str] | None = None) -> int:
     for sig in stop_signals:
       previous[sig] = signal.signal(sig, lambda *_: threading.Thread(target=PROCESSES.stop, daemon=True).start())
   durations = []   # every job's time so far, pretraining and variants: what --time-limit expects of the next
+  pretraining = {}  # seed -> "running", "done" or "failed" (this call)
+
+  def run_item(item: tuple, env: dict, extra: dict):
+    if item[0] == "variant":
+      return variant_job(item[1:], env, extra)
+    pretraining[item[1]] = "running"
+    try:
+      pretrain_seed(item[1], env, extra)
+    except Stopped:
+      raise
+    except Exception:
+      pretraining[item[1]] = "failed"
+      raise
+    pretraining[item[1]] = "done"
+
+  def ready(item: tuple) -> bool | None:
+    """A variant starts once its own seed's pretraining is done, not every seed's (a free GPU need not wait
+    for another seed's); never, if that pretraining failed."""
+    if item[0] == "pretrain" or not pretrain or os.path.exists(os.path.join(starts[item[2]], "config.json")):
+      return True
+    return None if pretraining.get(item[2]) == "failed" else False
+
   try:
-    if pretrain:
-      run_on_slots(seeds, pretrain_seed, slots, failures, deadline, limit, durations, PROCESSES.stopped)
-      jobs = [(v, s) for v, s in jobs if os.path.exists(os.path.join(starts[s], "config.json"))]
-    run_on_slots(jobs, variant_job, slots, failures, deadline, limit, durations, PROCESSES.stopped)
+    items = [("pretrain", s) for s in seeds] if pretrain else []
+    run_on_slots(items + [("variant", v, s) for v, s in jobs], run_item, slots, failures, deadline, limit,
+                 durations, PROCESSES.stopped, ready)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -131,21 +131,29 @@ def test_stage_syntax():
 
 def test_summary_pools_seeds(tmp_path):
   rep = _script()
-  for seed, acc in ((0, [1.0, 0.2]), (1, [0.8, 0.0])):
+  # [length][depth] accuracies at depths 0, 0.5, 1 of lengths 128 (the training length) and 256
+  for seed, grid in ((0, [[1.0, 1.0, 1.0], [0.2, 0.0, 0.4]]), (1, [[0.8, 0.6, 1.0], [0.0, 0.0, 0.0]])):
     job = tmp_path / "v" / f"seed{seed}"
     job.mkdir(parents=True)
+    acc = [sum(row) / 3 for row in grid]
     (job / "result.json").write_text(json.dumps({
         "seed": seed, "pattern": ["full"], "seconds": {"train": 10.0}, "ppl": {"mean_loss": 1.0 + seed},
-        "passkey": {"lengths": [128, 256], "depths": [0, 1], "samples": 5, "accuracy_by_length": acc,
-                    "mean_accuracy": sum(acc) / 2}}))
+        "train_seq_len": 128,
+        "passkey": {"lengths": [128, 256], "depths": [0, 0.5, 1], "samples": 5, "accuracy": grid,
+                    "accuracy_by_length": acc, "mean_accuracy": sum(acc) / 2}}))
   text = rep.summarize(str(tmp_path), ["v", "missing"], [0, 1])
   summary = json.loads((tmp_path / "summary.json").read_text())
   (row,) = summary["variants"]
   assert row["accuracy_by_length"] == pytest.approx([0.9, 0.1]) and row["mean_loss"] == 1.5
   assert row["per_seed_pretrain_eval_loss"] == [None, None]   # these runs had no pretraining
-  lo, hi = wilson_interval(18, 20)  # 10 + 8 of 2 x 10 samples at 128 tokens
+  lo, hi = wilson_interval(27, 30)  # 15 + 12 of 2 x 15 samples at 128 tokens
   assert row["ci95_by_length"][0] == pytest.approx([lo, hi])
-  assert "| v | 2 | 0.90 [" in text and "missing" not in text
+  # beyond the window: depth 0.5 only (not the sink's 0 nor the window's 1), at 128 only (not past training)
+  assert row["per_seed_beyond_window"] == pytest.approx([1.0, 0.6])
+  assert "| v | 2 | 0.90 [" in text and "| 1.00 / 0.60 |" in text and "missing" not in text
+  # no such cell (only longer prompts, or only depths 0 and 1): no figure, and the summary still writes
+  assert rep.beyond_window_accuracy({"train_seq_len": 64, "passkey": {"lengths": [128], "depths": [0.5],
+                                                                      "accuracy": [[1.0]]}}) is None
 
 
 def test_summary_keeps_earlier_variants_of_the_directory(tmp_path):
@@ -231,6 +239,40 @@ def test_eval_settings_fit_the_longest_prompt_and_its_answer():
     cfg = ModelConfig(**dict(model, max_seq_len=parse_length(ev["max_seq_len"])))
     check_passkey_args(cfg, ByteTokenizer(), parse_list(ev["lengths"], parse_length),
                        parse_list(ev["depths"], float), ev["samples"], ev["batch_size"])
+
+
+def test_slots_start_an_item_as_soon_as_what_it_waits_for_is_done():
+  """A variant waits for its own seed's pretraining only: with two slots, j1 (after p1) runs while p2 is still
+  running; j3 after a failed p3 never runs, and one waiting for an item nobody runs does not hang the set."""
+  import threading
+  import time
+  rep = _script()
+  done, log, failures = set(), [], []
+  lock = threading.Lock()
+
+  def fn(item, env, slot):
+    with lock:
+      log.append(("start", item))
+    if item == "p3":
+      raise RuntimeError("p3 failed")
+    time.sleep({"p1": 0.05, "p2": 0.6}.get(item, 0.05))
+    with lock:
+      log.append(("end", item))
+      done.add(item)
+
+  def ready(item):
+    dep = {"j1": "p1", "j2": "p2", "j3": "p3", "j4": "p9"}.get(item)
+    if dep is None or dep in done:
+      return True
+    return None if dep == "p3" and ("start", "p3") in log else False
+
+  t0 = time.time()
+  left = rep.run_on_slots(["p1", "p2", "p3", "j1", "j2", "j3", "j4"], fn, [{}] * 2, failures, ready=ready)
+  assert time.time() - t0 < 5
+  assert log.index(("end", "j1")) < log.index(("end", "p2"))   # j1 did not wait for p2
+  assert log.index(("end", "p2")) < log.index(("start", "j2"))
+  assert sorted(left) == ["j3", "j4"] and failures == ["p3 failed"]
+  assert ("start", "j3") not in log and ("start", "j4") not in log
 
 
 def test_slots_start_no_item_the_longest_so_far_says_would_end_past_the_limit():
