@@ -380,6 +380,10 @@ def test_out_of_memory_becomes_one_line_naming_the_knobs():
     with out_of_memory_hint(cfg):   # the offloaded activations' pool, not the device's
       raise RuntimeError("RESOURCE_EXHAUSTED: Out of host memory while trying to allocate 88.38GiB with "
                          "allocator xla_gpu_host_bfc on device 0.")
+  with pytest.raises(OutOfDeviceMemory, match=r"autotuned.*another process.*--xla_gpu_autotune_level=0"):
+    with out_of_memory_hint(cfg):   # XLA's autotuner on a GPU that another process holds (not the step's size)
+      raise RuntimeError("RESOURCE_EXHAUSTED: Failed to get configs for: 7 out of 363 instructions. See logs for "
+                         "all failures. Example failure:\n(an HLO fusion)")
   with pytest.raises(KeyError):  # other errors pass through unchanged
     with out_of_memory_hint(cfg):
       raise KeyError("x")

@@ -270,6 +270,12 @@ class out_of_memory_hint:  # noqa: N801  (a context manager used as `with out_of
             f"{HOST_MEMORY_ENV} (now {os.environ.get(HOST_MEMORY_ENV, '64 (XLA default)')} GiB per GPU) if the "
             f"host has the memory, else use config.model.remat='full' with more devices in "
             f"config.mesh.context (now {c.mesh.context}) or a shorter config.seq_len={c.seq_len}") from None
+      if "Failed to get configs" in first:   # XLA's autotuner: candidate kernels timed on the GPU ran out
+        raise OutOfDeviceMemory(
+            f"the GPU ran out of memory while XLA autotuned this step's kernels ({first.strip()}): the candidates "
+            "run on the GPU at the step's per-device shapes, so another process holding its memory (a dry run "
+            "beside a training, 2026-11-28) fails them; run on a GPU of its own, or, for a dry run, add "
+            "--xla_gpu_autotune_level=0 to XLA_FLAGS (default kernel configs, no candidate timed on the GPU)") from None
       raise OutOfDeviceMemory(
           f"out of device memory ({first.strip()}); lower config.batch_size={c.batch_size} or "
           f"config.seq_len={c.seq_len}, set config.model.remat='full' or, to keep the saved activations in host "
