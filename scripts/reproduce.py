@@ -8,8 +8,9 @@ position, beyond the training length too), one job per GPU side by side; then a 
   python scripts/reproduce.py --cpu-tiny --variants all --seeds 0,1,2 --gpus 0,0,0,0,1,1,1,1 ...
       # the CPU-sized models on GPUs: a GPU id listed k times runs k jobs on that GPU at once
 
-With --pretrain STEPS the all-full model is first trained once per seed (OUT/pretrain/seedS) and every
-variant continues from it, as LongGen turns layers of a pretrained full-attention model sparse:
+With --pretrain STEPS the all-full model is first trained once per seed (OUT/pretrain/seedS, with its own
+pass-key grid) and every variant continues from it, as LongGen turns layers of a pretrained full-attention
+model sparse:
 
   python scripts/reproduce.py --cpu-tiny --variants all_full,hybrid_third_middle --pretrain 1500 --steps 1500
 
@@ -166,10 +167,8 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
   training ("train", from the last stage's model), "passkey" and "ppl". eval_overrides replace keys of
   base.EVAL (or CPU_TINY's); train_sets are KEY=VALUE training-config overrides for every training of every
   variant, a stage's own overrides come after them."""
-  base = load_config_module(os.path.join(REPRO, "base.py"))
-  ev = dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
+  ev = eval_settings(cpu_tiny, eval_overrides)
   jobdir = os.path.join(out, variant, f"seed{seed}")
-  py = sys.executable
 
   def training(workdir: str, start: str, total_steps: int, extra: tuple[str, ...]) -> list[str]:
     return training_command(variant, seed, os.path.join(jobdir, workdir), start, cpu_tiny, total_steps,
@@ -180,16 +179,28 @@ def job_commands(variant: str, seed: int, out: str, init: str, cpu_tiny: bool, s
     commands.append((f"stage{i}", training(f"stage{i}", start, stage_steps, stage_sets)))
     start = os.path.join(jobdir, f"stage{i}", "model")
   commands.append(("train", training("train", start, steps, ())))
-  model = os.path.join(jobdir, "train", "model")
+  model, title = os.path.join(jobdir, "train", "model"), f"{variant}, seed {seed}"
+  return commands + [("passkey", evaluate_command("passkey", model, seed, title, ev, cpu_tiny, jobdir)),
+                     ("ppl", evaluate_command("ppl", model, seed, title, ev, cpu_tiny, jobdir))]
+
+
+def eval_settings(cpu_tiny: bool, eval_overrides: dict | None = None) -> dict:
+  """base.EVAL (or CPU_TINY's) with the overrides: the evaluation every model of the set gets."""
+  base = load_config_module(os.path.join(REPRO, "base.py"))
+  return dict(base.CPU_TINY["eval"] if cpu_tiny else base.EVAL, **(eval_overrides or {}))
+
+
+def evaluate_command(mode: str, model: str, seed: int, title: str, ev: dict, cpu_tiny: bool, outdir: str) -> list[str]:
+  """`evaluate passkey` or `evaluate ppl` of an exported model with the set's settings, into outdir/MODE.json."""
   common = ["--ckpt", model, "--tokenizer", "byte", "--dtype", "float32" if cpu_tiny else "bfloat16",
             "--max-seq-len", str(ev["max_seq_len"]), "--batch-size", str(ev["batch_size"]), "--seed", str(seed),
-            "--attn-impl", ev["attn_impl"],
-            "--no-progress", "--force", "--title", f"{variant}, seed {seed}"]
-  passkey = [py, "-m", "longgen_jax.evaluate", "passkey", *common, "--lengths", ev["lengths"], "--depths",
-             ev["depths"], "--samples", str(ev["samples"]), "--out", os.path.join(jobdir, "passkey.json")]
-  ppl = [py, "-m", "longgen_jax.evaluate", "ppl", *common, "--seq-len", str(ev["ppl_seq_len"]), "--bucket",
-         str(ev["ppl_bucket"]), "--docs", str(ev["ppl_docs"]), "--out", os.path.join(jobdir, "ppl.json")]
-  return commands + [("passkey", passkey), ("ppl", ppl)]
+            "--attn-impl", ev["attn_impl"], "--no-progress", "--force", "--title", title]
+  if mode == "passkey":
+    args = ["--lengths", ev["lengths"], "--depths", ev["depths"], "--samples", str(ev["samples"])]
+  else:
+    args = ["--seq-len", str(ev["ppl_seq_len"]), "--bucket", str(ev["ppl_bucket"]), "--docs", str(ev["ppl_docs"])]
+  return [sys.executable, "-m", "longgen_jax.evaluate", mode, *common, *args,
+          "--out", os.path.join(outdir, f"{mode}.json")]
 
 
 def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
@@ -289,6 +300,21 @@ def beyond_window_accuracy(result: dict) -> float | None:
   return sum(cells) / len(cells)   # every cell has pk["samples"] prompts
 
 
+def pretrained_passkeys(out: str, seeds: list[int]) -> list[dict]:
+  """Per seed with a pretrained model's pass-key grid (OUT/pretrain/seedS/passkey.json): its accuracy by
+  length and beyond the window (its training length from the model's run config)."""
+  found = []
+  for s in seeds:
+    d = pretrain_dir(out, s)
+    if not (os.path.exists(os.path.join(d, "passkey.json")) and os.path.exists(os.path.join(d, "config.json"))):
+      continue
+    pk = json.load(open(os.path.join(d, "passkey.json")))
+    seq_len = json.load(open(os.path.join(d, "config.json")))["train"]["seq_len"]
+    found.append({"seed": s, "accuracy_by_length": pk["accuracy_by_length"],
+                  "beyond_window": beyond_window_accuracy({"passkey": pk, "train_seq_len": seq_len})})
+  return found
+
+
 def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   """summary.json + summary.md from the result.json files present: per variant and length, the mean
   accuracy over seeds and the 95% Wilson interval of all its samples pooled (sampling noise only: it says
@@ -312,8 +338,9 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
                  "per_seed_pretrain_eval_loss": [(r.get("pretrain") or {}).get("final_eval_loss") for r in res],
                  "mean_loss": sum(r["ppl"]["mean_loss"] for r in res) / len(res),
                  "train_seconds": sum(r["seconds"]["train"] for r in res) / len(res)})
+  pretrained = pretrained_passkeys(out, seeds)
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"lengths": lengths, "variants": rows}, f, indent=1)
+    json.dump({"lengths": lengths, "variants": rows, "pretrained": pretrained}, f, indent=1)
   if not rows:
     return "no results yet"
   head = ("| variant | seeds | " + " | ".join(format_length(n) for n in lengths)
@@ -324,6 +351,10 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
     beyond = " / ".join("-" if a is None else f"{a:.2f}" for a in r["per_seed_beyond_window"])
     lines.append(f"| {r['variant']} | {len(r['seeds'])} | " + " | ".join(cells)
                  + f" | {beyond} | {r['mean_loss']:.3f} | {r['train_seconds']:.0f} |")
+  if pretrained:
+    lines.append("\nThe pretrained all-full models (each seed's start), beyond window: " + ", ".join(
+        f"seed {p['seed']} {'-' if p['beyond_window'] is None else format(p['beyond_window'], '.2f')}"
+        for p in pretrained))
   text = "\n".join(lines)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval: sampling noise "
@@ -523,16 +554,25 @@ def main(argv: list[str] | None = None) -> int:
   failures = []
 
   def pretrain_seed(s: int, env: dict, extra: dict):
-    if os.path.exists(os.path.join(starts[s], "config.json")):
+    """The seed's pretraining, then its model's pass-key grid (which side of the retrieval transition the
+    variants start from, read directly); each skipped when its output exists."""
+    d = pretrain_dir(out, s)
+    model_done = os.path.exists(os.path.join(starts[s], "config.json"))
+    if model_done and os.path.exists(os.path.join(d, "passkey.json")):
       return
-    os.makedirs(pretrain_dir(out, s), exist_ok=True)
+    os.makedirs(d, exist_ok=True)
     t0 = time.time()
-    with open(os.path.join(pretrain_dir(out, s), "log.txt"), "a") as log:
-      cmd = pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)
-      log.write(f"$ {shlex.join(cmd)}\n")
-      log.flush()
-      if PROCESSES.run(cmd, env, log):
-        raise RuntimeError(f"pretraining of seed {s} failed; see {pretrain_dir(out, s)}/log.txt")
+    with open(os.path.join(d, "log.txt"), "a") as log:
+      for name, cmd in (("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)),
+                        ("pass-key of the pretrained model", evaluate_command(
+                            "passkey", starts[s], s, f"pretrained all_full, seed {s}",
+                            eval_settings(args.cpu_tiny, ev), args.cpu_tiny, d))):
+        if model_done and name == "pretraining":
+          continue
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        if PROCESSES.run(cmd, env, log):
+          raise RuntimeError(f"{name} of seed {s} failed; see {d}/log.txt")
     print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
   def variant_job(job: tuple[str, int], env: dict, extra: dict):

@@ -106,8 +106,14 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
                if (m := json.loads(line)).get("eval_loss") is not None]
   assert pre_evals and res["pretrain"] == {"steps": 3, "overrides": ["optim.lr=2e-3"], "model": str(pretrained / "model"),
                                            "final_eval_loss": pre_evals[-1]}
-  summary_row = json.loads((out / "summary.json").read_text())["variants"][0]
-  assert summary_row["per_seed_pretrain_eval_loss"] == [pre_evals[-1]]
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["variants"][0]["per_seed_pretrain_eval_loss"] == [pre_evals[-1]]
+  # the pretrained model's own pass-key grid (the set's evaluation, with this run's overrides)
+  pre_passkey = json.loads((pretrained / "passkey.json").read_text())
+  assert pre_passkey["lengths"] == [128] and pre_passkey["depths"] == [0.5] and pre_passkey["samples"] == 2
+  assert summary["pretrained"] == [{"seed": 3, "accuracy_by_length": pre_passkey["accuracy_by_length"],
+                                    "beyond_window": pre_passkey["accuracy"][0][0]}]   # 128 <= 256, depth 0.5
+  assert "pretrained all-full models (each seed's start), beyond window: seed 3 " in (out / "summary.md").read_text()
   assert res["stages"] == [{"steps": 2, "overrides": ["data.synthetic.max_chars=150", "optim.lr=1e-3"]}]
   stage = json.loads((job / "stage1" / "config.json").read_text())
   assert stage["train"]["init_from"] == str(pretrained / "model")
@@ -115,8 +121,12 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   main = json.loads((job / "train" / "config.json").read_text())
   assert main["train"]["init_from"] == str(job / "stage1" / "model")
   assert main["train"]["data"]["synthetic"]["max_chars"] != 150
+  (pretrained / "passkey.json").unlink()   # a pretrained model without its grid: only the grid runs again
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
   assert again.returncode == 0 and "done before, skipped" in again.stderr  # re-running continues a set
+  assert (pretrained / "passkey.json").exists()
+  log = (pretrained / "log.txt").read_text()
+  assert log.count("longgen_jax.train") == 1 and log.count("longgen_jax.evaluate passkey") == 2
 
 
 def test_stage_syntax():
