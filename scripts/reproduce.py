@@ -285,11 +285,11 @@ def variants_with_results(out: str, variants: list[str]) -> list[str]:
 
 
 def beyond_window_accuracy(result: dict) -> float | None:
-  """Pass-key accuracy over the cells that need retrieval beyond a sparse layer's reach, within the training
-  length: needles strictly inside the filler (0 < depth < 1: neither in the attention sink after BOS nor in
-  the last window before the question) of prompts no longer than the training rows (beyond them every model
-  meets its RoPE distance limit, full layers too). The claims' measure, free of both confounds. None when
-  the grid has no such cell (or the result lacks the grid)."""
+  """Pass-key accuracy over the grid's inner depths (0 < depth < 1) of prompts no longer than the training
+  rows: the claims' measure. The ends are left out because a sparse layer may see them without retrieval
+  from afar (the GPU set's 64-token sink holds the depth-0 needle, right after BOS; its 256-token window the
+  depth-1 one, right before the question), and longer prompts because there every model meets its RoPE
+  distance limit, full layers too. None when the grid has no such cell (or the result lacks the grid)."""
   pk = result["passkey"]
   if "accuracy" not in pk or "train_seq_len" not in result:   # a result.json written by hand
     return None
@@ -358,8 +358,8 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   text = "\n".join(lines)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval: sampling noise "
-            "only]); beyond window: each seed's accuracy on the needles outside the sink and the last window "
-            "(0 < depth < 1) of prompts within the training length; loss: mean token loss by position over the "
+            "only]); beyond window: each seed's accuracy at the inner depths (0 < depth < 1: not the needle right "
+            "after BOS nor the one right before the question) of prompts within the training length; loss: mean token loss by position over the "
             "ppl documents.\n\n" + text + "\n")
   return text
 
@@ -399,22 +399,28 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
   an exception is recorded in `failures` and the slot goes on with the next item. Each slot takes the first
   item in order that `ready(item)` allows: True starts it, False waits for a running item (one it depends
   on), None never (what it depends on failed); default: all ready. After `deadline` (a time.time()) no slot
-  starts another item, nor one that the longest of `durations` (items so far, this call's added) says would
-  end past `limit`, nor any once `stopped` is set; a Stopped item ends its slot.
+  starts another item, nor one that the longest item so far says would end past `limit` (the longest of
+  `durations`, this call's items added, and of the running items' times so far: a variant may start while
+  the pretraining it waited for still runs), nor any once `stopped` is set; a Stopped item ends its slot.
   Returns the items never started or stopped."""
   pending = list(items)
   durations = [] if durations is None else durations
   ready = ready or (lambda item: True)
   cut, never = [], []
-  running = 0
-  changed = threading.Condition()   # guards pending, running; notified when an item ends
+  running_since: list[float] = []   # the start times of the running items
+  changed = threading.Condition()   # guards pending, running_since, durations; notified when an item ends
 
-  def take():
-    nonlocal running
+  def past_limits() -> bool:
+    now = time.time()
+    longest = max([*durations, *(now - t for t in running_since)], default=0.0)
+    return ((deadline is not None and now >= deadline) or (stopped is not None and stopped.is_set())
+            or (limit is not None and now + longest > limit))
+
+  def take() -> tuple | None:
+    """(the next item, its start time), or None: nothing more for this slot."""
     with changed:
       while True:
-        if ((deadline is not None and time.time() >= deadline) or (stopped is not None and stopped.is_set())
-            or (limit is not None and time.time() + max(durations, default=0.0) > limit)):
+        if past_limits():
           return None
         for item in list(pending):
           verdict = ready(item)
@@ -423,32 +429,35 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
             never.append(item)
           elif verdict:
             pending.remove(item)
-            running += 1
-            return item
-        if not pending or not running:   # nothing left, or only items that nothing running can unblock
+            running_since.append(t0 := time.time())
+            return item, t0
+        if not pending or not running_since:   # nothing left, or only items that nothing running can unblock
           return None
         changed.wait(timeout=1.0)         # a running item may unblock one; re-check the limits meanwhile
 
   def worker(extra: dict):
-    nonlocal running
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
     if "CUDA_VISIBLE_DEVICES" in extra:
       env.pop("JAX_PLATFORMS", None)
-    while (item := take()) is not None:
-      t0 = time.time()
+    while (taken := take()) is not None:
+      item, t0 = taken
+      finished = False
       try:
         fn(item, env, extra)
+        finished = True
       except Stopped:
         cut.append(item)
         return
       except Exception as e:   # noqa: BLE001 - a failed job must not end its slot silently
         failures.append(f"{item}: {type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e))
         print(f"[reproduce] {failures[-1]}", file=sys.stderr)
+        finished = True
       finally:
-        with changed:
-          running -= 1
+        with changed:   # its time counts before a waiting slot wakes to check the limit
+          running_since.remove(t0)
+          if finished:
+            durations.append(time.time() - t0)
           changed.notify_all()
-      durations.append(time.time() - t0)
 
   threads = [threading.Thread(target=worker, args=(slot,)) for slot in slots]
   for t in threads:
@@ -540,9 +549,18 @@ def main(argv: list[str] | None = None) -> int:
     slots = job_slots(gpus, args.workers)
   except ValueError as e:
     p.error(str(e))
+  def pretrain_commands(s: int) -> list[tuple[str, list[str]]]:
+    """The seed's pretraining, then its model's pass-key grid (which side of the retrieval transition the
+    variants start from, read directly)."""
+    return [("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)),
+            ("pass-key of the pretrained model", evaluate_command(
+                "passkey", starts[s], s, f"pretrained all_full, seed {s}", eval_settings(args.cpu_tiny, ev),
+                args.cpu_tiny, pretrain_dir(out, s)))]
+
   if args.dry_run:
     for s in seeds if pretrain else ():
-      print(shlex.join(pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)))
+      for _, cmd in pretrain_commands(s):
+        print(shlex.join(cmd))
     for v, s in jobs:
       for _, cmd in job_commands(v, s, out, starts[s], args.cpu_tiny, args.steps, ev, sets, stages):
         print(shlex.join(cmd))
@@ -553,25 +571,29 @@ def main(argv: list[str] | None = None) -> int:
     write_init(inits[s], s, args.cpu_tiny)
   failures = []
 
+  pretrained = {}  # seed -> True once its model exists, False if its pretraining failed (this call)
+
   def pretrain_seed(s: int, env: dict, extra: dict):
-    """The seed's pretraining, then its model's pass-key grid (which side of the retrieval transition the
-    variants start from, read directly); each skipped when its output exists."""
+    """pretrain_commands(s), each skipped when its output exists. Variants may start once the model is
+    written (the grid runs meanwhile); a failed pretraining means none of its seed's will."""
     d = pretrain_dir(out, s)
-    model_done = os.path.exists(os.path.join(starts[s], "config.json"))
-    if model_done and os.path.exists(os.path.join(d, "passkey.json")):
+    model = os.path.join(starts[s], "config.json")
+    if os.path.exists(model) and os.path.exists(os.path.join(d, "passkey.json")):
       return
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(d, "log.txt"), "a") as log:
-      for name, cmd in (("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)),
-                        ("pass-key of the pretrained model", evaluate_command(
-                            "passkey", starts[s], s, f"pretrained all_full, seed {s}",
-                            eval_settings(args.cpu_tiny, ev), args.cpu_tiny, d))):
-        if model_done and name == "pretraining":
+      for name, cmd in pretrain_commands(s):
+        if name == "pretraining" and os.path.exists(model):
           continue
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        if PROCESSES.run(cmd, env, log):
+        failed = PROCESSES.run(cmd, env, log)
+        if name == "pretraining":
+          pretrained[s] = not failed and os.path.exists(model)
+          if not failed and not pretrained[s]:
+            raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
+        if failed:
           raise RuntimeError(f"{name} of seed {s} failed; see {d}/log.txt")
     print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
@@ -600,27 +622,16 @@ def main(argv: list[str] | None = None) -> int:
     for sig in stop_signals:
       previous[sig] = signal.signal(sig, lambda *_: threading.Thread(target=PROCESSES.stop, daemon=True).start())
   durations = []   # every job's time so far, pretraining and variants: what --time-limit expects of the next
-  pretraining = {}  # seed -> "running", "done" or "failed" (this call)
 
   def run_item(item: tuple, env: dict, extra: dict):
-    if item[0] == "variant":
-      return variant_job(item[1:], env, extra)
-    pretraining[item[1]] = "running"
-    try:
-      pretrain_seed(item[1], env, extra)
-    except Stopped:
-      raise
-    except Exception:
-      pretraining[item[1]] = "failed"
-      raise
-    pretraining[item[1]] = "done"
+    return variant_job(item[1:], env, extra) if item[0] == "variant" else pretrain_seed(item[1], env, extra)
 
   def ready(item: tuple) -> bool | None:
     """A variant starts once its own seed's pretraining is done, not every seed's (a free GPU need not wait
     for another seed's); never, if that pretraining failed."""
     if item[0] == "pretrain" or not pretrain or os.path.exists(os.path.join(starts[item[2]], "config.json")):
       return True
-    return None if pretraining.get(item[2]) == "failed" else False
+    return None if pretrained.get(item[2]) is False else False
 
   try:
     items = [("pretrain", s) for s in seeds] if pretrain else []

@@ -75,6 +75,14 @@ def test_cpu_tiny_dry_run_prints_the_documented_commands(tmp_path):
         node = node[k]
   passkey = [line for line in lines if " passkey " in line]
   assert "--max-seq-len 512" in passkey[0] and f"--out {out}/all_full/seed0/passkey.json" in passkey[0]
+  with_pretrain = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny",
+                                  "--variants", "all_full", "--seeds", "0", "--pretrain", "5", "--out", str(out),
+                                  "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert with_pretrain.returncode == 0, with_pretrain.stderr
+  first, second = with_pretrain.stdout.splitlines()[:2]   # the pretraining, then its model's pass-key grid
+  assert "longgen_jax.train" in first and f"--workdir={out}/pretrain/seed0 " in first
+  assert f" passkey --ckpt {out}/pretrain/seed0/model " in second
+  assert f"--out {out}/pretrain/seed0/passkey.json" in second
   bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--variants", "nope",
                         "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=60)
   assert bad.returncode == 2 and "unknown variant(s) ['nope']" in bad.stderr
@@ -283,6 +291,37 @@ def test_slots_start_an_item_as_soon_as_what_it_waits_for_is_done():
   assert log.index(("end", "p2")) < log.index(("start", "j2"))
   assert sorted(left) == ["j3", "j4"] and failures == ["p3 failed"]
   assert ("start", "j3") not in log and ("start", "j4") not in log
+
+
+def test_a_failed_pretraining_runs_none_of_its_variants_and_exits_1(tmp_path):
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--cpu-tiny", "--variants",
+                      "all_full,all_sparse_sink", "--seeds", "0", "--pretrain", "1:batch_size=0", "--out",
+                      str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120)
+  assert p.returncode == 1 and "pretraining of seed 0 failed" in p.stderr, p.stderr[-2000:]
+  assert not (tmp_path / "all_full").exists() and not (tmp_path / "all_sparse_sink").exists()
+
+
+def test_the_limit_counts_a_running_item_s_time_so_far():
+  """A variant may start while the pretraining it waited for still runs (its model written, its grid not):
+  that item's time so far is a lower bound on an item's length, so the limit sees it although no item has
+  finished: the waiting slot re-checks after ~1 s, when p has run 1 s and 1 s more would end past the 1.5 s
+  limit (counting finished items only, j would start)."""
+  import threading
+  import time
+  rep = _script()
+  written, ran, failures = threading.Event(), [], []
+
+  def fn(item, env, slot):
+    ran.append(item)
+    if item == "p":
+      time.sleep(0.1)
+      written.set()
+      time.sleep(1.3)
+
+  left = rep.run_on_slots(["p", "j"], fn, [{}] * 2, failures, limit=time.time() + 1.5,
+                          ready=lambda item: item == "p" or written.is_set())
+  assert ran == ["p"] and left == ["j"] and not failures
 
 
 def test_slots_start_no_item_the_longest_so_far_says_would_end_past_the_limit():
