@@ -624,7 +624,15 @@ def main(argv: list[str] | None = None) -> int:
   durations = []   # every job's time so far, pretraining and variants: what --time-limit expects of the next
 
   def run_item(item: tuple, env: dict, extra: dict):
-    return variant_job(item[1:], env, extra) if item[0] == "variant" else pretrain_seed(item[1], env, extra)
+    if item[0] == "variant":
+      return variant_job(item[1:], env, extra)
+    try:
+      pretrain_seed(item[1], env, extra)
+    except Stopped:
+      raise
+    except Exception:   # failing before its training ran (a log it cannot open...): no model is coming
+      pretrained.setdefault(item[1], False)
+      raise
 
   def ready(item: tuple) -> bool | None:
     """A variant starts once its own seed's pretraining is done, not every seed's (a free GPU need not wait

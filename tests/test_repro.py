@@ -310,17 +310,22 @@ def test_the_limit_counts_a_running_item_s_time_so_far():
   import threading
   import time
   rep = _script()
-  written, ran, failures = threading.Event(), [], []
+  written, j_waits, ran, failures = threading.Event(), threading.Event(), [], []
 
   def fn(item, env, slot):
     ran.append(item)
     if item == "p":
-      time.sleep(0.1)
-      written.set()
+      j_waits.wait(timeout=0.5)   # the other slot has found j blocked and waits (a stalled slot must not
+      written.set()               # find j already ready on its first look)
       time.sleep(1.3)
 
-  left = rep.run_on_slots(["p", "j"], fn, [{}] * 2, failures, limit=time.time() + 1.5,
-                          ready=lambda item: item == "p" or written.is_set())
+  def ready(item):
+    if item == "p" or written.is_set():
+      return True
+    j_waits.set()
+    return False
+
+  left = rep.run_on_slots(["p", "j"], fn, [{}] * 2, failures, limit=time.time() + 1.5, ready=ready)
   assert ran == ["p"] and left == ["j"] and not failures
 
 
