@@ -132,8 +132,8 @@ def context_attention(q, k, v, spec: AttentionSpec, *, impl: str = "auto",
   b = batch or None
   x_spec, seg_spec = P(b, CONTEXT_AXIS, heads, None), P(b, CONTEXT_AXIS)
   kind = strategy.for_spec(spec, T, cp)
-  local = functools.partial(_LOCAL[kind], (fn, backward) if kind in ("ring", "ring_loop") else fn, spec,
-                            CONTEXT_AXIS, cp)
+  local_fn, takes_backward = _LOCAL[kind]
+  local = functools.partial(local_fn, (fn, backward) if takes_backward else fn, spec, CONTEXT_AXIS, cp)
   has_seg = segment_ids is not None
 
   def per_device(q, k, v, *seg):
@@ -541,5 +541,7 @@ def _strided_before_halo(fn, spec, axis, cp, c, r, q, qs, chunks, halo):
   return _per_device_chunks(r, cp, q, qs, for_chunk)
 
 
-_LOCAL = {"ring": functools.partial(_ring, False), "ring_loop": functools.partial(_ring, True),
-          "all_gather": _gathered, "halo": _halo}
+# Each strategy's per-device function, and whether it takes the implementation's backward with its forward
+# (the ring's own VJP calls it; JAX differentiates the others through their attention calls).
+_LOCAL = {"ring": (functools.partial(_ring, False), True), "ring_loop": (functools.partial(_ring, True), True),
+          "all_gather": (_gathered, False), "halo": (_halo, False)}
