@@ -42,6 +42,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPRO = os.path.join(ROOT, "configs", "repro")
 sys.path.insert(0, ROOT)  # run from a checkout
+import jax  # noqa: E402
+
 from longgen_jax.training.config import load_config_module  # noqa: E402
 
 
@@ -367,8 +369,9 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
 # GPU jobs run XLA's deterministic ops and no autotuning (a timing-dependent algorithm choice): two runs of
 # the same seed on two GPU machines (2026-11-27) fed identical tokens, had identical step-1 losses, then
 # differed in the last bit from step 2 (seed 2) or 17 (seed 1), and seed 2's ended on opposite sides of the
-# retrieval transition (docs/reproduction.md). Not yet run on a GPU with these flags. XLA_FLAGS set by the
-# user come after these, so they win.
+# retrieval transition (docs/reproduction.md). With these flags each seed's pretraining ended on the same eval
+# loss to the last digit on 4 and on 2 H200s in three sessions (2026-11-27/28). XLA_FLAGS set by the user come
+# after these, so they win.
 DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
 
 
@@ -544,29 +547,35 @@ def main(argv: list[str] | None = None) -> int:
   elif args.pretrain is None and not args.cpu_tiny and base.PRETRAIN:
     pretrain = (base.PRETRAIN[0], tuple(f"{k}={v}" for k, v in base.PRETRAIN[1].items()))
   starts = {s: os.path.join(pretrain_dir(out, s), "model") for s in seeds} if pretrain else inits
+  start_written = {s: os.path.join(starts[s], "config.json") for s in seeds}   # a model is written whole, atomically
 
   try:
     slots = job_slots(gpus, args.workers)
   except ValueError as e:
     p.error(str(e))
-  def pretrain_commands(s: int) -> list[tuple[str, list[str]]]:
+  def pretrain_commands(s: int) -> list[tuple[str, list[str], str]]:
     """The seed's pretraining, then its model's pass-key grid (which side of the retrieval transition the
-    variants start from, read directly)."""
-    return [("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)),
+    variants start from, read directly), each with the file that shows it done."""
+    return [("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets),
+             start_written[s]),
             ("pass-key of the pretrained model", evaluate_command(
                 "passkey", starts[s], s, f"pretrained all_full, seed {s}", eval_settings(args.cpu_tiny, ev),
-                args.cpu_tiny, pretrain_dir(out, s)))]
+                args.cpu_tiny, pretrain_dir(out, s)), os.path.join(pretrain_dir(out, s), "passkey.json"))]
 
   if args.dry_run:
     for s in seeds if pretrain else ():
-      for _, cmd in pretrain_commands(s):
+      for _, cmd, _ in pretrain_commands(s):
         print(shlex.join(cmd))
     for v, s in jobs:
       for _, cmd in job_commands(v, s, out, starts[s], args.cpu_tiny, args.steps, ev, sets, stages):
         print(shlex.join(cmd))
     return 0
 
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process only writes initial weights
+  # This process only writes initial weights, on the CPU: the JAX_PLATFORMS variable is read when jax is imported
+  # (above, through longgen_jax), too late here, and a GPU client would claim memory on every GPU the jobs need
+  # (2026-11-28: a second runner beside a job died creating one, CUDA out of memory). The jobs' environments
+  # are built from os.environ, unchanged.
+  jax.config.update("jax_platforms", "cpu")
   for s in seeds:
     write_init(inits[s], s, args.cpu_tiny)
   failures = []
@@ -574,23 +583,23 @@ def main(argv: list[str] | None = None) -> int:
   pretrained = {}  # seed -> True once its model exists, False if its pretraining failed (this call)
 
   def pretrain_seed(s: int, env: dict, extra: dict):
-    """pretrain_commands(s), each skipped when its output exists. Variants may start once the model is
-    written (the grid runs meanwhile); a failed pretraining means none of its seed's will."""
+    """pretrain_commands(s), each skipped when its output exists (a grid recorded by an earlier call is
+    copied in by reproduce_call.sh: the pretraining is reproducible to the last digit, docs/reproduction.md).
+    Variants may start once the model is written (the grid runs meanwhile); a failed pretraining means none
+    of its seed's will."""
     d = pretrain_dir(out, s)
-    model = os.path.join(starts[s], "config.json")
-    if os.path.exists(model) and os.path.exists(os.path.join(d, "passkey.json")):
+    todo = [c for c in pretrain_commands(s) if not os.path.exists(c[2])]
+    if not todo:
       return
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(d, "log.txt"), "a") as log:
-      for name, cmd in pretrain_commands(s):
-        if name == "pretraining" and os.path.exists(model):
-          continue
+      for name, cmd, done in todo:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         failed = PROCESSES.run(cmd, env, log)
         if name == "pretraining":
-          pretrained[s] = not failed and os.path.exists(model)
+          pretrained[s] = not failed and os.path.exists(done)
           if not failed and not pretrained[s]:
             raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
         if failed:
@@ -637,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
   def ready(item: tuple) -> bool | None:
     """A variant starts once its own seed's pretraining is done, not every seed's (a free GPU need not wait
     for another seed's); never, if that pretraining failed."""
-    if item[0] == "pretrain" or not pretrain or os.path.exists(os.path.join(starts[item[2]], "config.json")):
+    if item[0] == "pretrain" or not pretrain or os.path.exists(start_written[item[2]]):
       return True
     return None if pretrained.get(item[2]) is False else False
 

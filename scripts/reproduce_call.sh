@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lent-machine call of the reproduction set: results already recorded in the repo are copied in first
-# (so their jobs are skipped), scripts/reproduce.py runs under a time limit (a stopped training resumes from
+# (so their jobs are skipped; so are the pretrained models' pass-key grids, the pretrainings themselves are
+# redone), scripts/reproduce.py runs under a time limit (a stopped training resumes from
 # its checkpoint in the next call on the same warm machine: results/ is ignored by git and kept there), and
 # the small result files (JSON, PNG, Markdown, logs; no models or checkpoints) are packed into one archive.
 #
@@ -30,6 +31,13 @@ for recorded in "$@"; do
     [[ -f "$run/result.json" ]] || continue
     dest=$out/$(basename "$(dirname "$run")")/$(basename "$run")
     [[ -e "$dest" ]] || { mkdir -p "$(dirname "$dest")"; cp -r "$run" "$dest"; }
+  done
+  for grid in "$recorded"/pretrain/seed*/passkey.json; do   # a pretrained model's grid: not run again
+    [[ -f "$grid" ]] || continue
+    dest=$out/pretrain/$(basename "$(dirname "$grid")")
+    [[ -e "$dest/passkey.json" ]] && continue
+    mkdir -p "$dest" && cp "$grid" "$dest"/
+    [[ -f "${grid%.json}.png" ]] && cp "${grid%.json}.png" "$dest"/
   done
 done
 # shellcheck disable=SC2086  # REPRODUCE_ARGS is a list of arguments

@@ -135,6 +135,12 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   assert (pretrained / "passkey.json").exists()
   log = (pretrained / "log.txt").read_text()
   assert log.count("longgen_jax.train") == 1 and log.count("longgen_jax.evaluate passkey") == 2
+  import shutil
+  shutil.rmtree(pretrained / "model")   # a grid without its model (a fresh machine): only the pretraining runs
+  third = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+  assert third.returncode == 0 and (pretrained / "model" / "config.json").exists(), third.stderr[-2000:]
+  log = (pretrained / "log.txt").read_text()
+  assert log.count("longgen_jax.train") == 2 and log.count("longgen_jax.evaluate passkey") == 2
 
 
 def test_stage_syntax():
@@ -243,6 +249,22 @@ def test_stop_after_exits_3_and_names_the_jobs_left(tmp_path):
                      capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
   assert p.returncode == 3, p.stderr[-2000:]
   assert "--stop-after 0.001 s: 1 job(s) not done" in p.stderr and not (tmp_path / "all_full").exists()
+
+
+def test_the_runner_writes_initial_weights_on_the_cpu_whatever_jax_platforms_says(tmp_path, monkeypatch):
+  """On a GPU machine the runner's own JAX client must not claim the GPUs its jobs use: JAX_PLATFORMS is read
+  when jax is imported, so the runner sets the platform in jax's config before it writes the weights."""
+  import jax
+  reproduce, seen = _script(), []
+  monkeypatch.setattr(reproduce, "write_init", lambda *a: seen.append(jax.config.jax_platforms))
+  monkeypatch.setattr(reproduce, "run_on_slots", lambda *a, **k: [])
+  before = jax.config.jax_platforms
+  jax.config.update("jax_platforms", None)  # as on a machine without JAX_PLATFORMS in its environment
+  try:
+    reproduce.main(["--cpu-tiny", "--variants", "all_full", "--seeds", "0,1", "--out", str(tmp_path)])
+  finally:
+    jax.config.update("jax_platforms", before)
+  assert seen == ["cpu", "cpu"]
 
 
 def test_eval_settings_fit_the_longest_prompt_and_its_answer():
@@ -437,7 +459,8 @@ def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(
 
 def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp_path):
   """scripts/reproduce_call.sh: a recorded VARIANT/seedS/ (with result.json) lands in the results directory
-  and reproduce.py skips its job; an unfinished one (no result.json) is not copied; the archive holds the
+  and reproduce.py skips its job; an unfinished one (no result.json) is not copied; a recorded pretrained
+  model's grid (pretrain/seedS/passkey.json, .png) is copied in; the archive holds the
   summary and the small files, no model; bad arguments exit 2 before anything runs."""
   import shutil
   import tarfile
@@ -448,6 +471,10 @@ def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp
   (recorded / "all_full" / "seed0" / "train" / "model" / "config.json").write_text("{}")
   (recorded / "all_sparse_sink" / "seed0").mkdir(parents=True)
   (recorded / "all_sparse_sink" / "seed0" / "log.txt").write_text("cut off")
+  (recorded / "pretrain" / "seed0").mkdir(parents=True)   # a pretrained model's recorded grid
+  (recorded / "pretrain" / "seed0" / "passkey.json").write_text('{"recorded": true}')
+  (recorded / "pretrain" / "seed0" / "passkey.png").write_bytes(b"png")
+  (recorded / "pretrain" / "seed0" / "log.txt").write_text("not copied")
   out = tmp_path / "res" / "repro"
   env = dict(os.environ, REPRODUCE_OUT=str(out), REPRODUCE_ARGS="--cpu-tiny --variants all_full",
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -457,6 +484,8 @@ def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp
   assert p.returncode == 0, p.stderr[-2000:]
   assert "all_full seed 0: done before, skipped" in p.stderr
   assert not (out / "all_sparse_sink").exists()
+  assert (out / "pretrain" / "seed0" / "passkey.json").read_text() == '{"recorded": true}'
+  assert (out / "pretrain" / "seed0" / "passkey.png").exists() and not (out / "pretrain" / "seed0" / "log.txt").exists()
   with tarfile.open(tmp_path / "call" / "a.tgz") as tar:
     names = tar.getnames()
   assert {"repro/all_full/seed0/result.json", "repro/summary.md"} <= set(names)
