@@ -302,6 +302,25 @@ def beyond_window_accuracy(result: dict) -> float | None:
   return sum(cells) / len(cells)   # every cell has pk["samples"] prompts
 
 
+GRID_OF = "passkey_of.json"   # beside a pretrained model's grid: the eval loss its pretraining ended on
+
+
+def grid_matches_pretraining(d: str) -> bool:
+  """Whether the pass-key grid in the pretraining directory d was made of the model its pretraining (as
+  logged in d) produced: the pretraining eval loss recorded beside the grid equals this one's. The
+  pretrainings are reproducible to the last digit (docs/reproduction.md), so a grid recorded by an earlier
+  call (copied in by reproduce_call.sh) serves a redone pretraining; any other recipe or outcome re-runs it."""
+  if not os.path.exists(os.path.join(d, "passkey.json")):
+    return False
+  try:
+    with open(os.path.join(d, GRID_OF)) as f:
+      made_of = json.load(f)["pretrain_final_eval_loss"]
+  except (OSError, ValueError, KeyError):
+    return False
+  now = last_eval_loss(read_metrics(d))
+  return now is not None and made_of == now
+
+
 def pretrained_passkeys(out: str, seeds: list[int]) -> list[dict]:
   """Per seed with a pretrained model's pass-key grid (OUT/pretrain/seedS/passkey.json): its accuracy by
   length and beyond the window (its training length from the model's run config)."""
@@ -369,8 +388,8 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
 # GPU jobs run XLA's deterministic ops and no autotuning (a timing-dependent algorithm choice): two runs of
 # the same seed on two GPU machines (2026-11-27) fed identical tokens, had identical step-1 losses, then
 # differed in the last bit from step 2 (seed 2) or 17 (seed 1), and seed 2's ended on opposite sides of the
-# retrieval transition (docs/reproduction.md). With these flags each seed's pretraining ended on the same eval
-# loss to the last digit on 4 and on 2 H200s in three sessions (2026-11-27/28). XLA_FLAGS set by the user come
+# retrieval transition (docs/reproduction.md). With these flags each seed's pretraining (one GPU) ended on the
+# same eval loss to the last digit on three H200 machines in three sessions (2026-11-28). XLA_FLAGS set by the user come
 # after these, so they win.
 DETERMINISTIC_XLA_FLAGS = "--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0"
 
@@ -553,18 +572,17 @@ def main(argv: list[str] | None = None) -> int:
     slots = job_slots(gpus, args.workers)
   except ValueError as e:
     p.error(str(e))
-  def pretrain_commands(s: int) -> list[tuple[str, list[str], str]]:
+  def pretrain_commands(s: int) -> list[tuple[str, list[str]]]:
     """The seed's pretraining, then its model's pass-key grid (which side of the retrieval transition the
-    variants start from, read directly), each with the file that shows it done."""
-    return [("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets),
-             start_written[s]),
+    variants start from, read directly)."""
+    return [("pretraining", pretrain_command(s, out, inits[s], args.cpu_tiny, pretrain, sets)),
             ("pass-key of the pretrained model", evaluate_command(
                 "passkey", starts[s], s, f"pretrained all_full, seed {s}", eval_settings(args.cpu_tiny, ev),
-                args.cpu_tiny, pretrain_dir(out, s)), os.path.join(pretrain_dir(out, s), "passkey.json"))]
+                args.cpu_tiny, pretrain_dir(out, s)))]
 
   if args.dry_run:
     for s in seeds if pretrain else ():
-      for _, cmd, _ in pretrain_commands(s):
+      for _, cmd in pretrain_commands(s):
         print(shlex.join(cmd))
     for v, s in jobs:
       for _, cmd in job_commands(v, s, out, starts[s], args.cpu_tiny, args.steps, ev, sets, stages):
@@ -583,27 +601,32 @@ def main(argv: list[str] | None = None) -> int:
   pretrained = {}  # seed -> True once its model exists, False if its pretraining failed (this call)
 
   def pretrain_seed(s: int, env: dict, extra: dict):
-    """pretrain_commands(s), each skipped when its output exists (a grid recorded by an earlier call is
-    copied in by reproduce_call.sh: the pretraining is reproducible to the last digit, docs/reproduction.md).
-    Variants may start once the model is written (the grid runs meanwhile); a failed pretraining means none
-    of its seed's will."""
+    """pretrain_commands(s): the pretraining unless its model exists, then the grid unless one made of this
+    model exists (grid_matches_pretraining). Variants may start once the model is written (the grid runs
+    meanwhile); a failed pretraining means none of its seed's will."""
     d = pretrain_dir(out, s)
-    todo = [c for c in pretrain_commands(s) if not os.path.exists(c[2])]
-    if not todo:
+    if os.path.exists(start_written[s]) and grid_matches_pretraining(d):
       return
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(d, "log.txt"), "a") as log:
-      for name, cmd, done in todo:
+      for name, cmd in pretrain_commands(s):
+        if name == "pretraining" and os.path.exists(start_written[s]):
+          continue
+        if name != "pretraining" and grid_matches_pretraining(d):
+          continue
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         failed = PROCESSES.run(cmd, env, log)
         if name == "pretraining":
-          pretrained[s] = not failed and os.path.exists(done)
+          pretrained[s] = not failed and os.path.exists(start_written[s])
           if not failed and not pretrained[s]:
             raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
         if failed:
           raise RuntimeError(f"{name} of seed {s} failed; see {d}/log.txt")
+        if name != "pretraining":
+          with open(os.path.join(d, GRID_OF), "w") as f:
+            json.dump({"pretrain_final_eval_loss": last_eval_loss(read_metrics(d))}, f)
     print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
   def variant_job(job: tuple[str, int], env: dict, extra: dict):

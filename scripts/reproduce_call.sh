@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One lent-machine call of the reproduction set: results already recorded in the repo are copied in first
-# (so their jobs are skipped; so are the pretrained models' pass-key grids, the pretrainings themselves are
-# redone), scripts/reproduce.py runs under a time limit (a stopped training resumes from
+# (so their jobs are skipped; so are the pretrained models' pass-key grids where the redone pretraining ends
+# on the recorded eval loss), scripts/reproduce.py runs under a time limit (a stopped training resumes from
 # its checkpoint in the next call on the same warm machine: results/ is ignored by git and kept there), and
 # the small result files (JSON, PNG, Markdown, logs; no models or checkpoints) are packed into one archive.
 #
 #   scripts/reproduce_call.sh SEEDS GPUS TIME_LIMIT_S ARCHIVE [RECORDED_DIR ...]
 #   scripts/reproduce_call.sh 0,1,2 0,1,2,3 540 $OUT/repro.tgz docs/reproduction/gpu_8k_set
 #
-# One job per GPU: two of the 8K set's trainings do not fit one H200 (out of memory, 2026-11-28).
+# One job per GPU: two of the 8K set's trainings did not fit one H200 (out of memory, 2026-11-28; the runner's
+# own JAX client then held part of each GPU too, mended since, not re-tried).
 # GPUS "" runs on the CPU. REPRODUCE_OUT (default results/repro) is the results directory; REPRODUCE_ARGS
 # (e.g. "--cpu-tiny --steps 2") is appended to reproduce.py's arguments. Relative paths (ARCHIVE,
 # RECORDED_DIR, REPRODUCE_OUT) are taken from the repository root. Wheels in ./.whl (the packages a lent
@@ -32,12 +33,13 @@ for recorded in "$@"; do
     dest=$out/$(basename "$(dirname "$run")")/$(basename "$run")
     [[ -e "$dest" ]] || { mkdir -p "$(dirname "$dest")"; cp -r "$run" "$dest"; }
   done
-  for grid in "$recorded"/pretrain/seed*/passkey.json; do   # a pretrained model's grid: not run again
-    [[ -f "$grid" ]] || continue
-    dest=$out/pretrain/$(basename "$(dirname "$grid")")
-    [[ -e "$dest/passkey.json" ]] && continue
-    mkdir -p "$dest" && cp "$grid" "$dest"/
-    [[ -f "${grid%.json}.png" ]] && cp "${grid%.json}.png" "$dest"/
+  # a pretrained model's grid, with the eval loss its pretraining ended on: not run again if the redone
+  # pretraining ends on the same (reproduce.grid_matches_pretraining)
+  for grid in "$recorded"/pretrain/seed*/passkey.json; do
+    src=$(dirname "$grid") dest=$out/pretrain/$(basename "$(dirname "$grid")")
+    [[ -f "$src/passkey_of.json" && ! -e "$dest/passkey.json" ]] || continue
+    mkdir -p "$dest" && cp "$grid" "$src/passkey_of.json" "$dest"/
+    [[ -f "$src/passkey.png" ]] && cp "$src/passkey.png" "$dest"/
   done
 done
 # shellcheck disable=SC2086  # REPRODUCE_ARGS is a list of arguments

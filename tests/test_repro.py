@@ -135,12 +135,19 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   assert (pretrained / "passkey.json").exists()
   log = (pretrained / "log.txt").read_text()
   assert log.count("longgen_jax.train") == 1 and log.count("longgen_jax.evaluate passkey") == 2
+  assert json.loads((pretrained / "passkey_of.json").read_text()) == {"pretrain_final_eval_loss": pre_evals[-1]}
+  # a grid without its model (a fresh machine with a recorded grid): the pretraining runs again, ends on the
+  # same eval loss, and keeps the grid; a grid made of another pretraining's model is made again
   import shutil
-  shutil.rmtree(pretrained / "model")   # a grid without its model (a fresh machine): only the pretraining runs
-  third = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-  assert third.returncode == 0 and (pretrained / "model" / "config.json").exists(), third.stderr[-2000:]
-  log = (pretrained / "log.txt").read_text()
-  assert log.count("longgen_jax.train") == 2 and log.count("longgen_jax.evaluate passkey") == 2
+  for made_of, grids in ((pre_evals[-1], 2), (pre_evals[-1] + 1e-9, 3)):
+    shutil.rmtree(pretrained / "model")
+    (pretrained / "passkey_of.json").write_text(json.dumps({"pretrain_final_eval_loss": made_of}))
+    rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert rerun.returncode == 0 and (pretrained / "model" / "config.json").exists(), rerun.stderr[-2000:]
+    log = (pretrained / "log.txt").read_text()
+    assert log.count("longgen_jax.evaluate passkey") == grids, (made_of, log[-2000:])
+  assert log.count("longgen_jax.train") == 3
+  assert json.loads((pretrained / "passkey_of.json").read_text()) == {"pretrain_final_eval_loss": pre_evals[-1]}
 
 
 def test_stage_syntax():
@@ -460,7 +467,8 @@ def test_a_set_stopped_mid_training_saves_its_checkpoint_summarizes_and_exits_3(
 def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp_path):
   """scripts/reproduce_call.sh: a recorded VARIANT/seedS/ (with result.json) lands in the results directory
   and reproduce.py skips its job; an unfinished one (no result.json) is not copied; a recorded pretrained
-  model's grid (pretrain/seedS/passkey.json, .png) is copied in; the archive holds the
+  model's grid (pretrain/seedS/passkey.json, .png) is copied in with the eval loss its pretraining ended on
+  (passkey_of.json), not without it; the archive holds the
   summary and the small files, no model; bad arguments exit 2 before anything runs."""
   import shutil
   import tarfile
@@ -471,10 +479,12 @@ def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp
   (recorded / "all_full" / "seed0" / "train" / "model" / "config.json").write_text("{}")
   (recorded / "all_sparse_sink" / "seed0").mkdir(parents=True)
   (recorded / "all_sparse_sink" / "seed0" / "log.txt").write_text("cut off")
-  (recorded / "pretrain" / "seed0").mkdir(parents=True)   # a pretrained model's recorded grid
-  (recorded / "pretrain" / "seed0" / "passkey.json").write_text('{"recorded": true}')
-  (recorded / "pretrain" / "seed0" / "passkey.png").write_bytes(b"png")
-  (recorded / "pretrain" / "seed0" / "log.txt").write_text("not copied")
+  for seed in (0, 1):   # pretrained models' recorded grids: seed 1's without the loss its model ended on
+    (recorded / "pretrain" / f"seed{seed}").mkdir(parents=True)
+    (recorded / "pretrain" / f"seed{seed}" / "passkey.json").write_text('{"recorded": true}')
+    (recorded / "pretrain" / f"seed{seed}" / "passkey.png").write_bytes(b"png")
+    (recorded / "pretrain" / f"seed{seed}" / "log.txt").write_text("not copied")
+  (recorded / "pretrain" / "seed0" / "passkey_of.json").write_text('{"pretrain_final_eval_loss": 0.5}')
   out = tmp_path / "res" / "repro"
   env = dict(os.environ, REPRODUCE_OUT=str(out), REPRODUCE_ARGS="--cpu-tiny --variants all_full",
              PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -485,7 +495,8 @@ def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp
   assert "all_full seed 0: done before, skipped" in p.stderr
   assert not (out / "all_sparse_sink").exists()
   assert (out / "pretrain" / "seed0" / "passkey.json").read_text() == '{"recorded": true}'
-  assert (out / "pretrain" / "seed0" / "passkey.png").exists() and not (out / "pretrain" / "seed0" / "log.txt").exists()
+  assert (out / "pretrain" / "seed0" / "passkey_of.json").exists() and (out / "pretrain" / "seed0" / "passkey.png").exists()
+  assert not (out / "pretrain" / "seed0" / "log.txt").exists() and not (out / "pretrain" / "seed1").exists()
   with tarfile.open(tmp_path / "call" / "a.tgz") as tar:
     names = tar.getnames()
   assert {"repro/all_full/seed0/result.json", "repro/summary.md"} <= set(names)
