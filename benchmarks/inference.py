@@ -2,8 +2,12 @@
 
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.98 python benchmarks/inference.py --out results.json
   ... --prefill-contexts 131072 --decode "" --profile-prefill 20   # + where each prefill's GPU time goes
+  # the reproduction set's pass-key evaluation (configs/repro): 16K prompts, 25 at a time, chunks of 2048
+  ... --repro-variant all_sparse_sink --prefill-contexts 16384 --prefill-batch 25 --chunk-len 2048 \
+      --attn-impl auto --decode 25x17408 --profile-prefill 12
 
-Random bf16 weights of a Llama-2-7B-shaped model; the all-full model shares the same weights.
+Random bf16 weights of a Llama-2-7B-shaped model (or, with --repro-variant, of the reproduction set's small
+model with that variant's pattern); the all-full model shares the same weights.
 Prefill: random prompt of each context length, chunked (--chunk-len); time of the second run
 (the first compiles). Decode: caches of `context` positions (their contents do not change the
 cost), the compiled decode loop timed over --decode-steps tokens at positions just below the
@@ -30,7 +34,7 @@ from flax import nnx
 
 from longgen_jax.model import inference
 from longgen_jax.attention import AttentionSpec, registry
-from longgen_jax.model.config import preset
+from longgen_jax.model.config import ModelConfig, preset
 from longgen_jax.model.generation import LoopState, Sampling, decode_loop
 from longgen_jax.model.kv_cache import cache_layouts, init_cache, kv_cache_bytes
 from longgen_jax.model.llama import Llama
@@ -38,9 +42,18 @@ from longgen_jax.model.llama import Llama
 GiB = 1 << 30
 
 
-def build_models(name: str, num_layers: int | None, impl: str):
+def repro_model_config(variant: str) -> ModelConfig:
+  """configs/repro's model (base.MODEL) with the variant's layer pattern."""
+  from longgen_jax.training.config import load_config_file, load_config_module
+  repro = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "repro")
+  m = load_config_file(os.path.join(repro, f"{variant}.py")).model
+  cfg = ModelConfig(**load_config_module(os.path.join(repro, "base.py")).MODEL)
+  return cfg.with_pattern(m.num_full_layers, m.sparse_spec, m.placement)
+
+
+def build_models(name: str, num_layers: int | None, impl: str, repro_variant: str | None = None):
   over = {"num_layers": num_layers} if num_layers else {}
-  cfg = preset(name, **over)
+  cfg = repro_model_config(repro_variant) if repro_variant else preset(name, **over)
   model = Llama(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attn_impl=impl)
   full_cfg = cfg.all_full()
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(full_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
@@ -49,11 +62,11 @@ def build_models(name: str, num_layers: int | None, impl: str):
   return {"longgen": model, "all_full": full}
 
 
-def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 1):
+def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 1, batch: int = 1):
   layouts = cache_layouts(model.config, context)
-  caches = init_cache(layouts, 1, jnp.bfloat16)
-  tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, context)).astype(np.int32)
-  lengths = np.array([context], np.int32)
+  caches = init_cache(layouts, batch, jnp.bfloat16)
+  tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, context)).astype(np.int32)
+  lengths = np.full((batch,), context, np.int32)
   times = []
   for _ in range(1 + repeats):
     t0 = time.perf_counter()
@@ -65,16 +78,16 @@ def time_prefill(model, context: int, chunk_len: int, impl: str, repeats: int = 
   return {"first_s": times[0], "s": min(times[1:]), "impl": impl}
 
 
-def profile_prefill(model, context: int, chunk_len: int, impl: str, top: int) -> dict:
+def profile_prefill(model, context: int, chunk_len: int, impl: str, top: int, batch: int = 1) -> dict:
   """One chunked prefill traced after a warm-up (benchmarks/kernel_profile.kernel_times): the `top` kernels
   by GPU time (ms, summed over the kernel's launches), the sum of every kernel and the wall time. A sum well
   below the wall time means the time is between kernels (dispatch, host work), not in them."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from kernel_profile import kernel_times   # benchmarks/kernel_profile.py
   layouts = cache_layouts(model.config, context)
-  state = {"caches": init_cache(layouts, 1, jnp.bfloat16)}
-  tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (1, context)).astype(np.int32)
-  lengths = np.array([context], np.int32)
+  state = {"caches": init_cache(layouts, batch, jnp.bfloat16)}
+  tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (batch, context)).astype(np.int32)
+  lengths = np.full((batch,), context, np.int32)
 
   def once():
     state["caches"], logits = inference.prefill(model, layouts, state["caches"], tokens, lengths,
@@ -144,6 +157,9 @@ def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument("--preset", default="llama2_7b")
   p.add_argument("--num-layers", type=int, default=None, help="fewer layers (smoke tests)")
+  p.add_argument("--repro-variant", default=None, metavar="NAME",
+                 help="instead of --preset: configs/repro's model with this variant's pattern (e.g. all_sparse_sink)")
+  p.add_argument("--prefill-batch", type=int, default=1, help="prompts per prefill (the repro pass-key runs 25)")
   p.add_argument("--prefill-contexts", default="32768,131072")
   p.add_argument("--decode", default="1x131072,8x8192,8x32768",
                  help="batch x context pairs for decode; all-full is skipped where its cache won't fit")
@@ -162,12 +178,13 @@ def main(argv=None):
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
   info = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "preset": args.preset, "num_layers": args.num_layers, "prefill_impl": impl,
+          "preset": args.preset, "num_layers": args.num_layers, "repro_variant": args.repro_variant,
+          "prefill_batch": args.prefill_batch, "prefill_impl": impl,
           "sparse_prefill_impl": registry.choose(impl, AttentionSpec.sink_window(64, 1984)),
           "chunk_len": args.chunk_len,
           "device_memory_GiB": mem.get("bytes_limit", 0) / GiB}
   print(json.dumps(info), flush=True)
-  models = build_models(args.preset, args.num_layers, "auto")
+  models = build_models(args.preset, args.num_layers, "auto", args.repro_variant)
   results: dict = {"info": info}
 
   for name, model in models.items():
@@ -181,13 +198,14 @@ def main(argv=None):
   weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(models["longgen"])))
   for ctx in [int(c) for c in args.prefill_contexts.split(",") if c]:
     for name, model in models.items():
-      need = weights + kv_cache_bytes(model.config, ctx, 1)["total"]
+      need = weights + kv_cache_bytes(model.config, ctx, args.prefill_batch)["total"]
       if limit and need > limit:
         results[f"prefill/{name}/{ctx}"] = {"skipped": f"needs {need / GiB:.1f} GiB > {limit / GiB:.1f} GiB"}
         continue
-      run(lambda: time_prefill(model, ctx, args.chunk_len, impl), f"prefill/{name}/{ctx}", results)
+      run(lambda: time_prefill(model, ctx, args.chunk_len, impl, batch=args.prefill_batch),
+          f"prefill/{name}/{ctx}", results)
       if args.profile_prefill:
-        run(lambda: profile_prefill(model, ctx, args.chunk_len, impl, args.profile_prefill),
+        run(lambda: profile_prefill(model, ctx, args.chunk_len, impl, args.profile_prefill, args.prefill_batch),
             f"prefill_profile/{name}/{ctx}", results)
   for pair in [s for s in args.decode.split(",") if s]:
     batch, ctx = (int(x) for x in pair.split("x"))

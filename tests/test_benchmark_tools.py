@@ -171,6 +171,27 @@ def test_inference_prefill_profile_runs_and_reads_its_trace():
   assert r["wall_ms"] > 0 and r["kernels_ms"] == 0 and r["top_ms"] == {} and r["kernel_count"] == 0
 
 
+def test_inference_builds_the_repro_model_and_prefills_a_batch():
+  """--repro-variant: configs/repro's model (base.MODEL) with the variant's pattern, its all-full twin on the
+  same weights; --prefill-batch prefills that many prompts (the pass-key evaluation's 25)."""
+  import jax
+  import inference
+  from flax import nnx
+
+  from longgen_jax.training.config import load_config_module
+  base = load_config_module(os.path.join(ROOT, "configs", "repro", "base.py"))
+  models = inference.build_models("tiny", None, "auto", "hybrid_third_middle")
+  cfg = models["longgen"].config
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.head_dim) == (12, 512, 4, 128) == tuple(
+      base.MODEL[k] for k in ("num_layers", "hidden_size", "num_heads", "head_dim"))
+  assert [str(s) for s in cfg.layer_specs] == ["sink_window(64,256)"] * 4 + ["full"] * 4 + ["sink_window(64,256)"] * 4
+  assert models["all_full"].config.num_full_layers == 12
+  assert all(a is b for a, b in zip(jax.tree.leaves(nnx.state(models["longgen"])),
+                                    jax.tree.leaves(nnx.state(models["all_full"]))))
+  r = inference.time_prefill(models["longgen"], 128, 64, "auto", repeats=1, batch=2)
+  assert r["s"] > 0 and r["first_s"] > 0
+
+
 def test_monitor_samples_until_killed(tmp_path):
   """benchmarks/monitor.sh writes a timestamped line per interval (host memory; 'gpu none' without
   nvidia-smi) and stops when killed."""
