@@ -4,7 +4,7 @@
   ... --prefill-contexts 131072 --decode "" --profile-prefill 20   # + where each prefill's GPU time goes
   # the reproduction set's pass-key evaluation (configs/repro): 16K prompts, 25 at a time, chunks of 2048
   ... --repro-variant all_sparse_sink --prefill-contexts 16384 --prefill-batch 25 --chunk-len 2048 \
-      --attn-impl auto --decode 25x17408 --profile-prefill 12
+      --attn-impl auto --decode 25x16392 --profile-prefill 12
 
 Random bf16 weights of a Llama-2-7B-shaped model (or, with --repro-variant, of the reproduction set's small
 model with that variant's pattern); the all-full model shares the same weights.
@@ -171,6 +171,8 @@ def main(argv=None):
                   help="also trace one prefill per context and model: its N largest kernels by GPU time")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
+  if args.repro_variant and args.num_layers:
+    p.error("--num-layers applies to --preset, not to --repro-variant (the set's model has its own depth)")
   global OUT_PATH
   OUT_PATH = args.out
 
@@ -178,13 +180,14 @@ def main(argv=None):
   dev = jax.devices()[0]
   mem = dev.memory_stats() or {}
   info = {"device": dev.device_kind, "jax": jax.__version__, "date": datetime.date.today().isoformat(),
-          "preset": args.preset, "num_layers": args.num_layers, "repro_variant": args.repro_variant,
-          "prefill_batch": args.prefill_batch, "prefill_impl": impl,
-          "sparse_prefill_impl": registry.choose(impl, AttentionSpec.sink_window(64, 1984)),
+          "preset": None if args.repro_variant else args.preset, "num_layers": args.num_layers,
+          "repro_variant": args.repro_variant, "prefill_batch": args.prefill_batch, "prefill_impl": impl,
           "chunk_len": args.chunk_len,
           "device_memory_GiB": mem.get("bytes_limit", 0) / GiB}
-  print(json.dumps(info), flush=True)
   models = build_models(args.preset, args.num_layers, "auto", args.repro_variant)
+  sparse = [spec for spec in models["longgen"].config.layer_specs if not spec.is_full]
+  info["sparse_prefill_impl"] = {str(spec): registry.choose(impl, spec) for spec in dict.fromkeys(sparse)}
+  print(json.dumps(info), flush=True)
   results: dict = {"info": info}
 
   for name, model in models.items():

@@ -305,20 +305,30 @@ def beyond_window_accuracy(result: dict) -> float | None:
 GRID_OF = "passkey_of.json"   # beside a pretrained model's grid: the eval loss its pretraining ended on
 
 
-def grid_matches_pretraining(d: str) -> bool:
+def grid_matches_pretraining(d: str, say=None) -> bool:
   """Whether the pass-key grid in the pretraining directory d was made of the model its pretraining (as
   logged in d) produced: the pretraining eval loss recorded beside the grid equals this one's. The
   pretrainings are reproducible to the last digit (docs/reproduction.md), so a grid recorded by an earlier
-  call (copied in by reproduce_call.sh) serves a redone pretraining; any other recipe or outcome re-runs it."""
+  call (copied in by reproduce_call.sh) serves a redone pretraining; any other recipe or outcome re-runs it.
+  A pretraining that logged no eval loss matches a grid recorded as made without one (it cannot be checked).
+  say(message): told why an existing grid is kept or not."""
   if not os.path.exists(os.path.join(d, "passkey.json")):
     return False
+  say = say or (lambda message: None)
   try:
     with open(os.path.join(d, GRID_OF)) as f:
       made_of = json.load(f)["pretrain_final_eval_loss"]
-  except (OSError, ValueError, KeyError):
+  except (OSError, ValueError, KeyError, TypeError):
+    say(f"{d}/passkey.json has no readable {GRID_OF} (the pretraining it was made of): made again")
     return False
   now = last_eval_loss(read_metrics(d))
-  return now is not None and made_of == now
+  if made_of != now:
+    say(f"the pretraining in {d} ended on eval loss {now}, the grid beside it was made of one that ended on "
+        f"{made_of}: made again (recorded variants started from the other model do not pair with new ones)")
+    return False
+  say(f"the grid in {d} was made of a pretraining that ended on this one's eval loss ({now}): kept"
+      + ("" if now is not None else " (no eval loss logged: not checked)"))
+  return True
 
 
 def pretrained_passkeys(out: str, seeds: list[int]) -> list[dict]:
@@ -613,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
       for name, cmd in pretrain_commands(s):
         if name == "pretraining" and os.path.exists(start_written[s]):
           continue
-        if name != "pretraining" and grid_matches_pretraining(d):
+        if name != "pretraining" and grid_matches_pretraining(
+            d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
           continue
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()

@@ -136,16 +136,21 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   log = (pretrained / "log.txt").read_text()
   assert log.count("longgen_jax.train") == 1 and log.count("longgen_jax.evaluate passkey") == 2
   assert json.loads((pretrained / "passkey_of.json").read_text()) == {"pretrain_final_eval_loss": pre_evals[-1]}
-  # a grid without its model (a fresh machine with a recorded grid): the pretraining runs again, ends on the
-  # same eval loss, and keeps the grid; a grid made of another pretraining's model is made again
+  # a fresh machine with a recorded grid (only the grid, its sidecar and the log left): the pretraining runs
+  # again from scratch, ends on the same eval loss, and keeps the grid; a grid made of another pretraining's
+  # model is made again
   import shutil
-  for made_of, grids in ((pre_evals[-1], 2), (pre_evals[-1] + 1e-9, 3)):
-    shutil.rmtree(pretrained / "model")
+  for made_of, grids, said in ((pre_evals[-1], 2, "kept"), (pre_evals[-1] + 1e-9, 3, "made again")):
+    for path in pretrained.iterdir():
+      if path.name not in ("passkey.json", "passkey_of.json", "log.txt"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     (pretrained / "passkey_of.json").write_text(json.dumps({"pretrain_final_eval_loss": made_of}))
     rerun = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert rerun.returncode == 0 and (pretrained / "model" / "config.json").exists(), rerun.stderr[-2000:]
     log = (pretrained / "log.txt").read_text()
-    assert log.count("longgen_jax.evaluate passkey") == grids, (made_of, log[-2000:])
+    last_training = [run for run in log.split("\n$ ") if "longgen_jax.train" in run.split("\n")[0]][-1]
+    assert "[train] step" in last_training and "resumed" not in last_training   # trained from scratch
+    assert log.count("longgen_jax.evaluate passkey") == grids and said in rerun.stderr, (made_of, rerun.stderr[-2000:])
   assert log.count("longgen_jax.train") == 3
   assert json.loads((pretrained / "passkey_of.json").read_text()) == {"pretrain_final_eval_loss": pre_evals[-1]}
 
