@@ -390,8 +390,8 @@ def summarize(out: str, variants: list[str], seeds: list[int]) -> str:
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("Pass-key accuracy by context length (mean over seeds [pooled 95% Wilson interval: sampling noise "
             "only]); beyond window: each seed's accuracy at the inner depths (0 < depth < 1: not the needle right "
-            "after BOS nor the one right before the question) of prompts within the training length; loss: mean token loss by position over the "
-            "ppl documents.\n\n" + text + "\n")
+            "after BOS nor the one right before the question) of prompts within the training length; loss: mean "
+            "token loss by position over the ppl documents.\n\n" + text + "\n")
   return text
 
 
@@ -619,25 +619,25 @@ def main(argv: list[str] | None = None) -> int:
       return
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
+    (_, pretraining), (grid_name, grid) = pretrain_commands(s)
     with open(os.path.join(d, "log.txt"), "a") as log:
-      for name, cmd in pretrain_commands(s):
-        if name == "pretraining" and os.path.exists(start_written[s]):
-          continue
-        if name != "pretraining" and grid_matches_pretraining(
-            d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
-          continue
+      def run(cmd: list[str]) -> int:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        failed = PROCESSES.run(cmd, env, log)
-        if name == "pretraining":
-          pretrained[s] = not failed and os.path.exists(start_written[s])
-          if not failed and not pretrained[s]:
-            raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
+        return PROCESSES.run(cmd, env, log)
+
+      if not os.path.exists(start_written[s]):
+        failed = run(pretraining)
+        pretrained[s] = not failed and os.path.exists(start_written[s])
         if failed:
-          raise RuntimeError(f"{name} of seed {s} failed; see {d}/log.txt")
-        if name != "pretraining":
-          with open(os.path.join(d, GRID_OF), "w") as f:
-            json.dump({"pretrain_final_eval_loss": last_eval_loss(read_metrics(d))}, f)
+          raise RuntimeError(f"pretraining of seed {s} failed; see {d}/log.txt")
+        if not pretrained[s]:
+          raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
+      if not grid_matches_pretraining(d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
+        if run(grid):
+          raise RuntimeError(f"{grid_name} of seed {s} failed; see {d}/log.txt")
+        with open(os.path.join(d, GRID_OF), "w") as f:
+          json.dump({"pretrain_final_eval_loss": last_eval_loss(read_metrics(d))}, f)
     print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
   def variant_job(job: tuple[str, int], env: dict, extra: dict):
