@@ -42,8 +42,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPRO = os.path.join(ROOT, "configs", "repro")
 sys.path.insert(0, ROOT)  # run from a checkout
-import jax  # noqa: E402
-
 from longgen_jax.training.config import load_config_module  # noqa: E402
 
 
@@ -206,7 +204,8 @@ def evaluate_command(mode: str, model: str, seed: int, title: str, ev: dict, cpu
 
 
 def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
-  """The seed's initial weights of base.MODEL (or CPU_TINY's model), shared by every variant."""
+  """The seed's initial weights of base.MODEL (or CPU_TINY's model), shared by every variant, drawn on this
+  process's JAX platform (init_command: the jobs' own)."""
   if os.path.exists(os.path.join(path, "config.json")):
     return
   from flax import nnx
@@ -217,6 +216,46 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
   base = load_config_module(os.path.join(REPRO, "base.py"))
   dims = base.CPU_TINY["model"] if cpu_tiny else base.MODEL
   save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
+
+
+def init_command(out: str, seeds: list[int], cpu_tiny: bool) -> list[str]:
+  """This script writing the seeds' initial weights (write_init) and nothing else: the runner runs it in a job
+  slot's environment, so the weights are drawn on the platform the jobs run on. The draw is not the same on
+  every platform: the recorded GPU set's weights were drawn on a GPU, and CPU-drawn ones differ in their last
+  bits, which 1200 steps of pretraining grow into another model (2026-11-28, seed 0: eval loss 0.0762 vs the
+  recorded 0.0907; docs/reproduction.md). Drawing them in the runner would also give it a JAX client on the
+  jobs' GPUs."""
+  return [sys.executable, os.path.abspath(__file__), "--write-inits", "--seeds", ",".join(map(str, seeds)),
+          "--out", out, *(["--cpu-tiny"] if cpu_tiny else [])]
+
+
+def write_inits(out: str, seeds: list[int], cpu_tiny: bool, env: dict) -> bool:
+  """init_command for the seeds (none: nothing to do) in env, logged to OUT/init/log.txt; whether it
+  succeeded (raises Stopped if the set is stopped meanwhile)."""
+  if not seeds:
+    return True
+  os.makedirs(os.path.join(out, "init"), exist_ok=True)
+  with open(os.path.join(out, "init", "log.txt"), "a") as log:
+    cmd = init_command(out, seeds, cpu_tiny)
+    log.write(f"$ {shlex.join(cmd)}\n")
+    log.flush()
+    if PROCESSES.run(cmd, env, log):
+      print(f"[reproduce] writing the initial weights failed; see {out}/init/log.txt", file=sys.stderr)
+      return False
+  return True
+
+
+def recorded_pretrain_losses(out: str, seed: int) -> set[float]:
+  """The pretraining eval losses that the seed's finished variants in OUT started from (their result.json)."""
+  losses = set()
+  for v in variant_names():
+    path = os.path.join(out, v, f"seed{seed}", "result.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        pre = json.load(f).get("pretrain")
+      if pre and pre.get("final_eval_loss") is not None:
+        losses.add(pre["final_eval_loss"])
+  return losses
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -424,6 +463,15 @@ def job_slots(gpus: list[str], workers: int) -> list[dict]:
   return [dict(CUDA_VISIBLE_DEVICES=g, XLA_FLAGS=flags, **shared) for g in gpus]
 
 
+def slot_env(slot: dict) -> dict:
+  """A job's environment: this one with the slot's variables (job_slots) and this checkout first on
+  PYTHONPATH; a GPU slot drops JAX_PLATFORMS (a "cpu" here must not keep its jobs off their GPU)."""
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **slot)
+  if "CUDA_VISIBLE_DEVICES" in slot:
+    env.pop("JAX_PLATFORMS", None)
+  return env
+
+
 def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadline: float | None = None,
                  limit: float | None = None, durations: list[float] | None = None,
                  stopped: threading.Event | None = None, ready=None) -> list:
@@ -468,9 +516,7 @@ def run_on_slots(items: list, fn, slots: list[dict], failures: list[str], deadli
         changed.wait(timeout=1.0)         # a running item may unblock one; re-check the limits meanwhile
 
   def worker(extra: dict):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
-    if "CUDA_VISIBLE_DEVICES" in extra:
-      env.pop("JAX_PLATFORMS", None)
+    env = slot_env(extra)
     while (taken := take()) is not None:
       item, t0 = taken
       finished = False
@@ -530,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
                       "stop the running ones (a training saves a checkpoint), summarize and exit 3; the same "
                       "command continues")
   p.add_argument("--dry-run", action="store_true", help="print every command, run nothing")
+  p.add_argument("--write-inits", action="store_true",
+                 help="only write the seeds' initial weights (OUT/init/seedS), on this process's JAX platform; the "
+                      "runner calls this in a job's environment")
   args = p.parse_args(argv)
   global PROCESSES
   PROCESSES = JobProcesses()   # a fresh, unstopped set per call
@@ -599,46 +648,54 @@ def main(argv: list[str] | None = None) -> int:
         print(shlex.join(cmd))
     return 0
 
-  # This process only writes initial weights, on the CPU: the JAX_PLATFORMS variable is read when jax is imported
-  # (above, through longgen_jax), too late here, and a GPU client would claim memory on every GPU the jobs need
-  # (2026-11-28: a second runner beside a job died creating one, CUDA out of memory). The jobs' environments
-  # are built from os.environ, unchanged.
-  jax.config.update("jax_platforms", "cpu")
-  for s in seeds:
-    write_init(inits[s], s, args.cpu_tiny)
+  if args.write_inits:
+    for s in seeds:
+      write_init(inits[s], s, args.cpu_tiny)
+    return 0
   failures = []
 
-  pretrained = {}  # seed -> True once its model exists, False if its pretraining failed (this call)
+  pretrained = {}  # seed -> True once its model exists and pairs with the seed's finished variants, False if
+                   # its pretraining failed or does not pair (this call)
 
   def pretrain_seed(s: int, env: dict, extra: dict):
     """pretrain_commands(s): the pretraining unless its model exists, then the grid unless one made of this
-    model exists (grid_matches_pretraining). Variants may start once the model is written (the grid runs
-    meanwhile); a failed pretraining means none of its seed's will."""
+    model exists (grid_matches_pretraining). The seed's variants may start once the model is there and
+    pairs with those finished before (recorded_pretrain_losses; the grid runs meanwhile); after a failed or
+    unpairing pretraining none of them will."""
     d = pretrain_dir(out, s)
-    if os.path.exists(start_written[s]) and grid_matches_pretraining(d):
-      return
     os.makedirs(d, exist_ok=True)
-    t0 = time.time()
+    t0, ran = time.time(), False
     (_, pretraining), (grid_name, grid) = pretrain_commands(s)
     with open(os.path.join(d, "log.txt"), "a") as log:
       def run(cmd: list[str]) -> int:
+        nonlocal ran
+        ran = True
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
         return PROCESSES.run(cmd, env, log)
 
       if not os.path.exists(start_written[s]):
-        failed = run(pretraining)
-        pretrained[s] = not failed and os.path.exists(start_written[s])
-        if failed:
+        if run(pretraining):
+          pretrained[s] = False
           raise RuntimeError(f"pretraining of seed {s} failed; see {d}/log.txt")
-        if not pretrained[s]:
+        if not os.path.exists(start_written[s]):
+          pretrained[s] = False
           raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
+      now, recorded = last_eval_loss(read_metrics(d)), recorded_pretrain_losses(out, s)
+      if recorded and now not in recorded:
+        pretrained[s] = False
+        raise RuntimeError(
+            f"seed {s}: its pretraining ended on eval loss {now}, its finished variants in {out} started from one "
+            f"that ended on {', '.join(map(str, sorted(recorded)))}: new variants would not pair with them, so "
+            "none of this seed's is run (move those aside, or use another --out, to start the seed afresh)")
+      pretrained[s] = True
       if not grid_matches_pretraining(d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
         if run(grid):
           raise RuntimeError(f"{grid_name} of seed {s} failed; see {d}/log.txt")
         with open(os.path.join(d, GRID_OF), "w") as f:
-          json.dump({"pretrain_final_eval_loss": last_eval_loss(read_metrics(d))}, f)
-    print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
+          json.dump({"pretrain_final_eval_loss": now}, f)
+    if ran:
+      print(f"[reproduce] pretraining seed {s} ({extra}): {time.time() - t0:.0f} s", file=sys.stderr)
 
   def variant_job(job: tuple[str, int], env: dict, extra: dict):
     v, s = job
@@ -679,15 +736,21 @@ def main(argv: list[str] | None = None) -> int:
 
   def ready(item: tuple) -> bool | None:
     """A variant starts once its own seed's pretraining is done, not every seed's (a free GPU need not wait
-    for another seed's); never, if that pretraining failed."""
-    if item[0] == "pretrain" or not pretrain or os.path.exists(start_written[item[2]]):
+    for another seed's); never, if that pretraining failed or does not pair."""
+    if item[0] == "pretrain" or not pretrain:
       return True
-    return None if pretrained.get(item[2]) is False else False
+    state = pretrained.get(item[2])
+    return None if state is False else bool(state)
 
   try:
+    if not write_inits(out, [s for s in seeds if not os.path.exists(os.path.join(inits[s], "config.json"))],
+                       args.cpu_tiny, slot_env(slots[0])):
+      return 1
     items = [("pretrain", s) for s in seeds] if pretrain else []
     run_on_slots(items + [("variant", v, s) for v, s in jobs], run_item, slots, failures, deadline, limit,
                  durations, PROCESSES.stopped, ready)
+  except Stopped:   # while the initial weights were written: nothing ran, the same command starts again
+    pass
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -153,6 +153,14 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
     assert log.count("longgen_jax.evaluate passkey") == grids and said in rerun.stderr, (made_of, rerun.stderr[-2000:])
   assert log.count("longgen_jax.train") == 3
   assert json.loads((pretrained / "passkey_of.json").read_text()) == {"pretrain_final_eval_loss": pre_evals[-1]}
+  # a finished variant of this seed that started from another pretraining (recorded elsewhere, copied in):
+  # new variants would not pair with it, so the seed's are not run
+  res["pretrain"]["final_eval_loss"] = pre_evals[-1] + 1e-9
+  (job / "result.json").write_text(json.dumps(res))
+  unpaired = subprocess.run([*cmd[:4], "hybrid_third_middle,all_full", *cmd[5:]], capture_output=True, text=True,
+                            cwd=ROOT, env=env, timeout=120)
+  assert unpaired.returncode == 1 and "would not pair" in unpaired.stderr, unpaired.stderr[-2000:]
+  assert not (out / "all_full").exists()
 
 
 def test_stage_syntax():
@@ -263,20 +271,26 @@ def test_stop_after_exits_3_and_names_the_jobs_left(tmp_path):
   assert "--stop-after 0.001 s: 1 job(s) not done" in p.stderr and not (tmp_path / "all_full").exists()
 
 
-def test_the_runner_writes_initial_weights_on_the_cpu_whatever_jax_platforms_says(tmp_path, monkeypatch):
-  """On a GPU machine the runner's own JAX client must not claim the GPUs its jobs use: JAX_PLATFORMS is read
-  when jax is imported, so the runner sets the platform in jax's config before it writes the weights."""
-  import jax
-  reproduce, seen = _script(), []
-  monkeypatch.setattr(reproduce, "write_init", lambda *a: seen.append(jax.config.jax_platforms))
+def test_the_initial_weights_are_drawn_in_a_child_with_the_first_job_s_environment(tmp_path, monkeypatch):
+  """On its GPU (a CPU draw differs in the last bits, and 1200 steps of pretraining grow that into another
+  model), and not by the runner, whose JAX client would take memory on the jobs' GPUs."""
+  reproduce, ran = _script(), []
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  monkeypatch.setattr(reproduce.JobProcesses, "run", lambda self, cmd, env, log: ran.append((cmd, env)) or 0)
   monkeypatch.setattr(reproduce, "run_on_slots", lambda *a, **k: [])
-  before = jax.config.jax_platforms
-  jax.config.update("jax_platforms", None)  # as on a machine without JAX_PLATFORMS in its environment
-  try:
-    reproduce.main(["--cpu-tiny", "--variants", "all_full", "--seeds", "0,1", "--out", str(tmp_path)])
-  finally:
-    jax.config.update("jax_platforms", before)
-  assert seen == ["cpu", "cpu"]
+  reproduce.main(["--variants", "all_full", "--seeds", "0,1", "--gpus", "2,3", "--out", str(tmp_path)])
+  (cmd, env), = ran
+  assert cmd[1:] == [os.path.join(ROOT, "scripts", "reproduce.py"), "--write-inits", "--seeds", "0,1", "--out",
+                     str(tmp_path)]
+  assert env["CUDA_VISIBLE_DEVICES"] == "2" and "deterministic_ops" in env["XLA_FLAGS"]
+  assert "JAX_PLATFORMS" not in env
+  # the child writes them (here on the CPU, at the tiny size); an existing one is not drawn again
+  child = subprocess.run([*cmd[:4], "1", *cmd[5:], "--cpu-tiny"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120)
+  assert child.returncode == 0 and (tmp_path / "init" / "seed1" / "config.json").exists(), child.stderr[-2000:]
+  ran.clear()
+  reproduce.main(["--cpu-tiny", "--variants", "all_full", "--seeds", "1", "--out", str(tmp_path)])
+  assert ran == []
 
 
 def test_eval_settings_fit_the_longest_prompt_and_its_answer():
