@@ -221,10 +221,9 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
 def init_command(out: str, seeds: list[int], cpu_tiny: bool) -> list[str]:
   """This script writing the seeds' initial weights (write_init) and nothing else: the runner runs it in a job
   slot's environment, so the weights are drawn on the platform the jobs run on. The draw is not the same on
-  every platform: the recorded GPU set's weights were drawn on a GPU, and CPU-drawn ones differ in their last
-  bits, which 1200 steps of pretraining grow into another model (2026-11-28, seed 0: eval loss 0.0762 vs the
-  recorded 0.0907; docs/reproduction.md). Drawing them in the runner would also give it a JAX client on the
-  jobs' GPUs."""
+  every platform: the recorded GPU set's weights were drawn on a GPU, and from CPU-drawn ones the same
+  pretrainings ended elsewhere (2026-11-28, seed 0: eval loss 0.0762 vs the recorded 0.0907;
+  docs/reproduction.md). Drawing them in the runner would also give it a JAX client on the jobs' GPUs."""
   return [sys.executable, os.path.abspath(__file__), "--write-inits", "--seeds", ",".join(map(str, seeds)),
           "--out", out, *(["--cpu-tiny"] if cpu_tiny else [])]
 

@@ -272,8 +272,8 @@ def test_stop_after_exits_3_and_names_the_jobs_left(tmp_path):
 
 
 def test_the_initial_weights_are_drawn_in_a_child_with_the_first_job_s_environment(tmp_path, monkeypatch):
-  """On its GPU (a CPU draw differs in the last bits, and 1200 steps of pretraining grow that into another
-  model), and not by the runner, whose JAX client would take memory on the jobs' GPUs."""
+  """On its GPU (from CPU-drawn weights the recorded pretrainings ended elsewhere), and not by the runner,
+  whose JAX client would take memory on the jobs' GPUs."""
   reproduce, ran = _script(), []
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
   monkeypatch.setattr(reproduce.JobProcesses, "run", lambda self, cmd, env, log: ran.append((cmd, env)) or 0)
