@@ -14,7 +14,8 @@ model sparse:
 
   python scripts/reproduce.py --cpu-tiny --variants all_full,hybrid_third_middle --pretrain 1500 --steps 1500
 
-Writes OUT/init/seedS/ (the shared initial weights: base.MODEL, random with seed S), per job
+Writes OUT/init/seedS/ (the shared initial weights: base.MODEL, random with seed S, drawn by a child on the
+first job's platform, logged in OUT/init/log.txt), per job
 OUT/VARIANT/seedS/{train/, passkey.json, passkey.png, ppl.json, ppl.png, result.json, log.txt}, and
 OUT/summary.json + OUT/summary.md (variant x length accuracy, mean over seeds with the pooled 95% Wilson
 interval, and mean loss). Jobs run in the order of --variants, each variant over all its seeds. A job whose
@@ -648,8 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
   if args.write_inits:
+    import jax   # this child's client; the runner itself starts none
     for s in seeds:
       write_init(inits[s], s, args.cpu_tiny)
+      print(f"[reproduce] {inits[s]}: drawn on {jax.default_backend()}")
     return 0
   failures = []
 
@@ -686,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(
             f"seed {s}: its pretraining ended on eval loss {now}, its finished variants in {out} started from one "
             f"that ended on {', '.join(map(str, sorted(recorded)))}: new variants would not pair with them, so "
-            "none of this seed's is run (move those aside, or use another --out, to start the seed afresh)")
+            f"none of this seed's is run (a model of other initial weights? {inits[s]} is drawn on the first job's "
+            f"platform; to start the seed afresh, move its finished variants aside, or remove {inits[s]} and "
+            f"{pretrain_dir(out, s)} if they were drawn elsewhere)")
       pretrained[s] = True
       if not grid_matches_pretraining(d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
         if run(grid):

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One lent-machine call of the reproduction set: results already recorded in the repo are copied in first
 # (so their jobs are skipped; so are the pretrained models' pass-key grids where the redone pretraining ends
-# on the recorded eval loss), scripts/reproduce.py runs under a time limit (a stopped training resumes from
-# its checkpoint in the next call on the same warm machine: results/ is ignored by git and kept there), and
-# the small result files (JSON, PNG, Markdown, logs; no models or checkpoints) are packed into one archive.
+# on the recorded eval loss; a seed whose redone pretraining ends elsewhere runs none of its variants, since
+# they would not pair with the recorded ones: exit 1), scripts/reproduce.py runs under a time limit (a
+# stopped training resumes from its checkpoint in the next call on the same warm machine: results/ is ignored
+# by git and kept there), and the small result files (JSON, PNG, Markdown, logs; no models or checkpoints)
+# are packed into one archive.
 #
 #   scripts/reproduce_call.sh SEEDS GPUS TIME_LIMIT_S ARCHIVE [RECORDED_DIR ...]
 #   scripts/reproduce_call.sh 0,1,2 0,1,2,3 540 $OUT/repro.tgz docs/reproduction/gpu_8k_set

@@ -276,6 +276,7 @@ def test_the_initial_weights_are_drawn_in_a_child_with_the_first_job_s_environme
   whose JAX client would take memory on the jobs' GPUs."""
   reproduce, ran = _script(), []
   monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")   # a GPU job must not inherit it
   monkeypatch.setattr(reproduce.JobProcesses, "run", lambda self, cmd, env, log: ran.append((cmd, env)) or 0)
   monkeypatch.setattr(reproduce, "run_on_slots", lambda *a, **k: [])
   reproduce.main(["--variants", "all_full", "--seeds", "0,1", "--gpus", "2,3", "--out", str(tmp_path)])
@@ -288,6 +289,7 @@ def test_the_initial_weights_are_drawn_in_a_child_with_the_first_job_s_environme
   child = subprocess.run([*cmd[:4], "1", *cmd[5:], "--cpu-tiny"], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120)
   assert child.returncode == 0 and (tmp_path / "init" / "seed1" / "config.json").exists(), child.stderr[-2000:]
+  assert f"{tmp_path / 'init' / 'seed1'}: drawn on cpu" in child.stdout
   ran.clear()
   reproduce.main(["--cpu-tiny", "--variants", "all_full", "--seeds", "1", "--out", str(tmp_path)])
   assert ran == []
