@@ -204,11 +204,11 @@ def evaluate_command(mode: str, model: str, seed: int, title: str, ev: dict, cpu
           "--out", os.path.join(outdir, f"{mode}.json")]
 
 
-def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
+def write_init(path: str, seed: int, cpu_tiny: bool) -> bool:
   """The seed's initial weights of base.MODEL (or CPU_TINY's model), shared by every variant, drawn on this
-  process's JAX platform (init_command: the jobs' own)."""
+  process's JAX platform (init_command: the jobs' own); False if they exist (not drawn again)."""
   if os.path.exists(os.path.join(path, "config.json")):
-    return
+    return False
   from flax import nnx
 
   from longgen_jax.model.config import ModelConfig
@@ -217,6 +217,7 @@ def write_init(path: str, seed: int, cpu_tiny: bool) -> None:
   base = load_config_module(os.path.join(REPRO, "base.py"))
   dims = base.CPU_TINY["model"] if cpu_tiny else base.MODEL
   save_model(Llama(ModelConfig(**dims), rngs=nnx.Rngs(seed)), path)
+  return True
 
 
 def init_command(out: str, seeds: list[int], cpu_tiny: bool) -> list[str]:
@@ -651,8 +652,8 @@ def main(argv: list[str] | None = None) -> int:
   if args.write_inits:
     import jax   # this child's client; the runner itself starts none
     for s in seeds:
-      write_init(inits[s], s, args.cpu_tiny)
-      print(f"[reproduce] {inits[s]}: drawn on {jax.default_backend()}")
+      drawn = write_init(inits[s], s, args.cpu_tiny)
+      print(f"[reproduce] {inits[s]}: " + (f"drawn on {jax.default_backend()}" if drawn else "exists, kept"))
     return 0
   failures = []
 
@@ -689,9 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(
             f"seed {s}: its pretraining ended on eval loss {now}, its finished variants in {out} started from one "
             f"that ended on {', '.join(map(str, sorted(recorded)))}: new variants would not pair with them, so "
-            f"none of this seed's is run (a model of other initial weights? {inits[s]} is drawn on the first job's "
-            f"platform; to start the seed afresh, move its finished variants aside, or remove {inits[s]} and "
-            f"{pretrain_dir(out, s)} if they were drawn elsewhere)")
+            f"none of this seed's is run. If {inits[s]} was drawn on another platform than theirs (its log.txt says "
+            f"where), remove it and {pretrain_dir(out, s)} so both are made again; to start the seed afresh "
+            "instead, move its finished variants aside")
       pretrained[s] = True
       if not grid_matches_pretraining(d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
         if run(grid):
@@ -763,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
   print(summarize(out, variants_with_results(out, variants), seeds))
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
-  left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))]
+  left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))
+          and not (pretrain and pretrained.get(j[1]) is False)]   # those a re-run would not run either
   if left and (PROCESSES.stopped.is_set() or limit or deadline):   # else only failures left them
     why = ("stopped" if PROCESSES.stopped.is_set() else
            f"--time-limit {args.time_limit:g} s" if limit else f"--stop-after {args.stop_after:g} s")

@@ -157,9 +157,10 @@ def test_a_tiny_job_runs_end_to_end(tmp_path):
   # new variants would not pair with it, so the seed's are not run
   res["pretrain"]["final_eval_loss"] = pre_evals[-1] + 1e-9
   (job / "result.json").write_text(json.dumps(res))
-  unpaired = subprocess.run([*cmd[:4], "hybrid_third_middle,all_full", *cmd[5:]], capture_output=True, text=True,
-                            cwd=ROOT, env=env, timeout=120)
+  unpaired = subprocess.run([*cmd[:4], "hybrid_third_middle,all_full", *cmd[5:], "--time-limit", "600"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
   assert unpaired.returncode == 1 and "would not pair" in unpaired.stderr, unpaired.stderr[-2000:]
+  assert "run the same command again" not in unpaired.stderr   # a re-run would not run them either
   assert not (out / "all_full").exists()
 
 
@@ -290,6 +291,9 @@ def test_the_initial_weights_are_drawn_in_a_child_with_the_first_job_s_environme
                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120)
   assert child.returncode == 0 and (tmp_path / "init" / "seed1" / "config.json").exists(), child.stderr[-2000:]
   assert f"{tmp_path / 'init' / 'seed1'}: drawn on cpu" in child.stdout
+  again = subprocess.run([*cmd[:4], "1", *cmd[5:], "--cpu-tiny"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120)
+  assert f"{tmp_path / 'init' / 'seed1'}: exists, kept" in again.stdout, again.stderr[-2000:]
   ran.clear()
   reproduce.main(["--cpu-tiny", "--variants", "all_full", "--seeds", "1", "--out", str(tmp_path)])
   assert ran == []
