@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
   if failures:
     print(f"[reproduce] {len(failures)} job(s) failed", file=sys.stderr)
   left = [j for j in all_jobs if not os.path.exists(os.path.join(out, j[0], f"seed{j[1]}", "result.json"))
-          and not (pretrain and pretrained.get(j[1]) is False)]   # those a re-run would not run either
+          and not (pretrain and pretrained.get(j[1]) is False)]   # a failed or unpairing pretraining's: failures
   if left and (PROCESSES.stopped.is_set() or limit or deadline):   # else only failures left them
     why = ("stopped" if PROCESSES.stopped.is_set() else
            f"--time-limit {args.time_limit:g} s" if limit else f"--stop-after {args.stop_after:g} s")
