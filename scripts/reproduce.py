@@ -345,9 +345,9 @@ def beyond_window_accuracy(result: dict) -> float | None:
 GRID_OF = "passkey_of.json"   # beside a pretrained model's grid: the eval loss its pretraining ended on
 
 
-def grid_matches_pretraining(d: str, say=None) -> bool:
-  """Whether the pass-key grid in the pretraining directory d was made of the model its pretraining (as
-  logged in d) produced: the pretraining eval loss recorded beside the grid equals this one's. The
+def grid_matches_pretraining(d: str, now: float | None, say=None) -> bool:
+  """Whether the pass-key grid in the pretraining directory d was made of the model its pretraining produced:
+  the pretraining eval loss recorded beside the grid equals this one's (`now`, logged in d). The
   pretrainings are reproducible to the last digit (docs/reproduction.md), so a grid recorded by an earlier
   call (copied in by reproduce_call.sh) serves a redone pretraining; any other recipe or outcome re-runs it.
   A pretraining that logged no eval loss matches a grid recorded as made without one (it cannot be checked).
@@ -361,7 +361,6 @@ def grid_matches_pretraining(d: str, say=None) -> bool:
   except (OSError, ValueError, KeyError, TypeError):
     say(f"{d}/passkey.json has no readable {GRID_OF} (the pretraining it was made of): made again")
     return False
-  now = last_eval_loss(read_metrics(d))
   if made_of != now:
     say(f"the pretraining in {d} ended on eval loss {now}, the grid beside it was made of one that ended on "
         f"{made_of}: made again (recorded variants started from the other model do not pair with new ones)")
@@ -679,14 +678,11 @@ def main(argv: list[str] | None = None) -> int:
 
       if not os.path.exists(start_written[s]):
         if run(pretraining):
-          pretrained[s] = False
           raise RuntimeError(f"pretraining of seed {s} failed; see {d}/log.txt")
         if not os.path.exists(start_written[s]):
-          pretrained[s] = False
           raise RuntimeError(f"pretraining of seed {s} exited 0 but wrote no model {starts[s]}; see {d}/log.txt")
       now, recorded = last_eval_loss(read_metrics(d)), recorded_pretrain_losses(out, s)
       if recorded and now not in recorded:
-        pretrained[s] = False
         raise RuntimeError(
             f"seed {s}: its pretraining ended on eval loss {now}, its finished variants in {out} started from one "
             f"that ended on {', '.join(map(str, sorted(recorded)))}: new variants would not pair with them, so "
@@ -694,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
             f"where), remove it and {pretrain_dir(out, s)} so both are made again; to start the seed afresh "
             "instead, move its finished variants aside")
       pretrained[s] = True
-      if not grid_matches_pretraining(d, lambda message: print(f"[reproduce] seed {s}: {message}", file=sys.stderr)):
+      if not grid_matches_pretraining(d, now, lambda message: print(f"[reproduce] seed {s}: {message}",
+                                                                  file=sys.stderr)):
         if run(grid):
           raise RuntimeError(f"{grid_name} of seed {s} failed; see {d}/log.txt")
         with open(os.path.join(d, GRID_OF), "w") as f:
@@ -735,8 +732,8 @@ def main(argv: list[str] | None = None) -> int:
       pretrain_seed(item[1], env, extra)
     except Stopped:
       raise
-    except Exception:   # failing before its training ran (a log it cannot open...): no model is coming
-      pretrained.setdefault(item[1], False)
+    except Exception:   # raised before its model was accepted (failed, no model, does not pair, a log it
+      pretrained.setdefault(item[1], False)   # cannot open): none of its seed's variants will run; after, they do
       raise
 
   def ready(item: tuple) -> bool | None:

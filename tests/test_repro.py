@@ -520,7 +520,8 @@ def test_reproduce_call_copies_recorded_results_in_and_packs_the_small_files(tmp
   assert "all_full seed 0: done before, skipped" in p.stderr
   assert not (out / "all_sparse_sink").exists()
   assert (out / "pretrain" / "seed0" / "passkey.json").read_text() == '{"recorded": true}'
-  assert (out / "pretrain" / "seed0" / "passkey_of.json").exists() and (out / "pretrain" / "seed0" / "passkey.png").exists()
+  pre0 = out / "pretrain" / "seed0"
+  assert (pre0 / "passkey_of.json").exists() and (pre0 / "passkey.png").exists()
   assert not (out / "pretrain" / "seed0" / "log.txt").exists() and not (out / "pretrain" / "seed1").exists()
   with tarfile.open(tmp_path / "call" / "a.tgz") as tar:
     names = tar.getnames()
